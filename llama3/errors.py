@@ -1,0 +1,20 @@
+"""The one exception type a user should ever see.
+
+Library code raises `Llama3Error` (or a subclass) for anything the *user* got
+wrong: a missing file, a corrupt checkpoint, an unknown preset, an invalid
+sampling value.  The message is one line that says what is wrong and what to
+do.  The CLI prints it as `error: <message>` and exits with status 2, never a
+traceback.  Bugs in our own code stay ordinary exceptions.
+"""
+
+
+class Llama3Error(Exception):
+    """A user-facing error: one line, what is wrong and what to do."""
+
+
+class ConfigError(Llama3Error):
+    """A model configuration is unknown, incomplete or contradicts itself."""
+
+
+class CheckpointError(Llama3Error):
+    """A checkpoint is missing, truncated, corrupt or does not match its config."""

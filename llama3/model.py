@@ -1,0 +1,303 @@
+"""The Llama 3 model, written out: embedding -> N x (attention + feed-forward) -> norm -> logits.
+
+Read top to bottom, this file is the architecture:
+
+    tokens [B, T]
+      -> tok_embeddings                      h [B, T, D]
+      -> for each of n_layers blocks:        (pre-norm residual block)
+           h = h + Attention(RMSNorm(h))      grouped-query self-attention with RoPE
+           h = h + FeedForward(RMSNorm(h))    SwiGLU
+      -> RMSNorm -> output                   logits [B, T, V]
+
+Dimension legend used in every shape comment:
+    B  batch              T  new tokens in this call     S  keys visible (cache + new)
+    D  model width (dim)  H  query heads   Hkv  key/value heads   Dh  head width (D / H)
+    F  feed-forward hidden size           V  vocabulary size
+
+Parameter names equal the keys of Meta's `consolidated.*.pth` checkpoints
+(`tok_embeddings`, `layers.0.attention.wq`, `layers.0.feed_forward.w1`, `norm`,
+`output`), so a Meta state dict loads with `strict=True`; the Hugging Face
+renaming lives in `llama3.checkpoint.hf`.
+
+The model is pure: no file I/O, tokenizing or sampling here. The KV cache is
+its own object, created by whoever generates (see `KVCache`). The same
+`forward` serves training (no cache) and inference (with a cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama3.config import ModelConfig, RopeScaling
+
+
+# --------------------------------------------------------------------- RMSNorm
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * weight.
+
+    Unlike LayerNorm it neither subtracts the mean nor adds a bias. Computed in
+    float32 and cast back, as Meta and transformers both do, so bf16 models
+    normalise accurately.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.type_as(x)
+
+
+# ------------------------------------------------------------------------ RoPE
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """The rotation speed of each pair of channels: [Dh/2] angular frequencies.
+
+    Pair i turns by angle  pos * theta^(-2i/Dh).  With theta = 500000 and Dh = 128
+    the first pair turns 1 radian per position, the last about 1.1e-5.
+
+    Llama 3.1 scaling (Meta's `apply_scaling`) stretches the slow pairs so the
+    model reaches 128K tokens: a pair whose wavelength 2*pi/f exceeds
+    original/low_freq_factor (8192 positions) is slowed down by `factor`; one
+    shorter than original/high_freq_factor (2048) is kept; in between the two
+    are blended linearly in original/wavelength.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))  # [Dh/2]
+    if scaling is None:
+        return freqs.float()
+    old_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_len / scaling.low_freq_factor
+    high_freq_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / freqs
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = torch.where(wavelen > low_freq_wavelen, freqs / scaling.factor, blended)
+    scaled = torch.where(wavelen < high_freq_wavelen, freqs, scaled)
+    return scaled.float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables, indexed by position.
+
+    The tables are float32 whatever the model's dtype (they are plain attributes,
+    not buffers, so `model.to(torch.bfloat16)` does not round the angles), and they
+    live on the device of the positions asked for.  They cover `max_seq_len`
+    positions lazily: built for the first `initial` positions and grown (doubling)
+    when a later position is asked for, so a 128K-context config does not allocate
+    128K rows up front.
+    """
+
+    def __init__(self, config: ModelConfig, initial: int = 4096):
+        super().__init__()
+        self.max_seq_len = config.max_seq_len
+        self.freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)  # [Dh/2]
+        self._build(min(initial, config.max_seq_len), torch.device("cpu"))
+
+    def _build(self, length: int, device: torch.device) -> None:
+        positions = torch.arange(length, dtype=torch.float32)
+        angles = torch.outer(positions, self.freqs)  # [L, Dh/2]: angle of pair i at position p
+        self.cos, self.sin = angles.cos().to(device), angles.sin().to(device)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] or [B, T] (long) -> cos, sin each [T, Dh/2] or [B, T, Dh/2]."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos.shape[0] or self.cos.device != positions.device:
+            if needed > self.max_seq_len:
+                raise ValueError(f"position {needed - 1} is beyond max_seq_len={self.max_seq_len}")
+            self._build(min(self.max_seq_len, max(needed, 2 * self.cos.shape[0])), positions.device)
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each consecutive channel pair (x[2i], x[2i+1]) by its angle.
+
+    x [B, T, H, Dh]; cos/sin [T, Dh/2] or [B, T, Dh/2].  This is Meta's layout:
+    pairs are interleaved (channel 0 with 1, 2 with 3, ...), the same as
+    multiplying the complex number x[2i] + j*x[2i+1] by e^(j*angle).
+    (Hugging Face checkpoints pair channel i with i + Dh/2 instead; their wq/wk
+    rows are permuted on load so this one layout serves both.)
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))        # [B, T, H, Dh/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]           # [B, T, H, Dh/2] each
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads: [.., T, 1, Dh/2]
+    if cos.dim() == 3:                              # [T, 1, Dh/2] -> [1, T, 1, Dh/2]
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, T, H, Dh/2, 2]
+    return rotated.flatten(-2).type_as(x)           # [B, T, H, Dh]
+
+
+# -------------------------------------------------------------------- KV cache
+class KVCache:
+    """Keys and values of every layer for positions already seen, preallocated once.
+
+    k, v: [n_layers, B, Hkv, max_len, Dh].  A forward call with `start_pos=p`
+    and T new tokens writes positions p..p+T-1 and attends over 0..p+T-1.
+    Created by the generator, not by the model, so the model stays trainable.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v [B, Hkv, T, Dh] at positions start_pos.., return all keys/values so far
+        as [B, Hkv, S, Dh] with S = start_pos + T."""
+        batch, _, new, _ = k.shape
+        end = start_pos + new
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
+        self.k[layer, :batch, :, start_pos:end] = k
+        self.v[layer, :batch, :, start_pos:end] = v
+        return self.k[layer, :batch, :, :end], self.v[layer, :batch, :, :end]
+
+
+# ------------------------------------------------------------------- attention
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Grouped-query attention: let each key/value head serve n_rep query heads.
+
+    [B, Hkv, S, Dh] -> [B, Hkv * n_rep, S, Dh]; head h of the output is kv head h // n_rep.
+    """
+    if n_rep == 1:
+        return x
+    return x.repeat_interleave(n_rep, dim=1)
+
+
+def causal_mask(t: int, s: int, start_pos: int, device=None) -> torch.Tensor:
+    """[T, S] bool, True where query i (at position start_pos + i) may see key j: j <= start_pos + i."""
+    query_pos = torch.arange(start_pos, start_pos + t, device=device).unsqueeze(1)  # [T, 1]
+    key_pos = torch.arange(s, device=device).unsqueeze(0)                           # [1, S]
+    return key_pos <= query_pos
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with grouped-query heads, RoPE and a KV cache.
+
+    Two equivalent kernels sit side by side:
+      * the explicit path that learners read: softmax(Q Kᵀ / sqrt(Dh) + mask) V,
+        with the attention weights passing through `self.softmax`, an nn.Module,
+        so a forward hook can capture them ([B, H, T, S], rows sum to 1);
+      * the fused path, `F.scaled_dot_product_attention`, for speed.
+    `self.fused` picks one (True by default); both give the same result.
+    """
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.n_rep = config.n_rep
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)     # D -> H*Dh
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)  # D -> Hkv*Dh
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)  # D -> Hkv*Dh
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)     # H*Dh -> D
+        self.softmax = nn.Softmax(dim=-1)
+        self.fused = True
+
+    def forward(self, x, cos, sin, start_pos=0, cache: KVCache | None = None, mask=None):
+        """x [B, T, D] -> [B, T, D].  mask: None (causal) or bool [B or 1, 1, T, S], True = may attend."""
+        batch, seqlen, _ = x.shape
+        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)     # [B, T, H, Dh]
+        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # position enters here only
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start_pos, k, v)             # [B, Hkv, S, Dh]
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)           # [B, H, S, Dh]
+        if mask is None and seqlen > 1:
+            mask = causal_mask(seqlen, k.shape[2], start_pos, device=x.device)  # [T, S]
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # [B, H, T, Dh]
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)     # [B, H, T, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))           # future keys get weight 0
+            weights = self.softmax(scores.float()).type_as(q)               # [B, H, T, S], rows sum to 1
+            out = weights @ v                                               # [B, H, T, Dh]
+        out = out.transpose(1, 2).reshape(batch, seqlen, -1)                # concat heads: [B, T, H*Dh]
+        return self.wo(out)                                                 # [B, T, D]
+
+
+# ---------------------------------------------------------------- feed-forward
+class FeedForward(nn.Module):
+    """SwiGLU: w2( silu(w1 x) * w3 x ).  w1 is the gate, w3 the up projection, w2 the down one."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate: D -> F
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down: F -> D
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up:   D -> F
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# ----------------------------------------------------------------------- block
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_id)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+
+    def forward(self, x, cos, sin, start_pos=0, cache=None, mask=None):  # [B, T, D] -> [B, T, D]
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# ----------------------------------------------------------------- the decoder
+class Transformer(nn.Module):
+    """The whole Llama 3 decoder.  `forward(tokens)` -> float logits for every position."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)  # V x D lookup table
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)  # D -> V
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # Llama 3.2 1B/3B: one matrix, two uses
+        self.rope = RotaryEmbedding(config)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] (long) -> logits [B, T, V] (float32).
+
+        start_pos: position of tokens[:, 0]; with a cache, keys 0..start_pos-1 come from it.
+        positions: optional [B, T] positions for RoPE (e.g. restarting at each packed document);
+                   default start_pos, start_pos+1, ...
+        mask:      optional bool [B or 1, 1, T, S] (True = may attend); default causal.
+        """
+        seqlen = tokens.shape[1]
+        if positions is None:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # [T]
+        cos, sin = self.rope(positions)                      # [T, Dh/2] or [B, T, Dh/2]
+        h = self.tok_embeddings(tokens)                      # [B, T, D]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, cache, mask)  # [B, T, D]
+        return self.output(self.norm(h)).float()             # [B, T, V]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> "Transformer":
+        """Random initialisation for training from scratch: normal(0, std) for matrices,
+        output projections (wo, w2) scaled by 1/sqrt(2 * n_layers) as in GPT-2, norms at 1."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                scale = std / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * scale)
+        return self

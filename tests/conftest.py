@@ -1,0 +1,49 @@
+"""Shared fixtures. Tiny random models are made here; the one real model (the embedded
+SmolLM2-135M-Instruct GGUF) is loaded at most once per test session."""
+
+import pytest
+import torch
+
+from llama3.config import ModelConfig, RopeScaling
+from llama3.model import Transformer
+
+
+def make_config(**overrides) -> ModelConfig:
+    """A tiny grouped-query config; override any field."""
+    base = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=101, hidden_dim=96,
+                max_seq_len=128, rope_theta=500000.0)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def make_model(config: ModelConfig | None = None, seed: int = 0) -> Transformer:
+    """A tiny model with random weights (norm weights random too, so they matter)."""
+    torch.manual_seed(seed)
+    model = Transformer(config or make_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02 if p.dim() > 1 else 1.0).add_(1.0 if p.dim() == 1 else 0.0)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_config() -> ModelConfig:
+    return make_config()
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> Transformer:
+    return make_model(tiny_config)
+
+
+@pytest.fixture
+def scaled_config() -> ModelConfig:
+    return make_config(rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=16))
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The embedded default model, loaded once (fp32)."""
+    import llama3
+
+    return llama3.load()
