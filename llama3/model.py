@@ -96,8 +96,9 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config: ModelConfig, initial: int = 4096):
         super().__init__()
         self.max_seq_len = config.max_seq_len
-        self.freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)  # [Dh/2]
-        self._build(min(initial, config.max_seq_len), torch.device("cpu"))
+        with torch.device("cpu"):  # real numbers even when the model is built on the "meta" device
+            self.freqs = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)  # [Dh/2]
+            self._build(min(initial, config.max_seq_len), torch.device("cpu"))
 
     def _build(self, length: int, device: torch.device) -> None:
         positions = torch.arange(length, dtype=torch.float32)
@@ -201,12 +202,18 @@ class Attention(nn.Module):
         self.softmax = nn.Softmax(dim=-1)
         self.fused = True
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, T, H*Dh], k [B, T, Hkv*Dh], v [B, T, Hkv*Dh]: three matmuls.
+        (llama3.fast.fuse replaces this with one matmul against the three matrices stacked.)"""
+        return self.wq(x), self.wk(x), self.wv(x)
+
     def forward(self, x, cos, sin, start_pos=0, cache: KVCache | None = None, mask=None):
         """x [B, T, D] -> [B, T, D].  mask: None (causal) or bool [B or 1, 1, T, S], True = may attend."""
         batch, seqlen, _ = x.shape
-        q = self.wq(x).view(batch, seqlen, self.n_heads, self.head_dim)     # [B, T, H, Dh]
-        k = self.wk(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
-        v = self.wv(x).view(batch, seqlen, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        q, k, v = self.project_qkv(x)
+        q = q.view(batch, seqlen, self.n_heads, self.head_dim)             # [B, T, H, Dh]
+        k = k.view(batch, seqlen, self.n_kv_heads, self.head_dim)          # [B, T, Hkv, Dh]
+        v = v.view(batch, seqlen, self.n_kv_heads, self.head_dim)          # [B, T, Hkv, Dh]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # position enters here only
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
         if cache is not None:

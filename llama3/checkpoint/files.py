@@ -1,0 +1,97 @@
+"""Small file helpers shared by the checkpoint formats: atomic writes and JSON reading.
+
+Atomic means a reader never sees a half-written checkpoint: everything is
+written under a temporary name in the same folder (so the final rename stays on
+one filesystem) and only then renamed into place with `os.replace`.  If the
+writer crashes, the old checkpoint (if any) is left intact and the temporary
+is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from llama3.errors import CheckpointError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_permissions(path: Path) -> None:
+    """Give a temporary (created private, 0600/0700) the permissions an ordinary new file would get."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        _usual_permissions(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike, stale: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `path`; on success move its files into `path`.
+
+    A new `path` is created by renaming the whole temporary folder (one atomic
+    step).  An existing `path` keeps its other files (a training run's logs, say):
+    each new file replaces its namesake with `os.replace`, and files matching the
+    glob patterns in `stale` (e.g. old weight shards) that the new checkpoint did
+    not write are removed.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path}: exists and is not a folder; choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        for item in [tmp, *tmp.iterdir()]:
+            _usual_permissions(item)
+        if not path.exists():
+            os.replace(tmp, path)
+            return
+        written = {p.name for p in tmp.iterdir()}
+        for pattern in stale:
+            for old in path.glob(pattern):
+                if old.name not in written and old.is_file():
+                    old.unlink()
+        for name in sorted(written):
+            os.replace(tmp / name, path / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or CheckpointError naming the file."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore or re-download the file") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")

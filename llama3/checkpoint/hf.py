@@ -1,0 +1,227 @@
+"""Hugging Face checkpoint folders: config.json + model.safetensors (or sharded safetensors).
+
+Two things differ from Meta's layout, and both are handled here, in one place:
+
+1. Names.  HF calls the token embedding `model.embed_tokens.weight`, Meta (and
+   this project) `tok_embeddings.weight`, and so on: see `HF_TO_META`.
+2. The rotary layout of wq and wk.  Meta's RoPE rotates interleaved channel
+   pairs (0,1), (2,3), ... of each head; HF's rotates channel i with i + Dh/2.
+   HF's conversion script therefore permuted the rows of q_proj and k_proj
+   once, so that the same weights compute the same attention under HF's RoPE.
+   `hf_to_meta_rotary` undoes that permutation and `meta_to_hf_rotary` redoes it.
+
+Reading is memory-mapped (`safe_open`) and tensor by tensor, so loading an
+N-byte checkpoint needs about N bytes of RAM, not 2N.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from llama3.checkpoint.files import atomic_folder, read_json, write_json
+from llama3.config import ModelConfig
+from llama3.errors import CheckpointError
+
+# HF tensor name -> our (Meta) name; "{i}" stands for the layer index.
+HF_TO_META = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "layers.{i}.attention_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "layers.{i}.attention.wq.weight",  # rows permuted
+    "model.layers.{i}.self_attn.k_proj.weight": "layers.{i}.attention.wk.weight",  # rows permuted
+    "model.layers.{i}.self_attn.v_proj.weight": "layers.{i}.attention.wv.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "layers.{i}.attention.wo.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "layers.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "layers.{i}.feed_forward.w1.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "layers.{i}.feed_forward.w2.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "layers.{i}.feed_forward.w3.weight",
+}
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 5 * 2**30  # like transformers' save_pretrained: shards of at most 5 GiB
+
+
+def name_map(n_layers: int) -> dict[str, str]:
+    """Every HF tensor name of an n_layers model -> its Meta name."""
+    names = {}
+    for hf, meta in HF_TO_META.items():
+        if "{i}" in hf:
+            names.update({hf.format(i=i): meta.format(i=i) for i in range(n_layers)})
+        else:
+            names[hf] = meta
+    return names
+
+
+# ---------------------------------------------------------- the rotary permute
+def hf_to_meta_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of HF's q_proj/k_proj into Meta's interleaved-pair layout.
+
+    w [n_heads*Dh, D].  Within each head HF stores the first channel of every
+    pair, then the second ones: rows (a0 a1 .. a63 | b0 b1 .. b63) for Dh = 128.
+    Meta wants them interleaved: (a0 b0 a1 b1 ... a63 b63).
+    view [n_heads, 2, Dh/2, D] -> transpose -> [n_heads, Dh/2, 2, D] -> flatten back.
+    """
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def meta_to_hf_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse of `hf_to_meta_rotary`: (a0 b0 a1 b1 ...) -> (a0 a1 ... | b0 b1 ...)."""
+    rows, cols = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _rotary_heads(meta_name: str, config: ModelConfig) -> int | None:
+    """How many heads a tensor's rows are grouped in, if it needs the rotary permute."""
+    if meta_name.endswith("attention.wq.weight"):
+        return config.n_heads
+    if meta_name.endswith("attention.wk.weight"):
+        return config.n_kv_heads
+    return None
+
+
+# ------------------------------------------------------------------- reading
+def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
+    """The safetensors files to read -> the tensor names the index assigns to each (None: all)."""
+    if (folder / INDEX_FILE).is_file():
+        weight_map = read_json(folder / INDEX_FILE).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{folder / INDEX_FILE}: has no 'weight_map'; re-download or re-export it")
+        files: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(folder / file, []).append(name)
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: listed in {INDEX_FILE} but missing; re-download the shard")
+        return dict(files)
+    if (folder / WEIGHTS_FILE).is_file():
+        return {folder / WEIGHTS_FILE: None}
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder}: only PyTorch pickle weights (.bin/.pt) found; this loader reads "
+                              "safetensors: re-save the model with safe_serialization=True")
+    raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
+
+
+def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
+    """Read a HF Llama folder -> (ModelConfig, state dict with Meta names and layout).
+
+    Tensors are read one at a time from the memory-mapped files, renamed, their
+    q/k rows permuted, and cast to `dtype` (None keeps the stored dtype).
+    A tied model's file has no lm_head.weight; one that holds a copy anyway
+    has it dropped (it must equal the embedding).  Old files' rotary
+    `inv_freq` buffers are ignored (they are recomputed from the config).
+    """
+    from safetensors import SafetensorError, safe_open
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    config = ModelConfig.from_hf(read_json(folder / "config.json"))
+    names = name_map(config.n_layers)
+    state: dict[str, torch.Tensor] = {}
+    for file, expected in _weight_files(folder).items():
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                keys = list(f.keys())
+                for name in expected or []:
+                    if name not in keys:
+                        raise CheckpointError(f"{file}: lacks tensor {name!r} that {INDEX_FILE} places there")
+                for hf_name in tqdm(keys, desc=f"reading {file.name}", unit="tensor", leave=False, disable=None):
+                    if hf_name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    if hf_name not in names:
+                        raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} (not part of a "
+                                              f"{config.n_layers}-layer Llama model)")
+                    state[names[hf_name]] = _convert_in(f.get_tensor(hf_name), hf_name, names[hf_name],
+                                                        config, dtype)
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
+                                  "the file is truncated or corrupt: re-download or re-export it") from None
+    if config.tie_embeddings and "output.weight" in state:
+        head = state.pop("output.weight")
+        embedding = state.get("tok_embeddings.weight")
+        if embedding is not None and not torch.equal(head, embedding):
+            raise CheckpointError(f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight "
+                                  "differs from model.embed_tokens.weight; fix the config")
+    return config, state
+
+
+def _convert_in(w: torch.Tensor, hf_name: str, meta_name: str, config: ModelConfig,
+                dtype: torch.dtype | None) -> torch.Tensor:
+    heads = _rotary_heads(meta_name, config)
+    if heads is not None:
+        if w.dim() != 2 or w.shape[0] != heads * config.head_dim:
+            raise CheckpointError(f"tensor {hf_name!r} has shape {list(w.shape)} but the config needs "
+                                  f"[{heads * config.head_dim}, {config.dim}]; config.json contradicts the weights")
+        w = hf_to_meta_rotary(w, heads)
+    return w if dtype is None else w.to(dtype)
+
+
+# ------------------------------------------------------------------- writing
+def hf_state_dict(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our model's weights under HF names and layout (tied models: no lm_head.weight)."""
+    meta_to_hf = {meta: hf for hf, meta in name_map(config.n_layers).items()}
+    tensors = {}
+    for name, w in model.state_dict().items():
+        if name == "output.weight" and config.tie_embeddings:
+            continue
+        heads = _rotary_heads(name, config)
+        w = w.detach()
+        tensors[meta_to_hf[name]] = (meta_to_hf_rotary(w, heads) if heads else w).contiguous().cpu()
+    return tensors
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split into groups of at most max_bytes each (a tensor bigger than that gets its own)."""
+    shards, current, size = [], {}, 0
+    for name, w in tensors.items():
+        nbytes = w.numel() * w.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = w
+        size += nbytes
+    return shards + [current]
+
+
+def write_hf(llm, folder: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write `llm` as a HF folder that transformers' AutoModelForCausalLM loads.
+
+    config.json, model.safetensors (or model-0000k-of-0000n.safetensors + index when
+    bigger than max_shard_bytes) in the model's dtype, and, when `llm.tokenizer` is
+    set, the tokenizer files and a generation_config.json naming its stop ids.  Atomic: see `atomic_folder`.
+    """
+    from safetensors.torch import save_file
+
+    config = llm.config
+    tensors = hf_state_dict(llm.model, config)
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = str(llm.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    tokenizer = llm.tokenizer
+    if tokenizer is not None:
+        hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    with atomic_folder(folder, stale=("model*.safetensors", INDEX_FILE, "generation_config.json")) as tmp:
+        shards = _shards(tensors, max_shard_bytes)
+        if len(shards) == 1:
+            save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for k, shard in enumerate(shards, start=1):
+                file = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                weight_map.update({name: file for name in shard})
+            total = sum(w.numel() * w.element_size() for w in tensors.values())
+            write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(tmp / "config.json", hf_config)
+        if tokenizer is not None:
+            # transformers' generate() stops at these ids (e.g. <|eot_id|> as well as <|end_of_text|>).
+            stop = list(getattr(tokenizer, "stop_ids", None) or [tokenizer.eos_id])
+            write_json(tmp / "generation_config.json", {"bos_token_id": tokenizer.bos_id, "eos_token_id": stop})
+            if hasattr(tokenizer, "save"):
+                tokenizer.save(tmp)

@@ -1,0 +1,147 @@
+"""Meta checkpoint folders: params.json + consolidated.00.pth [... consolidated.NN.pth] [+ tokenizer.model].
+
+The tensor names in Meta's files are this project's parameter names, so no
+renaming is needed.  Two things need care:
+
+1. Model-parallel shards.  Meta trained the big models split over several GPUs
+   with fairscale, and saved one file per GPU (70B: 8 files).  Each weight was
+   split the way its layer computes (see `SHARD_DIM`), so merging concatenates
+   the pieces along that dimension; norms were replicated and are taken from
+   shard 0.
+2. RoPE scaling.  params.json says only `use_scaled_rope: true`.  Meta's code
+   (llama-models, llama3/model.py `apply_scaling`) then uses factor 8, low 1,
+   high 4, original context 8192; we use those constants too, with one
+   exception: the Llama 3.2 1B and 3B shapes get factor 32, the value their
+   published HF configs carry (Meta's reference code uses 8 for them too,
+   llama-models issues #166 and #241).  A `rope_scaling` dict in params.json
+   (written by our own `write_meta`) overrides both.
+
+Files are opened with `torch.load(weights_only=True, mmap=True)`: no code in
+the file runs, and tensors are paged in from disk only as they are used.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from llama3.checkpoint.files import atomic_folder, read_json, write_json
+from llama3.config import PRESETS, ModelConfig
+from llama3.errors import CheckpointError
+
+# Which dimension fairscale split each weight along (the name's second-to-last part).
+#   ColumnParallelLinear (wq wk wv w1 w3 output): output features, dim 0 of the [out, in] weight.
+#   RowParallelLinear (wo w2): input features, dim 1.
+#   VocabParallelEmbedding (tok_embeddings, Llama 3): vocabulary rows, dim 0.
+# Anything not listed (the RMSNorm weights) is replicated in every shard.
+SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embeddings": 0, "wo": 1, "w2": 1}
+
+SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
+LONG_CONTEXT = 131072  # Llama 3.1/3.2 context length, used when params.json says use_scaled_rope
+
+
+def shard_files(folder: Path) -> list[Path]:
+    """consolidated.00.pth, consolidated.01.pth, ... in order; a gap is an error."""
+    found = {int(m.group(1)): p for p in folder.iterdir() if (m := SHARD_PATTERN.fullmatch(p.name))}
+    if not found:
+        raise CheckpointError(f"{folder}: no consolidated.00.pth; is this a Meta model folder?")
+    for k in range(len(found)):
+        if k not in found:
+            raise CheckpointError(f"{folder}: shard consolidated.{k:02d}.pth is missing "
+                                  f"({len(found)} shards found); re-download it")
+    return [found[k] for k in range(len(found))]
+
+
+def load_shard(file: Path) -> dict[str, torch.Tensor]:
+    """One .pth file, memory-mapped and without running pickled code."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({first[:200]}); "
+                              "the file is truncated or corrupt: re-download it") from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def merge_shards(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, torch.Tensor]:
+    """Concatenate model-parallel pieces along each weight's `SHARD_DIM` (one shard: returned as is)."""
+    if len(shards) == 1:
+        return dict(shards[0])
+    for shard, file in zip(shards[1:], files[1:]):
+        if shard.keys() != shards[0].keys():
+            odd = sorted(shard.keys() ^ shards[0].keys())[0]
+            raise CheckpointError(f"{file}: tensor {odd!r} is in only some of the shards; re-download them")
+    merged = {}
+    for name in shards[0]:
+        dim = SHARD_DIM.get(name.split(".")[-2]) if "." in name else None
+        pieces = [s[name] for s in shards]
+        merged[name] = pieces[0] if dim is None or pieces[0].dim() < 2 else torch.cat(pieces, dim=dim)
+    return merged
+
+
+def _config(params: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
+    """ModelConfig from params.json plus what only the tensors tell: vocabulary size and tying."""
+    embedding = state.get("tok_embeddings.weight")
+    vocab = embedding.shape[0] if embedding is not None and embedding.dim() == 2 else None
+    config = ModelConfig.from_meta(params, vocab_size=vocab)
+    head = state.get("output.weight")
+    tied = head is None or (embedding is not None and head.shape == embedding.shape and torch.equal(head, embedding))
+    config = config.replace(tie_embeddings=tied)
+    if params.get("use_scaled_rope") and "max_seq_len" not in params:
+        config = config.replace(max_seq_len=LONG_CONTEXT)
+    if config.rope_scaling is not None and "rope_scaling" not in params:
+        for name in ("llama-3.2-1b", "llama-3.2-3b"):
+            preset = PRESETS[name]
+            if config.replace(rope_scaling=preset.rope_scaling, tie_embeddings=preset.tie_embeddings) == preset:
+                config = config.replace(rope_scaling=preset.rope_scaling)
+    return config
+
+
+def _read(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder")
+    params = read_json(folder / "params.json")
+    files = shard_files(folder)
+    state = merge_shards([load_shard(f) for f in files], files)
+    state.pop("rope.freqs", None)  # a precomputed RoPE table in some Meta files; we compute our own
+    return _config(params, state), state
+
+
+def read_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
+    """Read a Meta folder -> (ModelConfig, merged state dict), tensors cast to dtype (None: as stored).
+    A tied model's state dict has no output.weight."""
+    config, state = _read(folder)
+    if config.tie_embeddings:
+        state.pop("output.weight", None)
+    if dtype is not None:
+        from tqdm import tqdm
+
+        items = tqdm(state.items(), desc=f"casting to {dtype}", unit="tensor", leave=False, disable=None)
+        state = {name: t.to(dtype) for name, t in items}
+    return config, state
+
+
+def read_meta_config(folder: str | os.PathLike) -> ModelConfig:
+    """Only the config (the tensors are memory-mapped; only the embedding and head are read)."""
+    return _read(folder)[0]
+
+
+def write_meta(llm, folder: str | os.PathLike) -> None:
+    """Write `llm` as a Meta folder: params.json, consolidated.00.pth (one shard), tokenizer files.
+
+    output.weight is always written (a tied model's shares the embedding's storage,
+    so it costs no bytes), so Meta's own code loads the file with strict=True.
+    """
+    state = {name: w.detach().cpu() for name, w in llm.model.state_dict().items()}
+    with atomic_folder(folder, stale=("consolidated.*.pth",)) as tmp:
+        torch.save(state, tmp / "consolidated.00.pth")
+        write_json(tmp / "params.json", llm.config.to_meta())
+        if llm.tokenizer is not None and hasattr(llm.tokenizer, "save"):
+            llm.tokenizer.save(tmp)

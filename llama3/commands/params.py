@@ -1,0 +1,51 @@
+"""`llama3 params`: where a model's parameters are, and how much memory its weights need."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """\
+examples:
+  llama3 params llama-3-8b          a named preset (see the list below)
+  llama3 params llama-3.2-1b        tied embeddings: the output head adds nothing
+  llama3 params path/to/hf-folder   a checkpoint: reads only its config where it can
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from llama3.config import PRESETS
+
+    parser.description = (
+        "Print the parameter breakdown of a model: token embedding, attention (wq wk wv wo), "
+        "feed-forward (w1 w2 w3), norms and output head, computed from the configuration alone, "
+        "and the memory the weights need at float32, bfloat16 and int8.")
+    parser.epilog = EXAMPLES + "presets: " + ", ".join(PRESETS)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("source", metavar="PRESET|SOURCE",
+                        help="a preset name, a built-in model name, a HF/Meta folder or a .gguf file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.config import PRESETS, get_preset
+    from llama3.params import BYTES_PER_PARAM, count_params, human_bytes, kv_cache_bytes_per_token
+
+    if args.source.lower() in PRESETS:
+        config = get_preset(args.source)
+    else:
+        from llama3.checkpoint import read_config
+        from llama3.llm import resolve_source
+
+        config = read_config(resolve_source(args.source))
+    counts = count_params(config)
+    print(f"{args.source}: D={config.dim} layers={config.n_layers} heads={config.n_heads} "
+          f"kv_heads={config.n_kv_heads} F={config.hidden_dim} V={config.vocab_size}"
+          f"{' (tied output head)' if config.tie_embeddings else ''}")
+    for name, n in counts.rows():
+        share = f"{100 * n / counts.total:5.1f}%" if name != "total" else ""
+        print(f"  {name:<13} {n:>17,}  {share}")
+    weights = ", ".join(f"{human_bytes(counts.total * b)} {name}" for name, b in BYTES_PER_PARAM.items())
+    print(f"weights: {weights}")
+    print(f"KV cache: {human_bytes(kv_cache_bytes_per_token(config))} per token at bfloat16 "
+          f"({human_bytes(kv_cache_bytes_per_token(config) * config.max_seq_len)} "
+          f"for the full {config.max_seq_len:,}-token context)")
+    return 0
