@@ -90,6 +90,62 @@ class LLM:
 
         save_checkpoint(self, path, format=format)
 
+    # ------------------------------------------------------------ generation
+    def generate(self, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
+                 truncate: bool = False):
+        """Continue `prompt` (raw text, no chat template) and return only the new text.
+
+        A list of prompts runs as one batch and returns a list.  stream=True returns an
+        iterator of text pieces instead (of (index, piece) pairs for a list).
+        Defaults: greedy (temperature 0), every filter off, stop at the model's own stop
+        tokens.  See `llama3.generate.GenerationSettings` for what each value means.
+        """
+        from llama3.generate import GenerationSettings
+
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                      seed=seed, stop=stop, truncate=truncate)
+        tokenizer = self._require_tokenizer()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return self._complete([tokenizer.encode(p) for p in prompts], settings, stream, isinstance(prompt, str))
+
+    def chat(self, messages: list[dict] | list[list[dict]], *, max_new_tokens: int = 256,
+             temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9, min_p: float = 0.0,
+             repetition_penalty: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
+             stream: bool = False, truncate: bool = False):
+        """Answer a conversation: messages like [{"role": "system"|"user"|"assistant", "content": ...}].
+
+        Applies the model's chat template and returns the assistant's answer (a list of
+        answers for a list of conversations; an iterator of pieces with stream=True).
+        Defaults: temperature 0.7 with top_p 0.9, varied but on topic; temperature=0 is greedy.
+        """
+        from llama3.generate import GenerationSettings
+
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                      seed=seed, stop=stop, truncate=truncate)
+        tokenizer = self._require_tokenizer()
+        single = not messages or isinstance(messages[0], dict)
+        conversations = [messages] if single else list(messages)
+        return self._complete([tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations],
+                              settings, stream, single)
+
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise Llama3Error("this model has no tokenizer; set one: llm.tokenizer = llama3.load_tokenizer(SOURCE)")
+        return self.tokenizer
+
+    def _complete(self, prompt_ids: list[list[int]], settings, stream: bool, single: bool):
+        from llama3.generate import TextGeneration
+
+        run = TextGeneration(self.model, self.tokenizer, prompt_ids, settings)
+        if stream:
+            return (piece for _, piece in run) if single else iter(run)
+        texts = [c.text for c in run.run()]
+        return texts[0] if single else texts
+
 
 def load(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None) -> LLM:

@@ -1,0 +1,123 @@
+"""`llama3 chat`: a multi-turn conversation in the terminal, answers streamed as they are made.
+
+Each turn appends your message to the conversation, renders the whole
+conversation with the model's chat template (tokenizer.encode_chat) and
+generates until the model's end-of-turn token.  With stdin piped, each input
+line is one user message and each answer is printed on its own line(s), with
+no prompts or banners.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llama3.commands.generate import add_model_arguments, add_sampling_arguments, load_model, settings_from_args
+
+HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
+        "Ctrl-C stops an answer")
+
+EXAMPLES = """\
+examples:
+  llama3 chat
+  llama3 chat --system "You are a pirate." --temperature 0.9
+  printf 'Hi!\\nWhat did I just say?\\n' | llama3 chat --temperature 0
+"""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Talk to a chat (instruct) model. Type a message and press Enter; the answer streams "
+                          f"back. {HELP}. Works with piped stdin too: one message per line.")
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add_model_arguments(parser)
+    parser.add_argument("--system", metavar="TEXT", default=None,
+                        help="a system message that sets the assistant's behaviour for the whole conversation")
+    add_sampling_arguments(parser, temperature=0.7, top_p=0.9, max_new_tokens=512)
+    parser.add_argument("--explain", action="store_true",
+                        help="after each answer, show the prompt's tokens and ids, each step's top candidates "
+                             "with probabilities, the newest token's attention per head, and what ended it")
+
+
+def answer(llm, messages: list[dict], settings, out=sys.stdout, record: dict | None = None) -> str:
+    """Stream the assistant's reply to `messages` to `out`; return its text.
+    Ctrl-C stops the reply early and returns what was said so far.
+    `record`, if given, receives prompt_ids, answer_ids and finish_reason (for /explain)."""
+    from llama3.generate import TextGeneration
+
+    prompt_ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
+    generation = TextGeneration(llm.model, llm.tokenizer, [prompt_ids], settings)
+    pieces = []
+    try:
+        for _, piece in generation:
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+    except KeyboardInterrupt:
+        print(" [stopped]", end="", file=out)
+    out.write("\n")
+    out.flush()
+    if record is not None:
+        record.update(prompt_ids=prompt_ids, answer_ids=list(generation.tokens.tokens[0]),
+                      finish_reason=generation.tokens.finish_reasons[0])
+    return "".join(pieces)
+
+
+def explain(llm, record: dict, out=sys.stdout) -> None:
+    """Print llama3.inspect.explain's account of the answer in `record`."""
+    from llama3.inspect.explain import explain_answer
+
+    if not record:
+        print("(nothing to explain yet: ask something first)", file=sys.stderr)
+        return
+    text = explain_answer(llm, record["prompt_ids"], record["answer_ids"], record["finish_reason"]).render()
+    print(text, file=out, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.errors import Llama3Error
+
+    settings = settings_from_args(args)  # check the values before the slow load
+    llm = load_model(args)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        import readline  # noqa: F401  (line editing and history for input())
+
+        print(f"chatting with {args.model or 'smollm2-135m-instruct'}; {HELP}", file=sys.stderr)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    last: dict = {}
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, keep chatting
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = list(start)
+            if interactive:
+                print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text == "/explain":
+            explain(llm, last)
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            reply = answer(llm, messages, settings, record=last)
+        except Llama3Error as e:  # e.g. the conversation outgrew the context: say so, keep the session
+            messages.pop()
+            print(f"error: {e} (/reset starts over)", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": reply})
+        if args.explain:
+            explain(llm, last)
+    if interactive:
+        print(file=sys.stderr)
+    return 0

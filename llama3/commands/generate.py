@@ -1,0 +1,123 @@
+"""`llama3 generate`: continue a prompt, streaming only the new text to stdout.
+
+Also home of the pieces `llama3 chat` shares: the sampling options, turning them
+into GenerationSettings, and loading a model with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+EXAMPLES = """\
+examples:
+  llama3 generate "The capital of France is"
+  llama3 generate --temperature 0.8 --top-p 0.95 --seed 1 "Once upon a time"
+  echo "def fib(n):" | llama3 generate --stop "\\n\\n" -
+  llama3 generate --model path/to/Meta-Llama-3-8B "Llamas are"
+"""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", metavar="SOURCE", default=None,
+                        help="a Hugging Face folder, a Meta folder (consolidated.*.pth + params.json), a .gguf "
+                             "file or a built-in name (default: the embedded smollm2-135m-instruct)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weights' dtype in memory (default float32; bfloat16 halves memory, on CPU it is "
+                             "usually slower)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, top_p: float,
+                           max_new_tokens: int) -> None:
+    """The sampling options, shared by `generate` and `chat` (which differ only in defaults)."""
+    group = parser.add_argument_group("sampling (applied in this order: repetition penalty, temperature, "
+                                      "top-k, top-p, min-p)")
+    group.add_argument("--temperature", type=float, default=temperature,
+                       help=f"divide the logits by T before sampling: below 1 sharpens, above 1 flattens; "
+                            f"0 = greedy, always the most likely token (default {temperature})")
+    group.add_argument("--top-k", type=int, default=0, metavar="K",
+                       help="sample only among the K most likely tokens (default 0 = off)")
+    group.add_argument("--top-p", type=float, default=top_p, metavar="P",
+                       help=f"sample only among the fewest most likely tokens whose probabilities add up to P "
+                            f"('nucleus'; default {top_p}, 1 = off)")
+    group.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                       help="drop tokens less than P times as likely as the best one (default 0 = off)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                       help="make tokens already in the text less likely: positive logits / R, negative * R "
+                            "(default 1 = off; 1.1 is typical)")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                       help=f"stop after N new tokens (default {max_new_tokens}; capped by the context length)")
+    group.add_argument("--seed", type=int, default=None,
+                       help="random seed: the same seed, settings and prompt give the same text")
+    group.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                       help="also stop where this text appears (not printed); repeatable. The model's own stop "
+                            "tokens (e.g. <|eot_id|>, <|im_end|>) always apply")
+
+
+def settings_from_args(args: argparse.Namespace, *, truncate: bool = False):
+    """GenerationSettings from the parsed options (validated: bad values raise Llama3Error)."""
+    from llama3.generate import GenerationSettings
+
+    escapes = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}        # so --stop "\n" means a newline
+    stops = [re.sub(r"\\[nt\\]", lambda m: escapes[m.group()], s) for s in args.stop]
+    return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed, stop=stops, truncate=truncate)
+
+
+def load_model(args: argparse.Namespace):
+    """Load --model (with --dtype), saying what and how long on stderr; it must have a tokenizer."""
+    import llama3
+    from llama3.errors import Llama3Error
+    from llama3.llm import DEFAULT_MODEL
+
+    name = args.model or DEFAULT_MODEL
+    print(f"loading {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    llm = llama3.load(args.model, dtype=args.dtype)
+    if llm.tokenizer is None:
+        raise Llama3Error(f"{name} has no tokenizer files (tokenizer.json or tokenizer.model); add them to the folder")
+    print(f"loaded {name} in {time.perf_counter() - start:.1f} s ({llm.dtype}, {llm.device})",
+          file=sys.stderr, flush=True)
+    return llm
+
+
+def speed_report(tokens) -> str:
+    """One line on how fast a finished llama3.generate.TokenGeneration went."""
+    prompt = sum(tokens.prompt_lengths)
+    made = sum(len(t) for t in tokens.tokens)
+    line = f"{made} new tokens; prefill {prompt} tokens in {tokens.prefill_seconds:.2f} s"
+    if tokens.decode_steps:
+        line += f"; decode {tokens.decode_steps / tokens.decode_seconds:.1f} tokens/s"
+    return line + f"; finish: {', '.join(r or '-' for r in tokens.finish_reasons)}"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Continue PROMPT with the model and print only the continuation, as it is generated. "
+                          "The prompt is raw text: no chat template is applied (use `llama3 chat` for that). "
+                          "Load time and speed go to stderr, so stdout holds just the text.")
+    parser.epilog = EXAMPLES
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("prompt", metavar="PROMPT", help="the text to continue; '-' reads it from stdin")
+    add_model_arguments(parser)
+    add_sampling_arguments(parser, temperature=0.0, top_p=1.0, max_new_tokens=256)
+    parser.add_argument("--truncate", action="store_true",
+                        help="if the prompt is longer than the context, keep its last tokens instead of failing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.generate import TextGeneration
+
+    settings = settings_from_args(args, truncate=args.truncate)  # check the values before the slow load
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = load_model(args)
+    generation = TextGeneration(llm.model, llm.tokenizer, [llm.tokenizer.encode(prompt)], settings)
+    for _, piece in generation:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    print(speed_report(generation.tokens), file=sys.stderr)
+    return 0
