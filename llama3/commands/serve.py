@@ -1,0 +1,98 @@
+"""`llama3 serve`: an OpenAI-compatible HTTP API for any model the project loads.
+
+    llama3 serve                                   # the default model on http://127.0.0.1:8000
+    llama3 serve --model path/to/model --port 9000 --api-key secret
+
+Then point any OpenAI client at it:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="secret")
+    client.chat.completions.create(model="smollm2-135m-instruct",
+                                   messages=[{"role": "user", "content": "Hi"}])
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = (
+        "Serve a model over HTTP with OpenAI's API, so existing clients and tools work unchanged:\n"
+        "  GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions\n"
+        "(streaming with \"stream\": true).  Requests are answered one at a time, in order;\n"
+        "a client that disconnects stops its generation.  Ctrl-C (or SIGTERM) stops the server.")
+    parser.epilog = (
+        "example:\n"
+        "  llama3 serve --api-key secret &\n"
+        "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Authorization: Bearer secret' \\\n"
+        "       -H 'Content-Type: application/json' \\\n"
+        "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 20}'")
+    parser.add_argument("--model", metavar="SOURCE", default=None,
+                        help="a built-in name, a Hugging Face or Meta folder, or a .gguf file "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--name", default=None,
+                        help="the model name clients must send in \"model\" (default: the folder or "
+                             "file name of --model, or smollm2-135m-instruct)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; "
+                             "0.0.0.0 exposes the server to your network, so set --api-key)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    parser.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 requests "
+                             "(default: $LLAMA3_API_KEY; unset = no key needed)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default float32)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+
+
+def model_name(source: str | None) -> str:
+    """The name a model is served under: the built-in name, or the file/folder name without .gguf."""
+    from llama3.llm import DEFAULT_MODEL
+
+    if source is None:
+        return DEFAULT_MODEL
+    path = Path(source)
+    return path.stem if path.suffix.lower() == ".gguf" else (path.name or str(source))
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import socket
+    import time
+
+    import uvicorn
+
+    import llama3
+    from llama3.errors import Llama3Error
+    from llama3.server import Server, create_app
+
+    if not 0 < args.port < 65536:
+        raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
+    try:  # bind first, so a busy port is a one-line error before the model loads
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        reason = (e.strerror or str(e)).split(" (while attempting")[0]
+        raise Llama3Error(f"cannot listen on {args.host}:{args.port} ({reason}); check --host, or pick "
+                          "another --port (or stop the program using this one)") from None
+    name = args.name or model_name(args.model)
+    print(f"loading {args.model or name}...", file=sys.stderr)
+    start = time.perf_counter()
+    llm = llama3.load(args.model, dtype=args.dtype, device=args.device)
+    print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    app = create_app(llm, name, api_key=args.api_key)
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
+    print(f"serving {name!r} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if args.api_key else ''}; Ctrl-C stops", file=sys.stderr)
+    # uvicorn stops gracefully on Ctrl-C or SIGTERM, then raises the signal again; let both
+    # arrive as KeyboardInterrupt so either ends the command quietly with status 0.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    print("server stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,413 @@
+"""An OpenAI-compatible HTTP API over one loaded model, so existing clients work unchanged.
+
+    app = create_app(llm, model_name="smollm2-135m-instruct")   # a FastAPI app
+    uvicorn.run(app, host="127.0.0.1", port=8000)               # or: llama3 serve
+
+Endpoints (the part of OpenAI's API that clients need to generate text):
+    GET  /health                 liveness and a few counters (no key needed)
+    GET  /v1/models              the one model served
+    POST /v1/completions         continue a prompt
+    POST /v1/chat/completions    answer a conversation (the model's chat template applied)
+
+How a request flows:
+    check the bearer key -> parse the JSON -> validate the fields -> tokenize and check
+    that the prompt fits the context -> wait in the queue -> the worker thread generates
+    token by token and hands the text back to the event loop -> one JSON response, or
+    server-sent events (`data: {...}` lines) ending with `data: [DONE]`.
+
+The model runs one generation at a time on a worker thread (`GenerationQueue`), so the
+event loop stays free to accept, queue and stream to other clients.  Generation is
+the engine the CLI uses (`llama3.generate`); nothing about sampling or chat templates
+is decided here.  A client that goes away cancels its request: the worker checks
+between tokens.  Every error has OpenAI's shape:
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from llama3.errors import Llama3Error
+from llama3.generate import GenerationSettings, TextGeneration, fit_prompt
+from llama3.llm import LLM
+from llama3.server_queue import Cancelled, GenerationQueue, Job
+
+log = logging.getLogger("llama3.server")
+
+
+# ----------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error answered with an HTTP status and OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _internal_error(error: Exception) -> APIError:
+    return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+
+
+def _validation_error(error: ValidationError) -> APIError:
+    """pydantic's first complaint -> a 400 naming the field, e.g. param 'messages.0.role'."""
+    first = error.errors()[0]
+    param = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------- request bodies
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _GenerationRequest(BaseModel):
+    """The fields both endpoints share.  Unknown fields (user, metadata, ...) are ignored;
+    fields that would change the answer but are not implemented are refused (see UNSUPPORTED)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None                       # None: the model served
+    max_tokens: int | None = Field(None, ge=1)     # None: the endpoint's default
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None            # up to 4 strings, cut from the answer
+    seed: int | None = Field(None, ge=-2**63, lt=2**63)  # same seed + same request = same answer
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise APIError(400, "stop must be up to 4 non-empty strings", param="stop", code="invalid_value")
+        return stops
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | list[str]                        # a list gives one choice per prompt
+    max_tokens: int | None = Field(16, ge=1)       # OpenAI's default for completions
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompts(cls, prompt):
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            return prompt
+        raise ValueError("must be a string or a non-empty list of strings (token-id prompts are not supported)")
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+    def as_dict(self, index: int) -> dict:
+        """{"role", "content": str}: text parts joined; images, audio, ... refused."""
+        content = self.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise APIError(400, "only text content parts are supported",
+                               param=f"messages.{index}.content", code="unsupported_parameter")
+            content = "".join(part.text for part in content)
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for it
+        return {"role": role, "content": content or ""}
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+
+# Fields of OpenAI's API this server does not implement -> their "off" value.
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
+               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "suffix": None,
+               "tools": None, "functions": None, "response_format": None}
+
+
+def _refuse_unsupported(body: dict) -> None:
+    for name, off in UNSUPPORTED.items():
+        value = body.get(name)
+        if value is not None and value != off and value not in ({}, [], False):
+            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+                continue
+            raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server; leave it out",
+                           param=name, code="unsupported_parameter")
+
+
+# ------------------------------------------------------------------------ app
+def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
+               queue: GenerationQueue | None = None) -> FastAPI:
+    """A FastAPI app serving `llm` under the name `model_name`.
+
+    api_key: when set, every /v1 request must send `Authorization: Bearer <api_key>`.
+    queue: the worker thread that runs the generations (default: a new one); its
+    counters are reported by /health and it is closed when the app shuts down.
+    """
+    if llm.tokenizer is None:
+        raise Llama3Error("this model has no tokenizer; load a model folder or .gguf that includes one")
+    queue = queue or GenerationQueue()
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        queue.close()  # cancel what is running, drop what waits, stop the thread
+
+    app = FastAPI(title="llama3", description="OpenAI-compatible API for a llama3 model",
+                  lifespan=lifespan)
+    app.state.queue = queue
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):  # unknown path, wrong method
+        kind = "not_found" if error.status_code == 404 else None
+        return APIError(error.status_code, str(error.detail), code=kind).response()
+
+    @app.exception_handler(Cancelled)
+    async def cancelled(request: Request, error: Cancelled):  # the server is stopping
+        return APIError(503, str(error), type="server_error", code="cancelled").response()
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception):  # our fault: say so in OpenAI's shape
+        return _internal_error(error).response()
+
+    @app.exception_handler(Llama3Error)
+    async def user_error(request: Request, error: Llama3Error):  # e.g. an unknown chat role
+        return APIError(400, str(error), code="invalid_value").response()
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def parse(request: Request, schema: type[BaseModel]) -> Any:
+        """Key, then JSON, then fields, then model name: the first problem found is answered."""
+        check_key(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})", code="json_invalid") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object", code="json_invalid")
+        body = {name: value for name, value in body.items() if value is not None}  # null = not given
+        _refuse_unsupported(body)
+        try:
+            parsed = schema.model_validate(body)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+        if parsed.model is not None and parsed.model != model_name:
+            raise unknown_model(parsed.model)
+        return parsed
+
+    def unknown_model(name: str) -> APIError:
+        return APIError(404, f"the model {name!r} does not exist; this server serves {model_name!r}",
+                        param="model", code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **queue.stats()}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        check_key(request)
+        return {"object": "list", "data": [_model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str, request: Request):
+        check_key(request)
+        if name != model_name:
+            raise unknown_model(name)
+        return _model_card(model_name, created)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = await parse(request, CompletionRequest)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        ids = [llm.tokenizer.encode(p) for p in prompts]
+        return await _answer(request, req, ids, req.max_tokens, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
+        messages = [m.as_dict(i) for i, m in enumerate(req.messages)]
+        ids = [llm.tokenizer.encode_chat(messages, add_generation_prompt=True)]
+        return await _answer(request, req, ids, req.max_completion_tokens or req.max_tokens, chat=True)
+
+    async def _answer(request: Request, req: _GenerationRequest, prompt_ids: list[list[int]],
+                      max_tokens: int | None, chat: bool):
+        context = llm.config.max_seq_len
+        settings = GenerationSettings(max_new_tokens=max_tokens or context, temperature=req.temperature,
+                                      top_p=req.top_p, seed=req.seed, stop=req.stop_strings())
+        for ids in prompt_ids:
+            try:
+                fit_prompt(ids, context, settings.max_new_tokens, truncate=False)
+            except Llama3Error:
+                raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context holds {context} "
+                               "(prompt + answer); shorten it", param="messages" if chat else "prompt",
+                               code="context_length_exceeded") from None
+        job = queue.submit(TextGeneration(llm.model, llm.tokenizer, prompt_ids, settings))
+        reply = _Reply(model_name, chat, [len(ids) for ids in prompt_ids])
+        if req.stream:
+            usage = req.stream_options is not None and req.stream_options.include_usage
+            return StreamingResponse(_stream(job, reply, usage), media_type="text/event-stream",
+                                     background=BackgroundTask(job.cancel))
+        whole = await _until_done_or_gone(request, job, reply)
+        return JSONResponse(whole) if whole is not None else Response(status_code=499)
+
+    return app
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, plus: Ctrl-C / SIGTERM first cancels the running and waiting
+    generations, so open streams end at once (with an error event) instead of holding
+    the shutdown until their last token.  `Server(uvicorn.Config(app, ...)).run()`."""
+
+    def handle_exit(self, sig, frame) -> None:
+        self.config.app.state.queue.cancel_all()
+        super().handle_exit(sig, frame)
+
+
+def _model_card(name: str, created: int) -> dict:
+    return {"id": name, "object": "model", "created": created, "owned_by": "llama3"}
+
+
+# ------------------------------------------------------------------- responses
+class _Reply:
+    """Builds the response objects of one request (OpenAI's shapes) as its text arrives."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: list[int]):
+        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.texts = [""] * len(prompt_tokens)
+        self.finish: list[str | None] = [None] * len(prompt_tokens)
+        self.completion_tokens = 0
+
+    def usage(self) -> dict:
+        prompt = sum(self.prompt_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
+                "total_tokens": prompt + self.completion_tokens}
+
+    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def whole(self) -> dict:
+        """The non-streamed response: every choice's full text, finish reason and usage."""
+        choices = []
+        for i, (text, finish) in enumerate(zip(self.texts, self.finish)):
+            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": i, **body, "logprobs": None, "finish_reason": finish})
+        return {**self._envelope(choices, chunk=False), "usage": self.usage()}
+
+    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
+        """One streamed event: new text of choice `index`, or its finish reason."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        return self._envelope([{**choice, "logprobs": None, "finish_reason": finish}], chunk=True)
+
+    def usage_chunk(self) -> dict:
+        return {**self._envelope([], chunk=True), "usage": self.usage()}
+
+    def add(self, event: tuple) -> dict | None:
+        """Record a worker event ("text", i, piece) or ("end", i, finish, n_tokens); the chunk to stream."""
+        if event[0] == "text":
+            _, index, piece = event
+            self.texts[index] += piece
+            return self.chunk(index, text=piece) if piece else None
+        _, index, finish, n_tokens = event
+        self.finish[index] = finish
+        self.completion_tokens += n_tokens
+        return self.chunk(index, finish=finish)
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: (chat) a first chunk with the role, the text as it comes,
+    a last chunk per choice with its finish reason, optional usage, then [DONE].
+    An error after the stream has started is sent as an `{"error": ...}` event, without [DONE]."""
+    try:
+        if reply.chat:
+            yield _sse(reply.chunk(0, role=True))
+        try:
+            async for event in job.events():
+                chunk = reply.add(event)
+                if chunk is not None:
+                    yield _sse(chunk)
+        except Cancelled as error:
+            yield _sse(APIError(503, str(error), type="server_error", code="cancelled").body())
+            return
+        except Exception as error:  # a bug: tell the client, log the traceback, end the stream
+            log.exception("generation failed")
+            yield _sse(_internal_error(error).body())
+            return
+        if include_usage:
+            yield _sse(reply.usage_chunk())
+        yield _sse("[DONE]")
+    finally:
+        job.cancel()  # the client left (or we are done): stop generating for it
+
+
+async def _until_done_or_gone(request: Request, job: Job, reply: _Reply) -> dict | None:
+    """The whole answer; None (and the job cancelled) if the client disconnects first."""
+    async def collect():
+        async for event in job.events():
+            reply.add(event)
+
+    async def client_gone():  # the body is read, so the next message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done_task, gone_task = asyncio.ensure_future(collect()), asyncio.ensure_future(client_gone())
+    try:
+        await asyncio.wait({done_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        if not done_task.done():
+            return None  # nobody is listening any more
+        done_task.result()  # re-raise a generation error
+        return reply.whole()
+    finally:
+        job.cancel()
+        for task in (done_task, gone_task):
+            task.cancel()
+
