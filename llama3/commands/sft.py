@@ -1,0 +1,73 @@
+"""`llama3 sft`: supervised fine-tuning on chat data, full or LoRA."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """\
+data: one conversation per line,
+  {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+Each is rendered with the model's chat template; the loss counts only the assistant's tokens
+(with the token that ends the turn).  Short conversations are packed into rows of --seq-len tokens
+without attending across conversations (--no-pack: one per row).
+
+output:
+  full fine-tuning        DIR is a model folder (llama3 generate/chat --model DIR)
+  --lora-rank R           DIR holds only the adapters (adapter_model.safetensors, adapter_config.json);
+                          add --merge to also write the merged model folder into DIR
+
+examples:
+  llama3 sft --data chats.jsonl --out tuned --steps 200                   # the default model, full
+  llama3 sft --model kjv --data chats.jsonl --out kjv-chat --lora-rank 8 --merge
+  llama3 chat --model kjv-chat
+"""
+
+FIELDS = ["model", "data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps",
+          "weight_decay", "grad_clip", "seed", "eval_interval", "eval_batches", "log_interval",
+          "checkpoint_interval", "keep_checkpoints", "val_fraction", "lora_rank", "lora_alpha", "lora_dropout",
+          "lora_targets", "pack", "device", "amp_dtype", "compile", "strategy", "peak_flops", "resume", "progress"]
+SFT_DEFAULTS = dict(lr=1e-4, min_lr=1e-5, warmup_steps=10, batch_size=4, seq_len=512, eval_interval=50,
+                    checkpoint_interval=100, log_interval=1, weight_decay=0.0, sample_prompt=None)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    from llama3.train.config import add_arguments
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EXAMPLES
+    parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write")
+    parser.add_argument("--config", metavar="FILE", help="a .json or .toml file of settings; flags win")
+    parser.add_argument("--epochs", type=float, default=1.0, metavar="X",
+                        help="passes over the data, used when --steps is not given (default 1)")
+    parser.add_argument("--merge", action="store_true", help="with LoRA: also write the merged model folder")
+    add_arguments(parser, FIELDS)
+    parser.set_defaults(model=None)
+    parser.epilog += ("\nsft defaults that differ from train: "
+                      + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SFT_DEFAULTS.items() if v is not None)
+                      + "; LoRA default --lr 1e-3")
+
+
+def run(args: argparse.Namespace) -> int:
+    import math
+    import os
+
+    from llama3.llm import DEFAULT_MODEL
+    from llama3.train.config import config_from_args, read_config_file
+    from llama3.train.sft import finetune
+
+    defaults = dict(SFT_DEFAULTS, model=DEFAULT_MODEL)
+    if args.lora_rank:
+        defaults.update(lr=1e-3, min_lr=1e-4)
+    cfg = config_from_args(args, FIELDS, defaults=defaults, out=args.out)
+    if args.steps is None and not (args.config and "steps" in read_config_file(args.config)):
+        from llama3.tokenizer import load_tokenizer
+        from llama3.train.sft import build_chat_sets, read_chats
+
+        # --epochs passes over the data: count the packed rows (cheap next to training)
+        sets = build_chat_sets(read_chats(cfg.data), load_tokenizer(cfg.model), cfg.seq_len, cfg.val_fraction, cfg.pack)
+        per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.steps = max(1, math.ceil(args.epochs * len(sets[0]) / per_step))
+    result = finetune(cfg, merge=args.merge)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
+        print(f"done: {result.step} steps, train loss {result.loss:.4f}; wrote {args.out}")
+    return 0
