@@ -1,0 +1,86 @@
+"""Training speed: our Transformer vs transformers' LlamaForCausalLM, same config, optimizer and batch.
+
+    python benchmarks/train_speed.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--threads 2]
+
+Both models are built from the same ModelConfig (ours directly, transformers from
+`config.to_hf()`), both train in float32 with AdamW(lr=3e-4, weight_decay=0.1) on
+the same random token batches: forward, cross-entropy, backward, optimizer step.
+Rounds alternate between the two (ours, theirs, ours, theirs, ...) so machine
+noise hits both alike; each reports its best round in tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llama3, however it is installed
+
+import torch
+import torch.nn.functional as F
+
+
+def build(preset: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama3.config import get_preset
+    from llama3.model import Transformer
+
+    config = get_preset(preset)
+    ours = Transformer(config).init_weights(seed=0).train()
+    hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    hf_config._attn_implementation = "sdpa"
+    theirs = LlamaForCausalLM(hf_config).train()
+    return config, {"ours": (ours, lambda x: ours(x)), "transformers": (theirs, lambda x: theirs(x).logits)}
+
+
+def round_seconds(model, logits_of, optimizer, batches) -> float:
+    """Time len(batches) training steps (forward, loss, backward, AdamW step)."""
+    start = time.perf_counter()
+    for x, y in batches:
+        logits = logits_of(x)                                            # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    config, models = build(args.preset)
+    seq = min(args.seq, config.max_seq_len)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(lambda t: (t[:, :-1], t[:, 1:]))(torch.randint(0, config.vocab_size, (args.batch, seq + 1), generator=gen))
+               for _ in range(args.steps)]
+    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=3e-4, weight_decay=0.1) for name, (m, _) in models.items()}
+    best = {name: float("inf") for name in models}
+    for name, (model, logits_of) in models.items():  # warm-up
+        round_seconds(model, logits_of, optimizers[name], batches[:2])
+    for _ in range(args.rounds):
+        for name, (model, logits_of) in models.items():
+            best[name] = min(best[name], round_seconds(model, logits_of, optimizers[name], batches))
+    tokens = args.batch * seq * args.steps
+    speed = {name: tokens / seconds for name, seconds in best.items()}
+    import transformers
+
+    print(f"preset {args.preset}, batch {args.batch} x {seq} tokens, float32, AdamW, {args.threads} threads, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    for name, tps in speed.items():
+        print(f"{name:13s} {tps:10.0f} training tokens/s")
+    print(f"ratio ours / transformers: {speed['ours'] / speed['transformers']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`llama3 bench`: load time, prefill and decode speed and peak memory of a model on this machine."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Measure how fast a model runs here: load time, prefill (one forward over a long prompt, "
+        "tokens/s), time to first token and decode speed (greedy, one token at a time after a short "
+        "prompt, tokens/s), and the peak resident memory of the process. Decoding one token reads "
+        "every weight once, so decode speed is bounded by memory bandwidth / model bytes: 16-bit "
+        "(--dtype bfloat16) and int8 (--quantize int8) weights are fewer bytes. Comparisons with "
+        "transformers and llama.cpp: see benchmarks/ and BENCHMARKS.md."
+    )
+    parser.add_argument("--model", default=None,
+                        help="built-in name, HF/Meta folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8: weight-only int8 linears with per-row scales (from a Q8_0 .gguf: read directly)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep q/k/v and gate/up as separate matmuls (the readable model as is)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model first (fuses the small ops around the matmuls; "
+                             "compiling takes minutes, excluded from the timings but not from load time)")
+    parser.add_argument("--prefill-tokens", type=int, default=512, help="prompt length for prefill (default 512)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from llama3.errors import Llama3Error
+    from llama3.fast import load_fast
+    from llama3.fast.measure import measure
+
+    if args.prefill_tokens < 1 or args.new_tokens < 2:
+        raise Llama3Error("--prefill-tokens must be >= 1 and --new-tokens >= 2")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise Llama3Error(f"--threads {args.threads}: give a positive number of threads")
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.no_fuse,
+                    compile=args.compile)
+    load_seconds = time.perf_counter() - start
+    report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
+        print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print("\n".join(report.lines()))
+    return 0

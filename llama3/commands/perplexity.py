@@ -1,0 +1,46 @@
+"""`llama3 perplexity FILE`: sliding-window perplexity of a text file under a model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Perplexity = exp(mean -log p(token | the tokens before it)) over a text: how surprised "
+        "the model is per token (lower is better). A long text is read through windows of "
+        "--context tokens, each starting --stride tokens after the previous one; each token is "
+        "scored once, with at least context - stride tokens of context. Use it to check that a "
+        "checkpoint loaded correctly and to see what --dtype or --quantize costs."
+    )
+    parser.add_argument("file", help="a UTF-8 text file to score")
+    parser.add_argument("--model", default=None,
+                        help="built-in name, HF/Meta folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens per window (default: min(max_seq_len, 512))")
+    parser.add_argument("--stride", type=int, default=None,
+                        help="tokens between window starts, less than --context (default: context / 2)")
+    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8: weight-only int8 linears with per-row scales, to see what it costs (see llama3.fast)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="score only the first N tokens of the file (a quick estimate)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.fast import load_fast
+    from llama3.errors import Llama3Error
+    from llama3.perplexity import perplexity
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise Llama3Error(f"{args.file}: cannot read it as UTF-8 text ({e.__class__.__name__}); "
+                          "pass a plain text file") from None
+    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=False)
+    result = perplexity(llm, text, args.context, args.stride, max_tokens=args.max_tokens, progress=True)
+    print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats = {result.bits_per_token:.3f} "
+          f"bits per token; {result.n_scored} tokens scored in {result.n_windows} windows of "
+          f"{result.context}, stride {result.stride})")
+    return 0

@@ -1,0 +1,67 @@
+"""Fused projections: one matmul where the readable model does two or three.
+
+    q, k, v = x @ Wqᵀ, x @ Wkᵀ, x @ Wvᵀ    ->   [q | k | v] = x @ [Wq; Wk; Wv]ᵀ, then split
+    gate, up = x @ W1ᵀ, x @ W3ᵀ             ->   [gate | up] = x @ [W1; W3]ᵀ, then split
+
+The arithmetic is identical (each output element is the same dot product), but
+the input is read once and the kernel launched once: fewer, larger matmuls,
+which matters when decoding one token spends its time on per-call overhead.
+
+Applied after loading, from outside: `fuse_projections(model)` stacks the
+weights, frees the separate matrices, and switches each Attention/FeedForward
+to a subclass whose only difference is that one step.  Fusing works on float
+and on int8 linears alike (per-row int8 scales do not care which matrix a row
+came from), so quantizing before or after fusing gives the same model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llama3.fast.quantize import Int8Linear
+from llama3.model import Attention, FeedForward
+
+
+def _stack(*linears: nn.Module) -> nn.Module:
+    """One bias-free linear whose weight rows are the given linears' rows, in order
+    (float nn.Linear, or Int8Linear: the per-row scales are stacked the same way)."""
+    if all(isinstance(lin, Int8Linear) for lin in linears):
+        return Int8Linear(torch.cat([lin.weight for lin in linears]), torch.cat([lin.scales for lin in linears]))
+    weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [N1 + N2 (+ N3), K]
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+class FusedAttention(Attention):
+    """Attention with wq, wk, wv stacked into one `wqkv` [(H + 2*Hkv)*Dh, D]."""
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split((q_width, kv_width, kv_width), dim=-1)  # [B, T, H*Dh], 2x [B, T, Hkv*Dh]
+
+
+class FusedFeedForward(FeedForward):
+    """SwiGLU with the gate (w1) and up (w3) projections stacked into one `w13` [2F, D]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        gate, up = self.w13(x).chunk(2, dim=-1)           # [B, T, F] each
+        return self.w2(F.silu(gate) * up)
+
+
+@torch.no_grad()
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse q/k/v and gate/up in every block of `model` (in place, for inference); returns it."""
+    for block in model.layers:
+        attn, ffn = block.attention, block.feed_forward
+        if type(attn) is Attention:
+            attn.wqkv = _stack(attn.wq, attn.wk, attn.wv)
+            del attn.wq, attn.wk, attn.wv
+            attn.__class__ = FusedAttention  # same module, same state; only project_qkv differs
+        if type(ffn) is FeedForward:
+            ffn.w13 = _stack(ffn.w1, ffn.w3)
+            del ffn.w1, ffn.w3
+            ffn.__class__ = FusedFeedForward
+    return model

@@ -1,0 +1,99 @@
+"""Measuring speed and memory the same way everywhere (`llama3 bench` and benchmarks/).
+
+    prefill   tokens/s of one forward over a long prompt (filling the KV cache)
+    ttft      time to first token: prefill of a short prompt + picking the first token
+    decode    tokens/s of the one-token-at-a-time loop after it (the engine's own timer)
+    peak RSS  the most resident memory this process ever held (ru_maxrss)
+
+Each timing is the best of a few repeats after a warm-up run: the first call
+pays one-time costs (allocations, kernel selection) that a server pays once.
+Measure each configuration in its own process, or the peak RSS of one leaks
+into the next.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class SpeedReport:
+    load_seconds: float | None
+    prefill_tokens: int
+    prefill_tokens_per_second: float
+    ttft_seconds: float
+    decode_tokens: int
+    decode_tokens_per_second: float
+    peak_rss_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        load = f"{self.load_seconds:.2f} s" if self.load_seconds is not None else "-"
+        return [f"load time            {load}",
+                f"prefill              {self.prefill_tokens_per_second:8.1f} tokens/s  ({self.prefill_tokens} tokens)",
+                f"time to first token  {self.ttft_seconds * 1000:8.1f} ms",
+                f"decode               {self.decode_tokens_per_second:8.1f} tokens/s  ({self.decode_tokens} tokens)",
+                f"peak RSS             {self.peak_rss_bytes / 2**20:8.0f} MiB"]
+
+
+def peak_rss_bytes() -> int:
+    """The peak resident set size of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def prompt_of(n_tokens: int, vocab_size: int, seed: int = 0) -> list[int]:
+    """n_tokens reproducible random ids (speed does not depend on which tokens they are)."""
+    return torch.randint(0, vocab_size, (n_tokens,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def prefill_tokens_per_second(model, n_tokens: int = 512, repeats: int = 3) -> float:
+    """Best-of-`repeats` tokens/s of one forward over n_tokens, writing a fresh KV cache."""
+    from llama3.model import KVCache
+
+    config = model.config
+    n_tokens = min(n_tokens, config.max_seq_len)
+    tokens = torch.tensor([prompt_of(n_tokens, config.vocab_size)])  # [1, T]
+    dtype = model.norm.weight.dtype
+    best = float("inf")
+    for attempt in range(repeats + 1):  # attempt 0 is the warm-up
+        cache = KVCache(config, 1, n_tokens, dtype=dtype)
+        start = time.perf_counter()
+        model(tokens, 0, cache)
+        if attempt:
+            best = min(best, time.perf_counter() - start)
+    return n_tokens / best
+
+
+def decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128, repeats: int = 2) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s) of greedy generation with the engine, best of repeats."""
+    from llama3.generate import GenerationSettings, generate_tokens
+
+    prompt = prompt_of(prompt_tokens, model.config.vocab_size, seed=1)
+    settings = GenerationSettings(max_new_tokens=new_tokens)
+    list(generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=8)))  # warm-up
+    ttft, per_token = float("inf"), float("inf")
+    for _ in range(repeats):
+        run = generate_tokens(model, [prompt], settings)  # no stop ids: always new_tokens tokens
+        for _ in run:
+            pass
+        ttft = min(ttft, run.prefill_seconds)
+        per_token = min(per_token, run.decode_seconds / max(1, run.decode_steps))
+    return ttft, 1.0 / per_token
+
+
+def measure(model, load_seconds: float | None = None, prefill_tokens: int = 512,
+            new_tokens: int = 128) -> SpeedReport:
+    """Prefill, time to first token, decode and peak RSS of `model` in this process."""
+    prefill = prefill_tokens_per_second(model, prefill_tokens)
+    ttft, decode = decode_speed(model, new_tokens=new_tokens)
+    return SpeedReport(load_seconds, min(prefill_tokens, model.config.max_seq_len), prefill, ttft,
+                       new_tokens, decode, peak_rss_bytes())

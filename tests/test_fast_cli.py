@@ -1,0 +1,62 @@
+"""`llama3 bench` and `llama3 perplexity` end to end on a tiny checkpoint (no timing asserted)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_config, make_model
+from llama3.cli import main
+from llama3.llm import LLM
+
+
+class ByteTokenizer:
+    def encode(self, text):
+        return list(text.encode())
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    config = make_config()
+    folder = tmp_path / "tiny"
+    LLM(make_model(config), config).save(folder, format="hf")
+    return folder
+
+
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"], ["--no-fuse", "--dtype", "bfloat16"]])
+def test_bench_prints_its_numbers(tiny_folder, capsys, extra):
+    assert main(["bench", "--model", str(tiny_folder), "--prefill-tokens", "16", "--new-tokens", "4",
+                 "--threads", "1", "--json", *extra]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["prefill_tokens"] == 16 and report["decode_tokens"] == 4
+    for key in ("load_seconds", "prefill_tokens_per_second", "ttft_seconds", "decode_tokens_per_second"):
+        assert report[key] > 0
+    assert report["peak_rss_bytes"] > 10 * 2**20
+
+
+def test_bench_bad_input_is_one_line_error(tiny_folder, capsys):
+    assert main(["bench", "--model", str(tiny_folder), "--threads", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --threads")
+
+
+def test_perplexity_command(tiny_folder, tmp_path, capsys, monkeypatch):
+    import llama3
+    from llama3.perplexity import model_logits_fn, perplexity_of_ids
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text("abc ABC 0123 =<>? " * 4)
+    loaded = llama3.load(tiny_folder)
+    monkeypatch.setattr(llama3, "load", lambda source, dtype=None: LLM(loaded.model, loaded.config, ByteTokenizer()))
+    assert main(["perplexity", str(text_file), "--model", str(tiny_folder), "--context", "16", "--stride", "8"]) == 0
+    want = perplexity_of_ids(model_logits_fn(loaded.model), list(text_file.read_bytes()), 16, 8)
+    out = capsys.readouterr().out
+    assert out.startswith(f"perplexity {want.perplexity:.4f}") and "windows of 16, stride 8" in out
+
+
+def test_perplexity_command_errors(tiny_folder, tmp_path, capsys):
+    assert main(["perplexity", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt: cannot read it" in capsys.readouterr().err
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00")
+    assert main(["perplexity", str(binary), "--model", str(tiny_folder)]) == 2
+    assert "UTF-8" in capsys.readouterr().err
