@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from llama3.errors import Llama3Error
-from llama3.train.data import (DataError, SampleOrder, TokenShards, TokenWindows, iter_documents, prepare,
-                               token_dtype)
+from llama3.train.data import (DEFAULT_SHARD_TOKENS, DataError, SampleOrder, TokenShards, TokenWindows,
+                               iter_documents, prepare, token_dtype)
 from train_helpers import one_thread, kjv_chapters, run_cli, train_small_bpe, write_text_folder
 
 
@@ -139,3 +139,24 @@ def test_trained_bpe_matches_transformers(tmp_path):
                                                                        add_generation_prompt=True)
     with pytest.raises(Llama3Error, match="vocab-size"):
         train_bpe(["x"], MIN_VOCAB - 1, tmp_path / "small", progress=False)
+
+
+def test_shard_tokens_must_be_positive(corpus, tmp_path):
+    folder, tokenizer = corpus
+    for bad in (0, -1):
+        with pytest.raises(DataError, match=f"shard_tokens={bad}"):
+            prepare(folder, tmp_path / "out", tokenizer, "tok", shard_tokens=bad, progress=False)
+    manifest = prepare(folder, tmp_path / "out", tokenizer, "tok", shard_tokens=None, progress=False)
+    assert manifest["settings"]["shard_tokens"] == DEFAULT_SHARD_TOKENS  # None means the default
+    small = prepare(folder, tmp_path / "small", tokenizer, "tok", shard_tokens=1000, progress=False)
+    assert all(s["tokens"] <= 1000 for s in small["splits"]["train"]["shards"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_cli_rejects_non_positive_shard_tokens(tmp_path, value):
+    (tmp_path / "a.txt").write_text("In the beginning.")
+    # before the fix: -1 looped forever (a timeout here), 0 silently became the default
+    result = run_cli("prepare", "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "o"),
+                     "--shard-tokens", value, timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: --shard-tokens"), result.stderr[-2000:]
+    assert not (tmp_path / "o").exists()

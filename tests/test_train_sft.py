@@ -163,3 +163,22 @@ def test_sft_cli_lora_adapter_and_merged_folder(tokenizer, tmp_path):
         torch.testing.assert_close(merged.model(tokens), on_top(tokens), rtol=1e-5, atol=1e-5)
     bad = run_cli("sft", "--model", str(base_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+def test_epochs_count_the_rows_finetune_builds(tokenizer, tmp_path):
+    import math
+
+    from llama3.train.sft import build_chat_sets, finetune
+
+    model = Transformer(get_preset("tiny").replace(vocab_size=tokenizer.vocab_size, dim=32, hidden_dim=64,
+                                                   max_seq_len=48)).init_weights(seed=0)
+    LLM(model, model.config, tokenizer).save(tmp_path / "base")
+    data = chats_file(tmp_path / "chats.jsonl")
+    # --seq-len 512 exceeds the model's context: rows are cut at 48 tokens, and the step count follows them
+    train_set, _ = build_chat_sets(read_chats(data), tokenizer, 48, 0.05, True)
+    assert len(train_set) != len(build_chat_sets(read_chats(data), tokenizer, 512, 0.05, True)[0])
+    cfg = TrainConfig(out=str(tmp_path / "tuned"), model=str(tmp_path / "base"), data=str(data), seq_len=512,
+                      batch_size=2, lr=1e-3, warmup_steps=0, eval_interval=0, checkpoint_interval=0,
+                      sample_prompt=None, progress=False, lora_rank=4)
+    result = finetune(cfg, epochs=1.5)
+    assert result.step == len(result.losses) == math.ceil(1.5 * len(train_set) / 2)

@@ -164,3 +164,62 @@ def test_config_files_and_unknown_keys(tmp_path):
     with pytest.raises(Llama3Error, match="strategy"):
         TrainConfig(strategy="zero3")
     assert math.isclose(TrainConfig().lr, 3e-3)
+
+
+def _parse(command, argv):
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"llama3.commands.{command}")
+    parser = argparse.ArgumentParser()
+    module.configure(parser)
+    return module, parser.parse_args(argv)
+
+
+def test_a_low_lr_alone_lowers_the_default_min_lr():
+    from llama3.train.config import config_from_args
+
+    assert TrainConfig().min_lr == 3e-4 and math.isclose(TrainConfig(lr=1e-4).min_lr, 1e-5)
+    train, args = _parse("train", ["--out", "o", "--lr", "1e-4"])
+    cfg = config_from_args(args, train.FIELDS, out="o")
+    assert cfg.lr == 1e-4 and math.isclose(cfg.min_lr, 1e-5)
+    sft, args = _parse("sft", ["--out", "o", "--lora-rank", "8", "--lr", "5e-5"])
+    cfg = config_from_args(args, sft.FIELDS, defaults=dict(sft.SFT_DEFAULTS, lr=1e-3, min_lr=1e-4), out="o")
+    assert cfg.lr == 5e-5 and math.isclose(cfg.min_lr, 5e-6)
+    _, args = _parse("sft", ["--out", "o", "--lora-rank", "8"])  # the default floor when lr allows it
+    assert config_from_args(args, sft.FIELDS, defaults=dict(sft.SFT_DEFAULTS, lr=1e-3, min_lr=1e-4)).min_lr == 1e-4
+    _, args = _parse("train", ["--out", "o", "--lr", "1e-4", "--min-lr", "2e-4"])  # an explicit one is checked
+    with pytest.raises(Llama3Error, match="min_lr <= lr"):
+        config_from_args(args, train.FIELDS)
+
+
+def test_config_file_values_of_the_wrong_type(tmp_path):
+    (tmp_path / "run.json").write_text(json.dumps({"lr": "3e-3", "steps": "5", "warmup_steps": 2.0}))
+    cfg = TrainConfig.from_file(tmp_path / "run.json")
+    assert (cfg.lr, cfg.steps, cfg.warmup_steps) == (3e-3, 5, 2) and type(cfg.warmup_steps) is int
+    for bad, key in [({"lr": "fast"}, "lr"), ({"eval_interval": "often"}, "eval_interval"),
+                     ({"compile": "yes"}, "compile"), ({"out": 3}, "out"), ({"steps": 2.5}, "steps"),
+                     ({"min_lr": [1]}, "min_lr")]:
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(Llama3Error, match=f"^{key}="):
+            TrainConfig.from_file(tmp_path / "bad.json")
+
+
+def test_resuming_a_finished_run_reports_its_losses(tmp_path, capsys):
+    from llama3.config import get_preset
+    from llama3.model import Transformer
+    from llama3.train.trainer import describe
+
+    config = get_preset("tiny").replace(vocab_size=64)
+    data = OneBatch(torch.randint(0, 64, (1, 33), generator=torch.Generator().manual_seed(0)))
+    cfg = TrainConfig(out=str(tmp_path), steps=3, batch_size=2, seq_len=32, warmup_steps=1, eval_interval=0,
+                      checkpoint_interval=0, log_interval=1, progress=False)
+    _, first = train_loop(Transformer(config).init_weights(seed=0), cfg, data, data, Dist())
+    capsys.readouterr()
+    again = TrainConfig(**{**cfg.to_dict(), "resume": True})
+    _, result = train_loop(Transformer(config).init_weights(seed=1), again, data, data, Dist())
+    assert "already at step 3" in capsys.readouterr().err
+    assert result.step == 3 and result.losses == []
+    assert result.loss == first.losses[-1]
+    assert math.isclose(result.val_loss, first.val_loss, rel_tol=1e-5)
+    assert "nan" not in describe(result) and describe(result).startswith("already at step 3")

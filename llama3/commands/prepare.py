@@ -41,12 +41,14 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from llama3.tokenizer import load_tokenizer
-    from llama3.train.data import DEFAULT_SHARD_TOKENS, data_files, prepare
+    from llama3.train.data import DataError, data_files, prepare
 
+    if args.shard_tokens is not None and args.shard_tokens < 1:  # fail before the slow tokenizer load
+        raise DataError(f"--shard-tokens {args.shard_tokens}: give a positive number of tokens per shard file")
     data_files(args.data)  # a missing path fails before the tokenizer loads
     tokenizer = load_tokenizer(args.tokenizer)
     manifest = prepare(args.data, args.out, tokenizer, args.tokenizer or "llama3", args.val_fraction,
-                       args.shard_tokens or DEFAULT_SHARD_TOKENS)
+                       args.shard_tokens)  # None: the default
     splits = manifest["splits"]
     print(f"{args.out}: {splits['train']['tokens']:,} training tokens ({splits['train']['documents']:,} documents), "
           f"{splits['val']['tokens']:,} validation tokens, {manifest['dtype']}", file=sys.stderr)

@@ -48,26 +48,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import math
     import os
 
     from llama3.llm import DEFAULT_MODEL
     from llama3.train.config import config_from_args, read_config_file
     from llama3.train.sft import finetune
+    from llama3.train.trainer import describe
 
     defaults = dict(SFT_DEFAULTS, model=DEFAULT_MODEL)
     if args.lora_rank:
         defaults.update(lr=1e-3, min_lr=1e-4)
     cfg = config_from_args(args, FIELDS, defaults=defaults, out=args.out)
-    if args.steps is None and not (args.config and "steps" in read_config_file(args.config)):
-        from llama3.tokenizer import load_tokenizer
-        from llama3.train.sft import build_chat_sets, read_chats
-
-        # --epochs passes over the data: count the packed rows (cheap next to training)
-        sets = build_chat_sets(read_chats(cfg.data), load_tokenizer(cfg.model), cfg.seq_len, cfg.val_fraction, cfg.pack)
-        per_step = cfg.batch_size * cfg.grad_accum * int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.steps = max(1, math.ceil(args.epochs * len(sets[0]) / per_step))
-    result = finetune(cfg, merge=args.merge)
+    steps_given = args.steps is not None or bool(args.config and "steps" in read_config_file(args.config))
+    # without --steps, finetune counts the rows it builds and runs --epochs passes over them
+    result = finetune(cfg, merge=args.merge, epochs=None if steps_given else args.epochs)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
-        print(f"done: {result.step} steps, train loss {result.loss:.4f}; wrote {args.out}")
+        print(f"done: {describe(result, val=False)}; wrote {args.out}")
     return 0

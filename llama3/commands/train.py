@@ -49,10 +49,10 @@ def run(args: argparse.Namespace) -> int:
 
     from llama3.train import pretrain
     from llama3.train.config import config_from_args
+    from llama3.train.trainer import describe
 
     cfg = config_from_args(args, FIELDS, out=args.out)
     result = pretrain(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
-        print(f"done: {result.step} steps, train loss {result.loss:.4f}, val loss {result.val_loss:.4f}; "
-              f"model folder {args.out}")
+        print(f"done: {describe(result)}; model folder {args.out}")
     return 0

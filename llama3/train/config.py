@@ -20,6 +20,7 @@ from pathlib import Path
 from llama3.errors import Llama3Error
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
+DEFAULT_MIN_LR = 3e-4
 AMP_DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -37,7 +38,7 @@ class TrainConfig:
     grad_accum: int = 1                    # micro-batches per optimizer step
     seq_len: int = 256                     # T: tokens per window
     lr: float = 3e-3                       # peak learning rate (after warmup)
-    min_lr: float = 3e-4                   # floor of the cosine decay
+    min_lr: float | None = None            # floor of the cosine decay (default: 3e-4, or lr/10 when that is lower)
     warmup_steps: int = 50                 # steps of linear learning-rate warmup from 0
     weight_decay: float = 0.1              # applied to matrices only, never to norms
     beta1: float = 0.9                     # AdamW momentum of the gradient
@@ -68,6 +69,10 @@ class TrainConfig:
     progress: bool = True                  # tqdm progress bar
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _checked_type(field, getattr(self, field.name)))
+        if self.min_lr is None:
+            self.min_lr = min(DEFAULT_MIN_LR, self.lr / 10) if self.lr > 0 else DEFAULT_MIN_LR
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "eval_batches",
                     "log_interval", "keep_checkpoints")
         for name in positive:
@@ -101,6 +106,40 @@ class TrainConfig:
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
         """Read a .json or .toml file (flat keys, names as the fields); `overrides` win."""
         return cls.from_dict({**read_config_file(path), **overrides})
+
+
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _checked_type(field: dataclasses.Field, value):
+    """`value` as the type the field declares (an int where a float is wanted, "3e-3" for a float, "5" for an
+    int are converted); anything else raises Llama3Error naming the setting."""
+    declared = str(field.type)
+    optional = "None" in declared
+    kind = _KINDS[declared.split("|")[0].strip()]
+    if value is None and optional:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, bool):
+        if kind is float and isinstance(value, (int, float)):
+            return float(value)
+        if kind is int and isinstance(value, int):
+            return value
+        if kind is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return kind(value.strip())
+            except ValueError:
+                pass
+    wanted = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+    raise Llama3Error(f"{field.name}={value!r} must be {wanted}" + (" (or unset)" if optional else "")
+                      + "; fix that setting")
 
 
 def read_config_file(path: str | os.PathLike) -> dict:
@@ -153,4 +192,16 @@ def config_from_args(args, fields: list[str], defaults: dict | None = None, **fi
     """TrainConfig from parsed flags: field defaults < `defaults` < args.config file < flags given < `fixed`."""
     given = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
     base = read_config_file(args.config) if getattr(args, "config", None) else {}
-    return TrainConfig.from_dict({**(defaults or {}), **base, **given, **fixed})
+    explicit = {**base, **given, **fixed}
+    settings = {**(defaults or {}), **explicit}
+    if explicit.get("min_lr") is None and "min_lr" in settings:
+        # a default floor never rises above lr/10, so a lower --lr alone is always valid
+        default_min_lr = settings.pop("min_lr")
+        cfg = TrainConfig.from_dict(settings)
+        if default_min_lr is not None:
+            cfg.min_lr = min(_checked_type(_FIELDS["min_lr"], default_min_lr), cfg.lr / 10)
+        return cfg
+    return TrainConfig.from_dict(settings)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

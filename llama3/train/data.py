@@ -119,6 +119,8 @@ class ShardWriter:
     """Appends token ids to `<split>_000.bin`, `<split>_001.bin`, ... under temporary names."""
 
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens={shard_tokens} must be >= 1")
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.shards: list[dict] = []  # {"file", "tokens"}
         self.file = None
@@ -191,7 +193,7 @@ def is_prepared(folder: str | os.PathLike) -> bool:
 
 
 def prepare(data: str | os.PathLike, out: str | os.PathLike, tokenizer, tokenizer_source: str,
-            val_fraction: float = 0.05, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            val_fraction: float = 0.05, shard_tokens: int | None = None,
             documents: Iterable[str] | None = None, source_id: str | None = None,
             progress: bool = True) -> dict:
     """Tokenize the documents under `data` into shards in `out`; return the manifest.
@@ -201,11 +203,17 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, tokenizer, tokenize
     shards are written under temporary names and renamed into place, and the
     manifest is written last, so an interrupted run never leaves a folder that
     looks prepared.  `documents`/`source_id` replace reading `data` (the default corpus).
+    shard_tokens: tokens per shard file; None means DEFAULT_SHARD_TOKENS.
     """
     from tqdm import tqdm
 
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction} must be between 0 and 1 (e.g. 0.05)")
+    if shard_tokens is None:
+        shard_tokens = DEFAULT_SHARD_TOKENS
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise DataError(f"shard_tokens={shard_tokens!r} must be a positive number of tokens per shard "
+                        f"(default {DEFAULT_SHARD_TOKENS:,})")
     out = Path(out)
     settings = {"source": source_id or fingerprint(data), "tokenizer": tokenizer_source,
                 "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction, "shard_tokens": shard_tokens}

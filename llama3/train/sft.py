@@ -24,8 +24,9 @@ example is computed exactly as it would be alone:
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -147,15 +148,24 @@ def lora_config(cfg: TrainConfig) -> LoRAConfig | None:
                       base_model=cfg.model)
 
 
-def finetune(cfg: TrainConfig, merge: bool = False):
+def steps_for_epochs(epochs: float, rows: int, cfg: TrainConfig, world_size: int) -> int:
+    """Optimizer steps that make `epochs` passes over `rows` training rows (at least 1)."""
+    per_step = cfg.batch_size * cfg.grad_accum * world_size
+    return max(1, math.ceil(epochs * rows / per_step))
+
+
+def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None):
     """Fine-tune cfg.model on the chats in cfg.data; write OUT (a model folder, or a LoRA adapter folder,
-    plus the merged model folder when `merge`).  Every process of a torchrun job calls this."""
+    plus the merged model folder when `merge`).  Every process of a torchrun job calls this.
+    epochs: when given, cfg.steps becomes the steps of that many passes over the packed training rows."""
     from llama3.llm import load
     from llama3.train.checkpointing import full_model_state
     from llama3.train.distributed import barrier, broadcast_object, init_distributed, shutdown
     from llama3.train.pretrain import save_model_folder
     from llama3.train.trainer import train_loop
 
+    if epochs is not None and not epochs > 0:
+        raise Llama3Error(f"--epochs {epochs}: give a positive number of passes over the data")
     if cfg.data is None:
         raise DataError("--data is required: a .jsonl file with one {\"messages\": [...]} conversation per line")
     d = init_distributed(cfg.device)
@@ -165,6 +175,8 @@ def finetune(cfg: TrainConfig, merge: bool = False):
             raise Llama3Error(f"{cfg.model}: has no tokenizer, so its chat format is unknown")
         seq_len = min(cfg.seq_len, llm.config.max_seq_len)
         train_set, val_set = build_chat_sets(read_chats(cfg.data), llm.tokenizer, seq_len, cfg.val_fraction, cfg.pack)
+        if epochs is not None:
+            cfg = replace(cfg, steps=steps_for_epochs(epochs, len(train_set), cfg, d.world_size))
         lora = lora_config(cfg)
         model = llm.model.to(device=d.device, dtype=torch.float32)
         if lora:

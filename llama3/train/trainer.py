@@ -109,6 +109,27 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, d: Dist, amp: torch.dt
     return total_loss / max(total_count, 1.0)
 
 
+def last_logged_loss(metrics: MetricsLog, step: int) -> float:
+    """The training loss metrics.jsonl recorded last at or before `step`; NaN when it has none."""
+    try:
+        records = metrics.read()
+    except (OSError, ValueError):
+        return float("nan")
+    logged = [r["loss"] for r in records if "loss" in r and r.get("step", 0) <= step]
+    return float(logged[-1]) if logged else float("nan")
+
+
+def describe(result: "TrainResult", val: bool = True) -> str:
+    """`N steps, train loss X, val loss Y` for the closing line of a command (NaN losses left out);
+    a run that had nothing left to do says so."""
+    parts = [f"{result.step} steps" if result.losses else f"already at step {result.step}, nothing trained"]
+    if not math.isnan(result.loss):
+        parts.append(f"train loss {result.loss:.4f}")
+    if val and not math.isnan(result.val_loss):
+        parts.append(f"val loss {result.val_loss:.4f}")
+    return ", ".join(parts)
+
+
 # --------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -205,6 +226,13 @@ def train_loop(model: nn.Module, cfg: TrainConfig, train_set, val_set, d: Dist, 
         if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or is_last:
             checkpoint()
     bar.close()
+    if not losses:  # resumed a finished run: nothing trained, so report what the run ended with
+        loss = last_logged_loss(metrics, step)
+        if val_set is not None:
+            val_loss = evaluate(runner, val_set, cfg, d, amp)
+        if d.is_main:
+            print(f"already at step {step} (--steps {cfg.steps}); nothing to train: raise --steps to train further",
+                  file=sys.stderr, flush=True)
     if d.is_main and val_set is None and metrics.path.is_file():
         plot_loss(metrics.read(), out / "loss.png")
     return wrapped, TrainResult(step=step, loss=loss, val_loss=val_loss, tokens=tokens_seen,
