@@ -31,6 +31,21 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+def _rope_scaling_from(d, where: str) -> RopeScaling:
+    """A `RopeScaling` from our own dict form (`to_dict`/`to_meta`); bad input raises ConfigError."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} rope_scaling must be a JSON object, got {d!r}")
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where} rope_scaling has unknown keys {unknown}; known keys are {sorted(known)}")
+    try:
+        return RopeScaling(**{k: (int(v) if k == "original_max_position_embeddings" else float(v))
+                              for k, v in d.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where} rope_scaling has a non-numeric value: {e}") from None
+
+
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
     """The SwiGLU hidden size exactly as Meta derives it (llama/model.py, FeedForward).
 
@@ -101,7 +116,7 @@ class ModelConfig:
             raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            d["rope_scaling"] = _rope_scaling_from(d["rope_scaling"], "config")
         return cls(**d)
 
     # ------------------------------------------------------------ Meta params.json
@@ -137,12 +152,14 @@ class ModelConfig:
                 hidden_dim=ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
                 norm_eps=params.get("norm_eps", 1e-5),
                 rope_theta=float(params.get("rope_theta", 500000.0)),
-                rope_scaling=(RopeScaling(**params["rope_scaling"]) if params.get("rope_scaling")
+                rope_scaling=(_rope_scaling_from(params["rope_scaling"], "params.json") if params.get("rope_scaling")
                               else RopeScaling() if params.get("use_scaled_rope") else None),
                 max_seq_len=params.get("max_seq_len", 8192),
             )
         except KeyError as e:
             raise ConfigError(f"params.json lacks the required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"params.json has a value of the wrong type: {e}") from None
 
     def to_meta(self) -> dict:
         """A Meta `params.json` dict. `multiple_of`/`ffn_dim_multiplier` are chosen to
@@ -198,14 +215,21 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"config.json has unknown keys {unknown}; remove them or extend ModelConfig.from_hf")
         rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json rope_scaling must be a JSON object or null, got {rope!r}")
         theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type == "llama3":
-            scaling = RopeScaling(
-                factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                high_freq_factor=float(rope["high_freq_factor"]),
-                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-            )
+            try:
+                scaling = RopeScaling(
+                    factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                    high_freq_factor=float(rope["high_freq_factor"]),
+                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise ConfigError(f"config.json rope_scaling (rope_type 'llama3') lacks the key {e.args[0]!r}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config.json rope_scaling has a non-numeric value: {e}") from None
         elif rope_type == "default":
             scaling = None
         else:
@@ -223,6 +247,8 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
 
     def to_hf(self) -> dict:
         """A transformers `LlamaConfig` dict (config.json)."""

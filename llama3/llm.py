@@ -66,6 +66,37 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         raise Llama3Error(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
 
 
+def parse_device(device: str | torch.device | None) -> torch.device | None:
+    """A device name ("cpu", "cuda", "cuda:1", "mps") -> torch.device, checked to exist here.
+
+    None stays None (the caller's default, the CPU).  Unknown names and devices this
+    machine lacks raise Llama3Error instead of torch's RuntimeError/AssertionError.
+    """
+    if device is None:
+        return None
+    try:
+        parsed = device if isinstance(device, torch.device) else torch.device(str(device).strip().lower())
+    except (RuntimeError, TypeError, ValueError):
+        raise Llama3Error(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise Llama3Error(f"device {device!r}: CUDA is not available here (no GPU, or a CPU-only "
+                              "PyTorch build); use --device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise Llama3Error(f"device {device!r}: this machine has {count} CUDA device(s), "
+                              f"numbered 0 to {count - 1}")
+        return parsed
+    if parsed.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise Llama3Error(f"device {device!r}: Apple MPS is not available here; use --device cpu")
+        return parsed
+    raise Llama3Error(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
 @dataclass
 class LLM:
     """A loaded model: `model` (the nn.Module), `config` (ModelConfig), `tokenizer` (or None)."""
@@ -157,6 +188,7 @@ def load(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype | 
     """
     from llama3.checkpoint import load_checkpoint
 
+    device = parse_device(device)
     path = resolve_source(source)
     llm = load_checkpoint(path, dtype=parse_dtype(dtype), device=device)
     llm.source = str(source) if source is not None else DEFAULT_MODEL

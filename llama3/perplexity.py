@@ -94,7 +94,8 @@ def perplexity_of_ids(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: li
     Taking a function (not our Transformer) lets the benchmarks score llama.cpp's
     logits with exactly the same windows.  stride defaults to context // 2.
     """
-    stride = stride or max(1, context // 2)
+    if stride is None:
+        stride = max(1, context // 2)
     windows = plan_windows(len(ids), context, stride)
     all_tokens = torch.tensor(ids, dtype=torch.long)  # [N]
     total = torch.zeros((), dtype=torch.float64)
@@ -130,11 +131,21 @@ def perplexity(llm, text: str, context: int | None = None, stride: int | None = 
     """
     if llm.tokenizer is None:
         raise Llama3Error("this checkpoint has no tokenizer; perplexity needs one to encode the text")
-    context = context or min(llm.config.max_seq_len, 512)
+    if context is None:
+        context = min(llm.config.max_seq_len, 512)
+    if context < 2:
+        raise Llama3Error(f"context={context} is too small; a window needs at least 2 tokens")
     if context > llm.config.max_seq_len:
         raise Llama3Error(f"context={context} exceeds the model's max_seq_len={llm.config.max_seq_len}")
-    stride = stride or max(1, context // 2)
-    ids = llm.tokenizer.encode(text)[:max_tokens]
+    if stride is None:
+        stride = max(1, context // 2)
+    if stride < 1:
+        raise Llama3Error(f"stride={stride} must be at least 1 (and less than context={context})")
+    if max_tokens is not None and max_tokens < 1:
+        raise Llama3Error(f"max_tokens={max_tokens} must be a positive number of tokens (omit it to score all)")
+    ids = llm.tokenizer.encode(text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     bar = None
     if progress:
         from tqdm import tqdm

@@ -46,8 +46,8 @@ def validate_sampling(*, temperature: float = 0.0, top_k: int = 0, top_p: float 
         bad("repetition_penalty", repetition_penalty, "it must be positive; 1 turns it off, 1.1 is typical")
     if not integer(max_new_tokens) or max_new_tokens < 1:
         bad("max_new_tokens", max_new_tokens, "generate at least 1 token")
-    if seed is not None and not integer(seed):
-        bad("seed", seed, "use an integer, or None for a random seed")
+    if seed is not None and (not integer(seed) or not -2**63 <= seed < 2**64):
+        bad("seed", seed, "use an integer in [-2**63, 2**64), or None for a random seed")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

@@ -156,7 +156,8 @@ UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logpr
 def _refuse_unsupported(body: dict) -> None:
     for name, off in UNSUPPORTED.items():
         value = body.get(name)
-        if value is not None and value != off and value not in ({}, [], False):
+        empty = value is False or (isinstance(value, (dict, list)) and not value)  # not 0: 0 == False
+        if value is not None and value != off and not empty:
             if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
                 continue
             raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server; leave it out",

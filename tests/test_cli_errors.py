@@ -60,3 +60,36 @@ def test_convert_round_trip(hf_folder, tmp_path, capsys):
     assert main(["convert", str(tmp_path / "meta"), "--to", "hf", str(tmp_path / "hf2"), "--dtype", "bf16"]) == 0
     assert load_checkpoint(tmp_path / "hf2", dtype="auto").dtype == torch.bfloat16
     assert (tmp_path / "hf2" / "config.json").read_text().count('"bfloat16"') == 1
+
+
+def test_bad_devices_are_a_clear_error(hf_folder, monkeypatch):
+    import llama3
+    from llama3.checkpoint import load_checkpoint
+    from llama3.errors import Llama3Error
+    from llama3.llm import parse_device
+    from llama3.train.distributed import pick_device
+
+    assert parse_device(None) is None
+    assert parse_device("cpu") == torch.device("cpu")
+    for bad in ("foo", "cuda:x", "meta"):
+        with pytest.raises(Llama3Error, match="device"):
+            parse_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(Llama3Error, match="CUDA is not available"):
+        parse_device("cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(Llama3Error, match="MPS is not available"):
+        parse_device("mps")
+    with pytest.raises(Llama3Error, match="unknown device 'foo'"):
+        llama3.load(str(hf_folder), device="foo")
+    with pytest.raises(Llama3Error, match="CUDA is not available"):
+        load_checkpoint(hf_folder, device="cuda")
+    with pytest.raises(Llama3Error, match="CUDA is not available"):
+        pick_device("cuda")
+    assert pick_device("auto") == torch.device("cpu")
+
+
+def test_serve_rejects_a_bad_device_before_loading(capsys):
+    assert main(["serve", "--model", "no-such-model", "--device", "foo", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown device 'foo'") and err.count("\n") == 1

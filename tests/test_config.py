@@ -82,6 +82,11 @@ def test_preset_shapes():
     (dict(hidden_size=4000), "head_dim=125 must be even"),
     (dict(vocab_size=0), "vocab_size=0 must be a positive integer"),
     (dict(rms_norm_eps=0.0), "must be positive"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8}), "lacks the key 'low_freq_factor'"),
+    (dict(rope_scaling="x"), "rope_scaling must be a JSON object"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": "big", "low_freq_factor": 1,
+                        "high_freq_factor": 4, "original_max_position_embeddings": 8192}), "non-numeric"),
+    (dict(rope_theta="x"), "wrong type"),
 ])
 def test_bad_hf_configs(change, message):
     with pytest.raises(ConfigError) as info:
@@ -105,3 +110,13 @@ def test_bad_meta_params():
         ModelConfig.from_meta({**LLAMA_3_8B_META, "vocab_size": -1})
     with pytest.raises(ConfigError, match="unknown config keys"):
         ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "dropout": 0.1})
+    with pytest.raises(ConfigError, match=r"rope_scaling has unknown keys \['alpha'\]"):
+        ModelConfig.from_meta({**LLAMA_3_8B_META, "rope_scaling": {"factor": 32.0, "alpha": 1}})
+    with pytest.raises(ConfigError, match="rope_scaling must be a JSON object"):
+        ModelConfig.from_meta({**LLAMA_3_8B_META, "rope_scaling": [1, 2]})
+    with pytest.raises(ConfigError, match="rope_scaling has unknown keys"):
+        ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "rope_scaling": {"factr": 8.0}})
+    with pytest.raises(ConfigError, match="rope_scaling must be a JSON object"):
+        ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "rope_scaling": 8})
+    restored = ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "rope_scaling": {"factor": 32}})
+    assert restored.rope_scaling == RopeScaling(factor=32.0)

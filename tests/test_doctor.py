@@ -93,3 +93,32 @@ def test_doctor_cli_reference_transformers(hf_folder, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "hf" and report["comparison"]["first_divergence"] is None
     assert any("no tokenizer" in w for w in report["warnings"])
+
+
+@pytest.mark.parametrize("text, match", [("{oops", "not valid JSON"),
+                                          ('{"eos_token_id": "128009"}', "eos_token_id must be a token id")])
+def test_doctor_reports_a_bad_generation_config(tmp_path, capsys, text, match):
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["llama-3.2-1b"].to_hf()))
+    (tmp_path / "generation_config.json").write_text(text)
+    assert main(["doctor", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "generation_config.json" in err and match in err
+
+
+def test_doctor_reference_on_a_meta_folder_fails_before_loading(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    import llama3
+    from conftest import make_config, make_model
+    from llama3.llm import LLM
+
+    config = make_config()
+    LLM(make_model(config), config).save(tmp_path / "meta", format="meta")
+    # a stand-in transformers (never used: the format check comes first), and a load that must not run
+    monkeypatch.setitem(sys.modules, "transformers", types.SimpleNamespace(AutoModelForCausalLM=None))
+    monkeypatch.setattr(llama3, "load", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    assert main(["doctor", str(tmp_path / "meta"), "--reference", "transformers"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: transformers cannot read Meta folders")
+    assert "llama3 convert SOURCE --to hf OUT" in err

@@ -190,6 +190,10 @@ def test_bad_requests_raise_llama3_error(llm, tmp_path):
         trace(llm, [1, 500])
     with pytest.raises(Llama3Error, match="no tokenizer"):
         trace(LLM(llm.model, llm.config), "text")
+    too_long = "x" * llm.config.max_seq_len  # + BOS: one token more than the context holds
+    for view in (trace, attention_maps, logit_lens):
+        with pytest.raises(Llama3Error, match=f"{llm.config.max_seq_len + 1} tokens but the model's context holds"):
+            view(llm, too_long)
 
 
 def test_explain_matches_greedy_generation(llm):

@@ -75,3 +75,11 @@ def test_perplexity_of_text_uses_the_tokenizer(tiny_model, tiny_config):
         perplexity(LLM(tiny_model, tiny_config, None), text)
     with pytest.raises(Llama3Error):
         perplexity(llm, text, context=tiny_config.max_seq_len + 1)
+    for bad, message in [(dict(context=0), "context=0"), (dict(context=1), "context=1"),
+                         (dict(stride=0), "stride=0"), (dict(max_tokens=-5), "max_tokens=-5"),
+                         (dict(max_tokens=0), "max_tokens=0")]:
+        with pytest.raises(Llama3Error, match=message):
+            perplexity(llm, text, **bad)
+    with pytest.raises(Llama3Error, match="stride=0"):
+        perplexity_of_ids(model_logits_fn(tiny_model), list(text.encode()), 16, 0)
+    assert perplexity(llm, text, context=16, stride=8, max_tokens=20).n_scored == 19

@@ -110,7 +110,7 @@ def test_repetition_penalty_can_change_the_greedy_choice():
 @pytest.mark.parametrize("bad", [
     dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0), dict(top_p=1.5),
     dict(top_k=-1), dict(top_k=2.5), dict(min_p=-0.1), dict(min_p=1.1), dict(repetition_penalty=0.0),
-    dict(max_new_tokens=0), dict(seed="x"),
+    dict(max_new_tokens=0), dict(seed="x"), dict(seed=2**64), dict(seed=-2**63 - 1),
 ])
 def test_invalid_values_raise_a_clear_error(bad):
     name = next(iter(bad))
@@ -122,3 +122,9 @@ def test_invalid_values_raise_a_clear_error(bad):
 @given(st.floats(0, 5), st.integers(0, 100), st.floats(0.01, 1), st.floats(0, 1), st.floats(0.1, 3))
 def test_valid_values_pass(temperature, top_k, top_p, min_p, penalty):
     validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=penalty)
+
+
+def test_seed_range_matches_torch_generator():
+    for seed in (-2**63, 2**64 - 1):
+        validate_sampling(seed=seed)
+        torch.Generator().manual_seed(seed)

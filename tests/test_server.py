@@ -172,6 +172,9 @@ def assert_error(response, status, param=None, code=None):
     ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "n": 0}, "n"),
+    ({"prompt": "hi", "best_of": 0}, "best_of"),
+    ({"prompt": "hi", "logprobs": 0}, "logprobs"),
     ({"max_tokens": 3}, "prompt"),
 ])
 def test_bad_values_are_400_naming_the_field(tiny, body, param):

@@ -104,8 +104,9 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     checkpoint's own floating type (the type of its token embedding).
     device: where the weights go (default CPU).
     """
-    from llama3.llm import LLM, parse_dtype
+    from llama3.llm import LLM, parse_device, parse_dtype
 
+    device = parse_device(device)
     if dtype != "auto":
         dtype = parse_dtype(dtype)
     config, state = read_checkpoint(path, dtype=None if dtype == "auto" else (dtype or torch.float32))

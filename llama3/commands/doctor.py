@@ -35,10 +35,12 @@ def run(args) -> int:
         import llama3
         from llama3.llm import resolve_source
 
+        # The reference first: a Meta folder or a missing transformers is a one-line error
+        # before our own copy of the model is loaded.
+        reference = load_transformers_reference(resolve_source(args.source))
         llm = llama3.load(args.source, dtype="float32")
         ids = (llm.tokenizer.encode(args.prompt) if llm.tokenizer is not None
                else list(range(min(8, llm.config.vocab_size))))
-        reference = load_transformers_reference(resolve_source(args.source))
         diagnosis.comparison = compare_with_transformers(llm, reference, ids, tolerance=args.tolerance)
     print(json.dumps(diagnosis.to_dict(), indent=1, ensure_ascii=False) if args.json else render_diagnosis(diagnosis))
     flagged = diagnosis.warnings or (diagnosis.comparison and diagnosis.comparison.first_divergence)

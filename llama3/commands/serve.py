@@ -72,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
+    from llama3.llm import parse_device
+
+    device = parse_device(args.device)  # a bad --device is a one-line error before binding or loading
     try:  # bind first, so a busy port is a one-line error before the model loads
         sock = socket.create_server((args.host, args.port))
     except OSError as e:
@@ -81,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
     start = time.perf_counter()
-    llm = llama3.load(args.model, dtype=args.dtype, device=args.device)
+    llm = llama3.load(args.model, dtype=args.dtype, device=device)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     app = create_app(llm, name, api_key=args.api_key)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)

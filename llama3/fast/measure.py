@@ -73,27 +73,29 @@ def prefill_tokens_per_second(model, n_tokens: int = 512, repeats: int = 3) -> f
     return n_tokens / best
 
 
-def decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128, repeats: int = 2) -> tuple[float, float]:
-    """(time to first token in s, decode tokens/s) of greedy generation with the engine, best of repeats."""
+def decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128,
+                 repeats: int = 2) -> tuple[float, float, int]:
+    """(time to first token in s, decode tokens/s, tokens generated) of greedy generation with
+    the engine, best of repeats.  Fewer than new_tokens are generated when the context is full."""
     from llama3.generate import GenerationSettings, generate_tokens
 
+    prompt_tokens = max(1, min(prompt_tokens, model.config.max_seq_len - 1))
     prompt = prompt_of(prompt_tokens, model.config.vocab_size, seed=1)
     settings = GenerationSettings(max_new_tokens=new_tokens)
     list(generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=8)))  # warm-up
-    ttft, per_token = float("inf"), float("inf")
+    ttft, per_token, generated = float("inf"), float("inf"), 0
     for _ in range(repeats):
-        run = generate_tokens(model, [prompt], settings)  # no stop ids: always new_tokens tokens
-        for _ in run:
-            pass
+        run = generate_tokens(model, [prompt], settings)  # no stop ids: new_tokens, or up to the context
+        generated = sum(1 for _ in run)
         ttft = min(ttft, run.prefill_seconds)
         per_token = min(per_token, run.decode_seconds / max(1, run.decode_steps))
-    return ttft, 1.0 / per_token
+    return ttft, 1.0 / per_token, generated
 
 
 def measure(model, load_seconds: float | None = None, prefill_tokens: int = 512,
             new_tokens: int = 128) -> SpeedReport:
     """Prefill, time to first token, decode and peak RSS of `model` in this process."""
     prefill = prefill_tokens_per_second(model, prefill_tokens)
-    ttft, decode = decode_speed(model, new_tokens=new_tokens)
+    ttft, decode, decoded = decode_speed(model, new_tokens=new_tokens)
     return SpeedReport(load_seconds, min(prefill_tokens, model.config.max_seq_len), prefill, ttft,
-                       new_tokens, decode, peak_rss_bytes())
+                       decoded, decode, peak_rss_bytes())

@@ -21,6 +21,9 @@ def encode_prompt(llm, prompt: str | list[int]) -> list[int]:
     bad = [i for i in ids if not 0 <= i < llm.config.vocab_size]
     if bad:
         raise Llama3Error(f"token ids {bad[:5]} are outside the vocabulary (0..{llm.config.vocab_size - 1})")
+    if len(ids) > llm.config.max_seq_len:
+        raise Llama3Error(f"the prompt has {len(ids)} tokens but the model's context holds "
+                          f"{llm.config.max_seq_len}; shorten it")
     return ids
 
 

@@ -48,9 +48,11 @@ class Dist:
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto" -> this process's GPU when there is one, else the CPU."""
-    if name == "auto":
+    if name in (None, "auto"):
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    from llama3.llm import parse_device
+
+    device = parse_device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     return device
