@@ -395,3 +395,38 @@ def test_build_model_is_strict():
 def test_unknown_save_format(tmp_path):
     with pytest.raises(CheckpointError, match="unknown checkpoint format 'onnx'"):
         save_checkpoint(tiny_llm(), tmp_path, format="onnx")
+
+
+def test_write_json_is_atomic_and_read_json_takes_an_error_class(tmp_path):
+    import os
+
+    from llama3.checkpoint.files import read_json, write_json
+    from llama3.tokenizer import TokenizerError
+
+    target = tmp_path / "config.json"
+    target.write_text('{"old": 1}')
+    os.link(target, tmp_path / "reader.json")  # a reader holding the old file
+    write_json(target, {"new": 2})
+    assert read_json(target) == {"new": 2}
+    assert read_json(tmp_path / "reader.json") == {"old": 1}  # replaced, not overwritten in place
+    assert not list(tmp_path.glob(".*tmp"))
+    target.write_text("[1, 2]")
+    with pytest.raises(TokenizerError, match="expected a JSON object"):
+        read_json(target, TokenizerError)
+    (tmp_path / "bad.json").write_bytes(b"\xff{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_json(tmp_path / "bad.json")
+
+
+def test_figures_get_ordinary_permissions(tmp_path):
+    import os
+
+    from llama3.inspect.figures import new_figure, save_figure
+
+    umask = os.umask(0)
+    os.umask(umask)
+    fig = new_figure(1, 1)
+    fig.add_subplot().plot([0, 1])
+    path = save_figure(fig, tmp_path / "plot.png")
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    assert not list(tmp_path.glob(".*tmp"))

@@ -145,3 +145,18 @@ def test_template_errors_are_user_errors():
     raising = JinjaChatFormat("{{ raise_exception('roles must alternate') }}")
     with pytest.raises(TokenizerError, match="roles must alternate"):
         raising.render([{"role": "user", "content": "x"}])
+
+
+def test_content_parts_reach_jinja_templates_as_text():
+    parts = [{"role": "user", "content": [{"type": "text", "text": " Hel"}, {"type": "text", "text": "lo "}]}]
+    trimming = JinjaChatFormat("{% for m in messages %}{{ m['content'] | trim }}|{% endfor %}")
+    assert trimming.render(parts) == "Hello|"  # not the list's Python repr
+    concatenating = JinjaChatFormat("{% for m in messages %}{{ '<' + m['content'] + '>' }}{% endfor %}")
+    assert concatenating.render(parts) == "< Hello >"
+    with pytest.raises(TokenizerError, match="message 0: .*text parts"):
+        trimming.render([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_python_errors_inside_a_template_are_user_errors():
+    with pytest.raises(TokenizerError, match="template failed.*TypeError"):
+        JinjaChatFormat("{{ messages[0]['content'] + 1 }}").render([{"role": "user", "content": "x"}])

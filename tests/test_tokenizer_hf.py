@@ -139,3 +139,21 @@ def test_cli_errors(capsys, tmp_path):
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["tokenize", "--chat", "[{\"role\": \"wizard\", \"content\": \"x\"}]"]) == 2
     assert "unknown role 'wizard'" in capsys.readouterr().err
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    tok = load_tokenizer(train_plain_tokenizer(tmp_path / "plain"))
+    tok.save(tmp_path / "out")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
+
+
+def test_generation_config_errors_are_tokenizer_errors(tmp_path):
+    train_plain_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{oops")
+    with pytest.raises(TokenizerError, match="generation_config.json: not valid JSON"):
+        load_tokenizer(tmp_path)

@@ -163,3 +163,24 @@ def test_save_and_reload(tok, tmp_path):
         assert again.encode(text) == tok.encode(text)
     assert again.special_tokens == tok.special_tokens and again.stop_ids == tok.stop_ids
     assert not (tmp_path / "tokenizer_config.json").exists()  # default chat format: nothing to record
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    import os
+
+    from llama3.tokenizer.llama3_tiktoken import Llama3Tokenizer
+
+    umask = os.umask(0)
+    os.umask(umask)
+    Llama3Tokenizer(llama3_tokenizer_path(), chat_template="{{ messages[0]['content'] }}").save(tmp_path)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name  # not mkstemp's 0600
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_one_split_pattern():
+    from llama3.tokenizer.gguf_vocab import LLAMA3_SPLIT
+    from llama3.tokenizer.llama3_tiktoken import SPLIT_PATTERN
+    from llama3.train.bpe import LLAMA3_SPLIT_PATTERN
+
+    assert LLAMA3_SPLIT is SPLIT_PATTERN and LLAMA3_SPLIT_PATTERN is SPLIT_PATTERN

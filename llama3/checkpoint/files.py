@@ -1,4 +1,5 @@
-"""Small file helpers shared by the checkpoint formats: atomic writes and JSON reading.
+"""Small file helpers: atomic writes and JSON reading, shared by the checkpoint formats,
+the tokenizers and the figures (this module imports nothing else from llama3 but errors).
 
 Atomic means a reader never sees a half-written checkpoint: everything is
 written under a temporary name in the same folder (so the final rename stays on
@@ -80,18 +81,28 @@ def atomic_folder(path: str | os.PathLike, stale: tuple[str, ...] = ()) -> Itera
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or CheckpointError naming the file."""
+def read_json(path: str | os.PathLike, error: type[Exception] = CheckpointError) -> dict:
+    """A JSON object from `path`, or `error` (a Llama3Error subclass) naming the file."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise error(f"cannot read {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); restore or re-download the file") from None
+        raise error(f"{path}: not valid JSON ({e}); restore or re-download the file") from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
 
 
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a UTF-8 text file atomically (see atomic_file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | os.PathLike, data: dict, ensure_ascii: bool = True) -> None:
+    """Write `data` as indented JSON, atomically."""
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=ensure_ascii) + "\n")

@@ -118,13 +118,21 @@ def _chat_template(tokenizer) -> str:
 
 def _hf_generation_stops(path: Path) -> list[int] | None:
     """eos_token_id of an HF folder's generation_config.json (what other tools stop on)."""
-    import json
+    from llama3.checkpoint.files import read_json
+    from llama3.errors import CheckpointError
 
     file = path / "generation_config.json"
     if not file.is_file():
         return None
-    eos = json.loads(file.read_text()).get("eos_token_id")
-    return [eos] if isinstance(eos, int) else list(eos or [])
+    eos = read_json(file).get("eos_token_id")
+    if eos is None:
+        return []
+    if isinstance(eos, int) and not isinstance(eos, bool):
+        return [eos]
+    if isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos):
+        return eos
+    raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of token ids, got {eos!r:.60}; "
+                          "fix generation_config.json")
 
 
 def diagnose(source: str | None) -> Diagnosis:
@@ -218,7 +226,7 @@ def load_transformers_reference(path: str | Path):
     fmt = detect_format(path)
     if fmt == "meta":
         raise Llama3Error("transformers cannot read Meta folders; convert first "
-                          "(llama3 convert SOURCE OUT --format hf) and run doctor on the HF folder")
+                          "(llama3 convert SOURCE --to hf OUT) and run doctor on the HF folder OUT")
     if fmt == "gguf":
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     else:

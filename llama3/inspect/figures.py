@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
+from llama3.checkpoint.files import atomic_file
 from llama3.errors import Llama3Error
 
 
@@ -18,20 +18,13 @@ def new_figure(width: float, height: float):
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
-    """Write `fig` to path (.png, .svg or .pdf) via a temp file in the same folder, then os.replace."""
+    """Write `fig` to path (.png, .svg or .pdf) atomically (checkpoint.files.atomic_file)."""
     path = Path(path)
     if path.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise Llama3Error(f"{path}: picture files must end in .png, .svg or .pdf")
     if not path.parent.exists():
         raise Llama3Error(f"{path.parent}: no such folder; create it first")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a token's glyph missing from the font is not worth a warning
-            fig.savefig(tmp, format=path.suffix[1:].lower())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a token's glyph missing from the font is not worth a warning
+        fig.savefig(tmp, format=path.suffix[1:].lower())
     return path

@@ -34,12 +34,13 @@ def llama3_tokenizer_path() -> Path:
 
 
 def _load_tiktoken_folder(folder: Path, model_file: Path) -> Tokenizer:
-    from llama3.tokenizer.hf import _pick_template, _read_json
+    from llama3.checkpoint.files import read_json
+    from llama3.tokenizer.hf import _pick_template
     from llama3.tokenizer.llama3_tiktoken import Llama3Tokenizer
 
     template = None
     if (folder / "tokenizer_config.json").is_file():
-        template = _pick_template(_read_json(folder / "tokenizer_config.json").get("chat_template"))
+        template = _pick_template(read_json(folder / "tokenizer_config.json", TokenizerError).get("chat_template"))
     return Llama3Tokenizer(model_file, chat_template=template)
 
 

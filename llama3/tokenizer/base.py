@@ -18,12 +18,9 @@ has a unique printable name; `token_bytes` gives the raw bytes.
 
 from __future__ import annotations
 
-import json
 import operator
 import os
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 
 from llama3.errors import Llama3Error
 
@@ -72,23 +69,6 @@ def merges_from_priority(vocab: dict[str, int], priority: dict[str, float]) -> l
                 rules.append((value, vocab[left], vocab[right], left, right))
     rules.sort()
     return [(left, right) for *_, left, right in rules]
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temp file in the same folder and os.replace (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 class StreamDecoder:

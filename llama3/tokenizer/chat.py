@@ -68,7 +68,8 @@ def message_text(content) -> str:
 
 
 def validate_messages(messages, roles=ROLES) -> list[dict]:
-    """Check an OpenAI-style message list; return it with None-valued keys dropped (as transformers does)."""
+    """Check an OpenAI-style message list; return it with None-valued keys dropped (as transformers does)
+    and each content given as text parts joined into one string (other parts raise TokenizerError)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise TokenizerError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     clean = []
@@ -79,8 +80,13 @@ def validate_messages(messages, roles=ROLES) -> list[dict]:
             raise TokenizerError(f"message {i} has unknown role {m['role']!r}; use one of {', '.join(roles)}")
         if "content" not in m and not m.get("tool_calls"):
             raise TokenizerError(f"message {i} ({m['role']}) has no 'content'")
-        message_text(m.get("content"))  # type check
-        clean.append({k: v for k, v in m.items() if v is not None})
+        cleaned = {k: v for k, v in m.items() if v is not None}
+        if "content" in cleaned:  # content parts -> one string, as templates expect
+            try:
+                cleaned["content"] = message_text(cleaned["content"])
+            except TokenizerError as e:
+                raise TokenizerError(f"message {i}: {e}") from None
+        clean.append(cleaned)
     return clean
 
 
@@ -190,6 +196,9 @@ class JinjaChatFormat:
                 add_generation_prompt=add_generation_prompt, **self.variables)
         except jinja2.TemplateError as e:
             raise TokenizerError(f"the chat template rejected these messages: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. `str + list` inside the template
+            raise TokenizerError(f"the chat template failed on these messages ({type(e).__name__}: {e}); "
+                                 "check the messages' fields, or fix the template") from None
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
         return self._render(validate_messages(messages), add_generation_prompt)

@@ -24,6 +24,7 @@ import struct
 
 from llama3.tokenizer.base import TokenizerError, merges_from_priority
 from llama3.tokenizer.hf import HFTokenizer
+from llama3.tokenizer.llama3_tiktoken import SPLIT_PATTERN
 
 # ---------------------------------------------------------------- GGUF header
 # Value types of the GGUF spec (ggml/docs/gguf.md): id -> struct format (None: string / array).
@@ -90,8 +91,7 @@ def read_gguf_metadata(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------- split regexes
 # How llama.cpp pre-tokenizes each `tokenizer.ggml.pre` type (llama-vocab.cpp).
 GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = SPLIT_PATTERN  # Meta's, defined once in llama3_tiktoken.py
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 # pre type -> (split each digit off first?, regex)

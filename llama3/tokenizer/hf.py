@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
-from llama3.tokenizer.base import Tokenizer, TokenizerError, unicode_to_byte, write_json_atomic
+from llama3.checkpoint.files import atomic_file, read_json, write_json
+from llama3.tokenizer.base import Tokenizer, TokenizerError, unicode_to_byte
 from llama3.tokenizer.chat import default_chat_format
 
 # Tokens that end a turn or a text in common vocabularies; those present become stop ids.
@@ -134,29 +134,13 @@ class HFTokenizer(Tokenizer):
         """Write tokenizer.json and tokenizer_config.json (both atomically)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenizer.json.", suffix=".tmp")
-        os.close(fd)
-        try:
-            self.backend.save(tmp)
-            os.replace(tmp, folder / "tokenizer.json")
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(folder / "tokenizer.json") as tmp:
+            self.backend.save(str(tmp))
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.template_variables(),
                   "add_bos_token": self.add_bos, "add_eos_token": False}
         if self.chat_template:
             config["chat_template"] = self.chat_template
-        write_json_atomic(folder / "tokenizer_config.json", config)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e}); re-download or re-save the tokenizer") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+        write_json(folder / "tokenizer_config.json", config, ensure_ascii=False)
 
 
 def load_hf_folder(folder: str | os.PathLike) -> HFTokenizer:
@@ -173,11 +157,11 @@ def load_hf_folder(folder: str | os.PathLike) -> HFTokenizer:
     config = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         if (folder / name).is_file():
-            config.update(_read_json(folder / name))
+            config.update(read_json(folder / name, TokenizerError))
     if (folder / "chat_template.jinja").is_file():
         config["chat_template"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
     extra_stops = []
     if (folder / "generation_config.json").is_file():
-        eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        eos = read_json(folder / "generation_config.json", TokenizerError).get("eos_token_id")
         extra_stops = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
     return HFTokenizer(backend, config, extra_stop_ids=extra_stops)

@@ -17,12 +17,12 @@ import base64
 import binascii
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import tiktoken
 
-from llama3.tokenizer.base import Tokenizer, TokenizerError, byte_to_unicode, unicode_to_byte, write_json_atomic
+from llama3.checkpoint.files import atomic_file, write_json
+from llama3.tokenizer.base import Tokenizer, TokenizerError, byte_to_unicode, unicode_to_byte
 
 # Meta's split pattern: contractions, words (with one leading non-letter, e.g. " the"),
 # numbers in groups of at most 3 digits, punctuation runs, newlines, other whitespace.
@@ -184,14 +184,9 @@ class Llama3Tokenizer(Tokenizer):
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / "tokenizer.model"
         if target.resolve() != self.model_path.resolve():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tokenizer.model.", suffix=".tmp")
-            os.close(fd)
-            try:
+            with atomic_file(target) as tmp:
                 shutil.copyfile(self.model_path, tmp)
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
         if self.chat_template:
-            write_json_atomic(folder / "tokenizer_config.json", {
-                **self.template_variables(), "add_bos_token": True, "chat_template": self.chat_template})
+            write_json(folder / "tokenizer_config.json", {
+                **self.template_variables(), "add_bos_token": True, "chat_template": self.chat_template},
+                ensure_ascii=False)

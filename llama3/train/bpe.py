@@ -27,10 +27,8 @@ from pathlib import Path
 
 from llama3.checkpoint.files import atomic_file
 from llama3.errors import Llama3Error
+from llama3.tokenizer.llama3_tiktoken import SPLIT_PATTERN as LLAMA3_SPLIT_PATTERN  # Meta's Llama 3 split
 
-# Llama 3's pre-tokenizer pattern (tokenizer.json of Meta-Llama-3-8B, identical to tiktoken's cl100k split).
-LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"
 SPECIAL_TOKENS = [BOS, EOS, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # The chat template of Meta-Llama-3-8B-Instruct (tokenizer_config.json).
