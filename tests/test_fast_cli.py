@@ -60,3 +60,20 @@ def test_perplexity_command_errors(tiny_folder, tmp_path, capsys):
     binary.write_bytes(b"\xff\xfe\x00")
     assert main(["perplexity", str(binary), "--model", str(tiny_folder)]) == 2
     assert "UTF-8" in capsys.readouterr().err
+
+
+def test_perplexity_rejects_bad_windows_before_loading(tmp_path, monkeypatch, capsys):
+    """A bad --context/--stride/--max-tokens is reported before any model is read."""
+    import llama3.fast
+    from llama3.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("some text to score")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(llama3.fast, "load_fast", no_load)
+    for flag, value in (("--context", "1"), ("--stride", "0"), ("--max-tokens", "-5")):
+        assert main(["perplexity", str(text), flag, value]) == 2
+        assert f"{flag} must be at least" in capsys.readouterr().err

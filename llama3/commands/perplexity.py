@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from llama3.errors import Llama3Error
     from llama3.perplexity import perplexity
 
+    for name, value, least in (("--context", args.context, 2), ("--stride", args.stride, 1),
+                               ("--max-tokens", args.max_tokens, 1)):
+        if value is not None and value < least:  # checked before the (slow) model load
+            raise Llama3Error(f"{name} must be at least {least}, got {value}")
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
