@@ -53,7 +53,7 @@ def test_doctor_on_the_default_model(default_llm):
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
     """A tiny random Llama written by transformers itself (safetensors, HF rotary layout)."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # the reference: a dev dependency, never skipped
     folder = tmp_path_factory.mktemp("tiny_hf")
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=101,

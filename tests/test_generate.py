@@ -294,8 +294,8 @@ CHATS = [[{"role": "user", "content": "What is the tallest mountain in the world
 @pytest.fixture(scope="module")
 def transformers_reference():
     """transformers' own GGUF loader and tokenizer on the same file: the independent reference."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")  # transformers needs it for gguf_file=
+    import transformers  # the reference: a dev dependency, never skipped
+    import accelerate  # noqa: F401  (transformers needs it for gguf_file=)
     from pathlib import Path
 
     from llama3.llm import resolve_source

@@ -18,7 +18,7 @@ from llama3.model import KVCache, apply_rope, rope_frequencies
 
 from conftest import make_config, make_model
 
-transformers = pytest.importorskip("transformers")
+import transformers  # the reference: a dev dependency, never skipped
 
 # Small HF configs: grouped-query / multi-head / multi-query, RoPE scaling on/off, tied/untied, odd vocabularies.
 HF_CONFIGS = {
