@@ -340,3 +340,18 @@ def test_missing_file_and_bad_file_type(tmp_path):
         read_gguf(tmp_path / "nothing.gguf")
     with pytest.raises(Llama3Error, match="unknown GGUF file type 'q4_0'"):
         write_gguf(tiny_llm(), tmp_path / "x.gguf", file_type="q4_0")
+
+
+def test_save_as_gguf_follows_the_model_dtype(tmp_path):
+    """A float16 model saved with format="gguf" is written as F16 (matrices), float32 as F32."""
+    import gguf
+
+    llm = tiny_llm()
+    llm.save(tmp_path / "f32.gguf", format="gguf")
+    llm.model.half()
+    llm.save(tmp_path / "f16.gguf", format="gguf")
+    types = {name: {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / name).tensors}
+             for name in ("f32.gguf", "f16.gguf")}
+    assert types["f32.gguf"]["blk.0.attn_q.weight"] == "F32"
+    assert types["f16.gguf"]["blk.0.attn_q.weight"] == "F16"
+    assert types["f16.gguf"]["blk.0.attn_norm.weight"] == "F32"  # norms stay float32
