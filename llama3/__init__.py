@@ -4,15 +4,31 @@
     llm = llama3.load()                       # the embedded SmolLM2-135M-Instruct
     llm = llama3.load("path/to/hf-folder")    # or a Meta folder, or a .gguf file
     logits = llm.model(tokens)                # [B, T] -> [B, T, V]
+
+The names below are imported on first use (PEP 562), so `import llama3` and the
+`llama3` command's --help do not pay for importing torch.
 """
 
-from llama3.config import ModelConfig, PRESETS, RopeScaling, get_preset
-from llama3.errors import Llama3Error
-from llama3.llm import LLM, load
-from llama3.model import KVCache, Transformer
+import importlib
 
-__all__ = ["LLM", "load", "load_tokenizer", "ModelConfig", "RopeScaling", "PRESETS", "get_preset",
-           "Transformer", "KVCache", "Llama3Error"]
+# public name -> the module that defines it
+_EXPORTS = {
+    "LLM": "llama3.llm", "load": "llama3.llm",
+    "ModelConfig": "llama3.config", "RopeScaling": "llama3.config", "PRESETS": "llama3.config",
+    "get_preset": "llama3.config",
+    "Transformer": "llama3.model", "KVCache": "llama3.model",
+    "Llama3Error": "llama3.errors",
+}
+
+__all__ = [*_EXPORTS, "load_tokenizer"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # cache: the next lookup is a plain attribute
+        return value
+    raise AttributeError(f"module 'llama3' has no attribute {name!r}")
 
 
 def load_tokenizer(source=None):
