@@ -149,3 +149,26 @@ def test_compiled_model_generates_the_same_tokens(tiny_model):
     compiled = generate_tokens(compile_model(tiny_model), [[1, 2, 3]], settings)
     list(compiled)
     assert compiled.tokens == plain.tokens and len(plain.tokens[0]) == 12
+
+
+def test_fused_norms_give_the_same_numbers(tiny_model):
+    """FusedRMSNorm (F.rms_norm) equals the readable RMSNorm: exactly in float32, and to
+    bf16 rounding in bfloat16 (both normalise in float32)."""
+    from llama3.fast.fuse import FusedRMSNorm, fuse_norms
+    from llama3.model import RMSNorm
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float32, 0.0), (torch.bfloat16, 1e-2)):
+        norm = RMSNorm(64, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.normal_(1.0, 0.3)
+        x = (torch.randn(2, 7, 64) * 3).to(dtype)
+        expected = norm(x)
+        fuse_norms(norm)
+        assert type(norm) is FusedRMSNorm
+        torch.testing.assert_close(norm(x).float(), expected.float(), atol=tol, rtol=tol)
+    tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 9))
+    expected = tiny_model(tokens)
+    fuse_norms(tiny_model)
+    assert all(type(m) is not RMSNorm for m in tiny_model.modules())
+    torch.testing.assert_close(tiny_model(tokens), expected, atol=1e-6, rtol=1e-6)

@@ -1,6 +1,6 @@
 """Speed, beside the readable model: applied after loading, from outside model.py.
 
-    fuse.py       q/k/v and gate/up projections stacked into one matmul each
+    fuse.py       q/k/v and gate/up projections stacked into one matmul each; RMSNorm as one kernel
     quantize.py   weight-only int8 linears with per-row scales
     gguf_int8.py  a GGUF file straight to int8 (Q8_0 blocks never become float matrices)
     compile.py    torch.compile of the forward (opt-in: compiling takes minutes on a small CPU)
@@ -29,9 +29,10 @@ def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True) -
     if quantize not in (None, *QUANTIZATIONS):
         raise Llama3Error(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if fuse:
-        from llama3.fast.fuse import fuse_projections
+        from llama3.fast.fuse import fuse_norms, fuse_projections
 
         fuse_projections(model)
+        fuse_norms(model)
     if quantize == "int8":
         from llama3.fast.quantize import quantize_int8
 
