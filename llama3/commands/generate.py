@@ -71,12 +71,14 @@ def load_model(args: argparse.Namespace):
     """Load --model (with --dtype), saying what and how long on stderr; it must have a tokenizer."""
     import llama3
     from llama3.errors import Llama3Error
+    from llama3.fast.fuse import fuse_norms
     from llama3.llm import DEFAULT_MODEL
 
     name = args.model or DEFAULT_MODEL
     print(f"loading {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     llm = llama3.load(args.model, dtype=args.dtype)
+    fuse_norms(llm.model)  # RMSNorm as one kernel: the same numbers, faster decoding (llama3.fast)
     if llm.tokenizer is None:
         raise Llama3Error(f"{name} has no tokenizer files (tokenizer.json or tokenizer.model); add them to the folder")
     print(f"loaded {name} in {time.perf_counter() - start:.1f} s ({llm.dtype}, {llm.device})",

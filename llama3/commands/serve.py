@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     import llama3
     from llama3.errors import Llama3Error
     from llama3.server import Server, create_app
+    from llama3.fast.fuse import fuse_norms
 
     if not 0 < args.port < 65536:
         raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {args.model or name}...", file=sys.stderr)
     start = time.perf_counter()
     llm = llama3.load(args.model, dtype=args.dtype, device=device)
+    fuse_norms(llm.model)  # RMSNorm as one kernel: the same numbers, faster decoding (llama3.fast)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     app = create_app(llm, name, api_key=args.api_key)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
