@@ -104,8 +104,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ dicts
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

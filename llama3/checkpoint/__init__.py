@@ -134,7 +134,7 @@ def save_checkpoint(llm, path: str | os.PathLike, format: str = "hf") -> None:
         write_meta(llm, path)
     elif format == "gguf":
         # GGUF stores F32 or F16: a 16-bit model is written as F16, anything else as F32.
-        file_type = "f16" if llm.model.tok_embeddings.weight.dtype in (torch.float16, torch.bfloat16) else "f32"
+        file_type = "f16" if llm.dtype in (torch.float16, torch.bfloat16) else "f32"
         _gguf_module().write_gguf(llm, path, file_type=file_type)
     else:
         raise CheckpointError(f"unknown checkpoint format {format!r}; choose one of {', '.join(FORMATS)}")

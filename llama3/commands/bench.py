@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llama3.commands.common import add_model_arguments
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -14,9 +16,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(--dtype bfloat16) and int8 (--quantize int8) weights are fewer bytes. Comparisons with "
         "transformers and llama.cpp: see benchmarks/ and BENCHMARKS.md."
     )
-    parser.add_argument("--model", default=None,
-                        help="built-in name, HF/Meta folder or .gguf file (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    add_model_arguments(parser)
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8: weight-only int8 linears with per-row scales (from a Q8_0 .gguf: read directly)")
     parser.add_argument("--no-fuse", action="store_true",

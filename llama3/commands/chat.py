@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama3.commands.generate import add_model_arguments, add_sampling_arguments, load_model, settings_from_args
+from llama3.commands.common import add_model_arguments
+from llama3.commands.generate import add_sampling_arguments, load_model, settings_from_args
 
 HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
         "Ctrl-C stops an answer")

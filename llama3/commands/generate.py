@@ -11,6 +11,8 @@ import re
 import sys
 import time
 
+from llama3.commands.common import add_model_arguments
+
 EXAMPLES = """\
 examples:
   llama3 generate "The capital of France is"
@@ -18,15 +20,6 @@ examples:
   echo "def fib(n):" | llama3 generate --stop "\\n\\n" -
   llama3 generate --model path/to/Meta-Llama-3-8B "Llamas are"
 """
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="SOURCE", default=None,
-                        help="a Hugging Face folder, a Meta folder (consolidated.*.pth + params.json), a .gguf "
-                             "file or a built-in name (default: the embedded smollm2-135m-instruct)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weights' dtype in memory (default float32; bfloat16 halves memory, on CPU it is "
-                             "usually slower)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, *, temperature: float, top_p: float,

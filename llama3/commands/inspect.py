@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import argparse
 
+from llama3.commands.common import add_model_arguments
+
 DEFAULT_PROMPT = "The capital of France is"
-
-
-def _model_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="SOURCE", default=None,
-                   help="built-in name, HF/Meta folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
 
 
 def _prompt_arg(p: argparse.ArgumentParser) -> None:
@@ -45,7 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=None, help="show block N in full detail (-1: the last)")
     p.add_argument("--top", type=int, default=5, help="how many next-token candidates to list (default 5)")
     p.add_argument("--json", action="store_true", help="print the trace as JSON for programs")
-    _model_arg(p)
+    add_model_arguments(p)
 
     p = sub.add_parser("attention", help="heatmaps of attention weights with token labels",
                        description="Draw who attends to whom in one layer: row i is the query token, column j "
@@ -56,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", type=int, default=-1, help="which block (default -1: the last)")
     p.add_argument("--head", type=int, default=None, help="one head only (default: all heads in a grid)")
     p.add_argument("--out", default="attention.png", help="picture file to write (.png/.svg/.pdf)")
-    _model_arg(p)
+    add_model_arguments(p)
 
     p = sub.add_parser("logit-lens", help="the top next token read after every layer",
                        description="Apply the final norm and output head to the residual stream after the "
@@ -66,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     _prompt_arg(p)
     p.add_argument("--out", default=None, help="also draw the heatmap to this picture file")
     p.add_argument("--positions", type=int, default=8, help="table columns: the last N positions (default 8)")
-    _model_arg(p)
+    add_model_arguments(p)
 
     p = sub.add_parser("rope", help="RoPE frequencies and wavelengths with and without Llama 3.1 scaling",
                        description="How fast each channel pair of a query/key turns with position, and how "
@@ -81,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        description="Run the default model on a prompt, trace it, and write the English and "
                                    "Chinese walkthroughs with live numbers and pictures.")
     p.add_argument("--out", default="docs", help="folder to write into (default docs/)")
-    _model_arg(p)
+    add_model_arguments(p)
 
 
 def _load(args):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llama3.commands.common import add_model_arguments
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
@@ -14,13 +16,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "checkpoint loaded correctly and to see what --dtype or --quantize costs."
     )
     parser.add_argument("file", help="a UTF-8 text file to score")
-    parser.add_argument("--model", default=None,
-                        help="built-in name, HF/Meta folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    add_model_arguments(parser)
     parser.add_argument("--context", type=int, default=None,
                         help="tokens per window (default: min(max_seq_len, 512))")
     parser.add_argument("--stride", type=int, default=None,
                         help="tokens between window starts, less than --context (default: context / 2)")
-    parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8: weight-only int8 linears with per-row scales, to see what it costs (see llama3.fast)")
     parser.add_argument("--max-tokens", type=int, default=None,

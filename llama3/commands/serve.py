@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from llama3.commands.common import add_model_arguments
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -32,9 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  curl http://127.0.0.1:8000/v1/chat/completions -H 'Authorization: Bearer secret' \\\n"
         "       -H 'Content-Type: application/json' \\\n"
         "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 20}'")
-    parser.add_argument("--model", metavar="SOURCE", default=None,
-                        help="a built-in name, a Hugging Face or Meta folder, or a .gguf file "
-                             "(default: the embedded SmolLM2-135M-Instruct)")
+    add_model_arguments(parser)
     parser.add_argument("--name", default=None,
                         help="the model name clients must send in \"model\" (default: the folder or "
                              "file name of --model, or smollm2-135m-instruct)")
@@ -45,7 +45,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
                         help="require 'Authorization: Bearer KEY' on /v1 requests "
                              "(default: $LLAMA3_API_KEY; unset = no key needed)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
 
 
