@@ -22,6 +22,7 @@ peer is reported and skipped.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -101,13 +102,17 @@ def run_hf(work: Path, precision: str) -> dict:
         out = model(torch.tensor([ids]), use_cache=True)
         return time.perf_counter() - start, out
 
+    # transformers 5.2x renamed past_key_values to cache; the old name still works through a
+    # deprecation wrapper on every layer, which costs time per token: use the current name.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
     @torch.inference_mode()
     def greedy(ids, n):  # the loop generate() runs, minus its logits processors: fair to transformers
         out = model(torch.tensor([ids]), use_cache=True)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         first = time.perf_counter()
         for _ in range(n - 1):
-            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            out = model(token, **{name: out[name]}, use_cache=True)
             token = out.logits[:, -1].argmax(-1, keepdim=True)
             token.item()
         return first, time.perf_counter()

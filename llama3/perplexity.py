@@ -111,11 +111,11 @@ def perplexity_of_ids(logits_fn: Callable[[torch.Tensor], torch.Tensor], ids: li
 
 def model_logits_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Wrap a Transformer as `tokens [T] -> logits [T, V]` (no cache, no grad)."""
-    device = next(model.parameters()).device
+    device = model.norm.weight.device  # (int8/int4 models keep their weights in buffers)
 
     @torch.inference_mode()
     def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
-        return model(tokens.to(device).unsqueeze(0))[0]  # [1, T] -> [T, V]
+        return model(tokens.to(device).unsqueeze(0))[0].cpu()  # [1, T] -> [T, V], beside the CPU token ids
 
     return logits_fn
 

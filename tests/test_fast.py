@@ -133,8 +133,8 @@ def test_speed_up_rejects_unknown_quantization(tiny_model):
     from llama3.errors import Llama3Error
     from llama3.fast import speed_up
 
-    with pytest.raises(Llama3Error, match="int4"):
-        speed_up(tiny_model, quantize="int4")
+    with pytest.raises(Llama3Error, match="int3"):
+        speed_up(tiny_model, quantize="int3")
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("LLAMA3_SLOW_TESTS"),

@@ -23,7 +23,7 @@ def tiny_folder(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"], ["--no-fuse", "--dtype", "bfloat16"]])
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"], ["--plain", "--dtype", "bfloat16"], ["--dtype", "bfloat16"]])
 def test_bench_prints_its_numbers(tiny_folder, capsys, extra):
     assert main(["bench", "--model", str(tiny_folder), "--prefill-tokens", "16", "--new-tokens", "4",
                  "--threads", "1", "--json", *extra]) == 0
@@ -46,7 +46,8 @@ def test_perplexity_command(tiny_folder, tmp_path, capsys, monkeypatch):
     text_file = tmp_path / "text.txt"
     text_file.write_text("abc ABC 0123 =<>? " * 4)
     loaded = llama3.load(tiny_folder)
-    monkeypatch.setattr(llama3, "load", lambda source, dtype=None: LLM(loaded.model, loaded.config, ByteTokenizer()))
+    monkeypatch.setattr(llama3, "load", lambda source, dtype=None, device=None: LLM(loaded.model, loaded.config,
+                                                                                    ByteTokenizer()))
     assert main(["perplexity", str(text_file), "--model", str(tiny_folder), "--context", "16", "--stride", "8"]) == 0
     want = perplexity_of_ids(model_logits_fn(loaded.model), list(text_file.read_bytes()), 16, 8)
     out = capsys.readouterr().out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from llama3.commands.common import add_model_arguments
+from llama3.commands.common import add_model_arguments, add_speed_arguments
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "transformers and llama.cpp: see benchmarks/ and BENCHMARKS.md."
     )
     add_model_arguments(parser)
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8: weight-only int8 linears with per-row scales (from a Q8_0 .gguf: read directly)")
-    parser.add_argument("--no-fuse", action="store_true",
-                        help="keep q/k/v and gate/up as separate matmuls (the readable model as is)")
+    add_speed_arguments(parser)
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the model first (fuses the small ops around the matmuls; "
                              "compiling takes minutes, excluded from the timings but not from load time)")
@@ -47,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             raise Llama3Error(f"--threads {args.threads}: give a positive number of threads")
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.no_fuse,
+    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain,
                     compile=args.compile)
     load_seconds = time.perf_counter() - start
     report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llama3.commands.common import add_model_arguments
+from llama3.commands.common import add_model_arguments, add_speed_arguments
 from llama3.commands.generate import add_sampling_arguments, load_model, settings_from_args
 
 HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
@@ -32,6 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     add_model_arguments(parser)
+    add_speed_arguments(parser)
     parser.add_argument("--system", metavar="TEXT", default=None,
                         help="a system message that sets the assistant's behaviour for the whole conversation")
     add_sampling_arguments(parser, temperature=0.7, top_p=0.9, max_new_tokens=512)

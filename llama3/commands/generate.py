@@ -11,7 +11,7 @@ import re
 import sys
 import time
 
-from llama3.commands.common import add_model_arguments
+from llama3.commands.common import add_model_arguments, add_speed_arguments
 
 EXAMPLES = """\
 examples:
@@ -62,16 +62,15 @@ def settings_from_args(args: argparse.Namespace, *, truncate: bool = False):
 
 def load_model(args: argparse.Namespace):
     """Load --model (with --dtype), saying what and how long on stderr; it must have a tokenizer."""
-    import llama3
     from llama3.errors import Llama3Error
-    from llama3.fast.fuse import fuse_norms
+    from llama3.fast import load_fast
     from llama3.llm import DEFAULT_MODEL
 
     name = args.model or DEFAULT_MODEL
     print(f"loading {name} ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    llm = llama3.load(args.model, dtype=args.dtype)
-    fuse_norms(llm.model)  # RMSNorm as one kernel: the same numbers, faster decoding (llama3.fast)
+    # llama3.load, then llama3.fast's inference speed-ups unless --plain (same tokens up to float rounding)
+    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain)
     if llm.tokenizer is None:
         raise Llama3Error(f"{name} has no tokenizer files (tokenizer.json or tokenizer.model); add them to the folder")
     print(f"loaded {name} in {time.perf_counter() - start:.1f} s ({llm.dtype}, {llm.device})",
@@ -97,6 +96,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("prompt", metavar="PROMPT", help="the text to continue; '-' reads it from stdin")
     add_model_arguments(parser)
+    add_speed_arguments(parser)
     add_sampling_arguments(parser, temperature=0.0, top_p=1.0, max_new_tokens=256)
     parser.add_argument("--truncate", action="store_true",
                         help="if the prompt is longer than the context, keep its last tokens instead of failing")

@@ -21,8 +21,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens per window (default: min(max_seq_len, 512))")
     parser.add_argument("--stride", type=int, default=None,
                         help="tokens between window starts, less than --context (default: context / 2)")
-    parser.add_argument("--quantize", choices=["int8"], default=None,
-                        help="int8: weight-only int8 linears with per-row scales, to see what it costs (see llama3.fast)")
+    parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="int8 (per-row scales) or int4 (a scale and offset per 32 weights), to see what "
+                             "weight-only quantization costs (see llama3.fast)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="score only the first N tokens of the file (a quick estimate)")
 

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from llama3.commands.common import add_model_arguments
+from llama3.commands.common import add_model_arguments, add_speed_arguments
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "       -H 'Content-Type: application/json' \\\n"
         "       -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 20}'")
     add_model_arguments(parser)
+    add_speed_arguments(parser)
     parser.add_argument("--name", default=None,
                         help="the model name clients must send in \"model\" (default: the folder or "
                              "file name of --model, or smollm2-135m-instruct)")
@@ -65,10 +66,9 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    import llama3
     from llama3.errors import Llama3Error
+    from llama3.fast import load_fast
     from llama3.server import Server, create_app
-    from llama3.fast.fuse import fuse_norms
 
     if not 0 < args.port < 65536:
         raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
     start = time.perf_counter()
-    llm = llama3.load(args.model, dtype=args.dtype, device=device)
-    fuse_norms(llm.model)  # RMSNorm as one kernel: the same numbers, faster decoding (llama3.fast)
+    # llama3.load, then llama3.fast's inference speed-ups unless --plain (same tokens up to float rounding)
+    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     app = create_app(llm, name, api_key=args.api_key)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)

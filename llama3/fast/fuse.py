@@ -20,13 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama3.fast.int4 import Int4Linear
 from llama3.fast.quantize import Int8Linear
 from llama3.model import Attention, FeedForward, RMSNorm
 
 
 def _stack(*linears: nn.Module) -> nn.Module:
     """One bias-free linear whose weight rows are the given linears' rows, in order
-    (float nn.Linear, or Int8Linear: the per-row scales are stacked the same way)."""
+    (float nn.Linear, Int8Linear or Int4Linear: scales are stacked the same way)."""
+    if all(isinstance(lin, Int4Linear) for lin in linears):
+        return Int4Linear.stack(list(linears))
     if all(isinstance(lin, Int8Linear) for lin in linears):
         return Int8Linear(torch.cat([lin.weight for lin in linears]), torch.cat([lin.scales for lin in linears]))
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [N1 + N2 (+ N3), K]

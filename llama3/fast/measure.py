@@ -61,13 +61,15 @@ def prefill_tokens_per_second(model, n_tokens: int = 512, repeats: int = 3) -> f
 
     config = model.config
     n_tokens = min(n_tokens, config.max_seq_len)
-    tokens = torch.tensor([prompt_of(n_tokens, config.vocab_size)])  # [1, T]
-    dtype = model.norm.weight.dtype
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype
+    tokens = torch.tensor([prompt_of(n_tokens, config.vocab_size)], device=device)  # [1, T]
     best = float("inf")
     for attempt in range(repeats + 1):  # attempt 0 is the warm-up
-        cache = KVCache(config, 1, n_tokens, dtype=dtype)
+        cache = KVCache(config, 1, n_tokens, dtype=dtype, device=device)
         start = time.perf_counter()
         model(tokens, 0, cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them before reading the clock
         if attempt:
             best = min(best, time.perf_counter() - start)
     return n_tokens / best

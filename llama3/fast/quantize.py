@@ -65,6 +65,7 @@ class Int8Linear(nn.Module):
         self.out_features, self.in_features = weight_int8.shape
         self.register_buffer("weight", weight_int8)  # [N, K] int8
         self.register_buffer("scales", scales)       # [N] float32
+        self._scales_as = None                       # scales in the kernel's dtype, made on first use
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -79,8 +80,10 @@ class Int8Linear(nn.Module):
             # Sapphire Rapids CPU), so float32 inputs are rounded to bfloat16 for it where
             # the CPU has bfloat16 instructions.
             compute = torch.bfloat16 if x.dtype == torch.float32 and CPU_HAS_BF16 else x.dtype
+            if self._scales_as is None or self._scales_as.dtype != compute:
+                self._scales_as = self.scales.to(compute)  # converted once, not on every call
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(compute), self.weight,
-                                                   self.scales.to(compute))
+                                                   self._scales_as)
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # the same, spelled out
 

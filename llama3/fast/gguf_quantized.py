@@ -1,11 +1,16 @@
-"""Load a GGUF file straight into an int8 model: Q8_0 tensors never become a float matrix.
+"""Load a GGUF file straight into an int8 or int4 model: quantized blocks never become a float matrix.
 
 `llama3.load` dequantizes every tensor to float (538 MB for SmolLM2-135M in fp32);
 quantizing that afterwards needs the float model in memory first.  Here each
-Q8_0 weight goes from its blocks to an `Int8Linear` one row at a time
-(`int8_from_q8_0`); only the norms (and any tensor stored as float) are read as
-float.  Linears stored in another type are dequantized and quantized one by one.
-With tied embeddings, the token table is the int8 head read through `Int8Embedding`.
+weight goes from its blocks to a quantized linear directly:
+
+    int8   Q8_0 blocks -> Int8Linear, one row at a time (`int8_from_q8_0`)
+    int4   Q4_0 / Q4_1 blocks -> Int4Linear, exactly the file's 4-bit weights (`int4_from_q4_1`);
+           the output head (and the token table it may share) -> bfloat16 (`Bf16Head`)
+
+Only the norms (and any tensor stored as float) are read as float; a linear
+stored in another type is dequantized and quantized on its own.  With tied
+embeddings, the token table is the int8 head read through `Int8Embedding`.
 """
 
 from __future__ import annotations
@@ -16,26 +21,34 @@ import torch
 from torch import nn
 
 from llama3.errors import CheckpointError
-from llama3.fast.quantize import Int8Embedding, Int8Linear, int8_from_q8_0
+from llama3.fast.int4 import Int4Linear, fits_int4, int4_from_q4_0, int4_from_q4_1, quantize_groups, set_bf16_head
+from llama3.fast.quantize import Int8Embedding, Int8Linear, int8_from_q8_0, quantize_rows
 from llama3.model import Transformer
 
 
-def _int8_of(tensor, path: str) -> Int8Linear:
-    """One GGUF 2-D tensor -> Int8Linear, from Q8_0 blocks directly or via float for other types."""
-    from gguf import GGMLQuantizationType
+def _quantized_linear(tensor, path: str, kind: str) -> nn.Module:
+    """One GGUF 2-D tensor -> Int4Linear (kind "int4", where the shape allows) or Int8Linear,
+    from the file's blocks directly when their type matches, else via float."""
+    from gguf import GGMLQuantizationType as T
 
     from llama3.checkpoint.gguf import _dequantize
 
     shape = tuple(int(n) for n in reversed(tensor.shape))   # GGUF lists the row length first
-    if tensor.tensor_type == GGMLQuantizationType.Q8_0:
+    if kind == "int4" and fits_int4(shape):
+        if tensor.tensor_type == T.Q4_1:
+            return Int4Linear(*int4_from_q4_1(tensor.data, shape))
+        if tensor.tensor_type == T.Q4_0:
+            return Int4Linear(*int4_from_q4_0(tensor.data, shape))
+        return Int4Linear(*quantize_groups(_dequantize(tensor, path)))
+    if tensor.tensor_type == T.Q8_0:
         return Int8Linear(*int8_from_q8_0(tensor.data, shape))
-    from llama3.fast.quantize import quantize_rows
-
     return Int8Linear(*quantize_rows(_dequantize(tensor, path)))
 
 
-def load_gguf_int8(path: str | os.PathLike, dtype: torch.dtype | None = None):
-    """A .gguf file -> `LLM` whose linears are Int8Linear (norms in `dtype`, default float32)."""
+def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torch.dtype | None = None):
+    """A .gguf file -> `LLM` whose block linears are Int8Linear or Int4Linear (kind "int8" / "int4"),
+    whose head is int8 (int4: bfloat16), and whose norms (and an untied token table) are in `dtype`,
+    default float32."""
     from llama3.checkpoint import _find_tokenizer
     from llama3.checkpoint.gguf import ROPE_FREQS, _dequantize, config_from_gguf, gguf_to_meta_name, open_gguf
     from llama3.llm import LLM
@@ -60,13 +73,16 @@ def load_gguf_int8(path: str | os.PathLike, dtype: torch.dtype | None = None):
         module_name, _, attr = name.rpartition(".")
         parent_name, _, child = module_name.rpartition(".")
         module = model.get_submodule(module_name)
-        if isinstance(module, nn.Linear) or (name == "tok_embeddings.weight" and config.tie_embeddings):
-            int8 = _int8_of(tensor, path)
+        head = name == "output.weight" or (name == "tok_embeddings.weight" and config.tie_embeddings)
+        if head and kind == "int4":                          # the head stays 16-bit beside int4 blocks
+            set_bf16_head(model, _dequantize(tensor, path), dtype, tied=name == "tok_embeddings.weight")
+        elif head:
+            int8 = _quantized_linear(tensor, path, "int8")
+            model.output = int8
             if name == "tok_embeddings.weight":              # tied: one int8 table for embedding and head
-                model.output = int8
                 model.tok_embeddings = Int8Embedding(int8, dtype)
-            else:
-                setattr(model.get_submodule(parent_name), child, int8)
+        elif isinstance(module, nn.Linear):
+            setattr(model.get_submodule(parent_name), child, _quantized_linear(tensor, path, kind))
         else:
             setattr(module, attr, nn.Parameter(_dequantize(tensor, path, dtype), requires_grad=False))
         loaded.add(name)

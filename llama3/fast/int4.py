@@ -1,0 +1,194 @@
+"""Weight-only int4: 4-bit weights with a scale and an offset per group of 32 (GGUF's Q4_1 scheme).
+
+    a group g of 32 weights in row n:   w ~= (q - 8) * scale[g, n] + zero[g, n],   q in 0..15
+
+Half the bytes of int8, an eighth of float32.  This is the format the embedded
+default model ships in: its GGUF stores every layer matrix as Q4_1 blocks
+(w = d * q + m), which are the same thing with scale = d and zero = m + 8d, so
+`int4_from_q4_1` runs the file's own 4-bit weights instead of dequantizing them
+to 538 MB of float32 first (Q4_0, w = d * (q - 8), is scale = d, zero = 0).
+Quantizing a float matrix (`quantize_groups`) picks each group's min and max,
+as llama.cpp's Q4_1 quantizer does.
+
+The matmul is PyTorch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), which
+unpacks the 4-bit weights inside the product.  It takes bfloat16 activations
+and bfloat16 scales/offsets (its float32 variant is ~20x slower): rounding the
+fp16 Q4_1 scales to bf16 moves a weight by at most 1/50 of its quantization
+step.  CPU only: on other devices use int8 or 16-bit weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1 blocks
+
+
+def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight [N, K] float -> (q int32 [N, K] in 0..15, scale [N, K/32], zero [N, K/32]) float32,
+    with w ~= (q - 8) * scale + zero; each group's min and max are represented exactly."""
+    n_rows, k = weight.shape
+    if k % GROUP:
+        raise ValueError(f"int4 groups are {GROUP} weights; a row of {k} is not a multiple of {GROUP}")
+    w = weight.detach().float().reshape(n_rows, k // GROUP, GROUP)     # [N, K/32, 32]
+    low, high = w.amin(dim=-1), w.amax(dim=-1)                         # [N, K/32]
+    scale = ((high - low) / 15).clamp(min=1e-12)                       # 16 levels span [low, high]
+    q = torch.round((w - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+    return q.reshape(n_rows, k), scale, low + 8 * scale
+
+
+def _blocks(raw: np.ndarray, shape: tuple[int, int], block_bytes: int) -> np.ndarray:
+    n_rows, k = shape
+    if k % GROUP:
+        raise ValueError(f"Q4 rows hold whole {GROUP}-weight blocks; K={k} is not a multiple of {GROUP}")
+    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_rows, k // GROUP, block_bytes)
+
+
+def _nibbles(packed: np.ndarray) -> torch.Tensor:
+    """GGUF Q4 quants [N, K/32, 16] uint8 -> q [N, K] int32: byte j holds weight j (low 4 bits)
+    and weight j + 16 (high 4 bits) of its block."""
+    low, high = packed & 0x0F, packed >> 4
+    q = np.concatenate([low, high], axis=-1)                            # [N, K/32, 32]
+    return torch.from_numpy(q.reshape(q.shape[0], -1).astype(np.int32))
+
+
+def _halves(raw: np.ndarray) -> torch.Tensor:
+    """fp16 numbers stored as 2 bytes [..., 2] uint8 -> float32 [...]."""
+    return torch.from_numpy(raw.copy().view(np.float16)[..., 0].astype(np.float32))
+
+
+def int4_from_q4_1(raw: np.ndarray, shape: tuple[int, int]):
+    """GGUF Q4_1 bytes (per block: fp16 d, fp16 m, 16 bytes of quants; w = d*q + m) ->
+    (q [N, K] int32, scale [N, K/32], zero [N, K/32]) in this module's convention."""
+    blocks = _blocks(raw, shape, 20)                                    # [N, K/32, 2 + 2 + 16]
+    d, m = _halves(blocks[..., 0:2]), _halves(blocks[..., 2:4])         # [N, K/32] each
+    return _nibbles(blocks[..., 4:]), d, m + 8 * d
+
+
+def int4_from_q4_0(raw: np.ndarray, shape: tuple[int, int]):
+    """GGUF Q4_0 bytes (per block: fp16 d, 16 bytes of quants; w = d*(q - 8)) -> (q, scale, zero)."""
+    blocks = _blocks(raw, shape, 18)                                    # [N, K/32, 2 + 16]
+    d = _halves(blocks[..., 0:2])
+    return _nibbles(blocks[..., 2:]), d, torch.zeros_like(d)
+
+
+def fits_int4(shape: tuple[int, int]) -> bool:
+    """The kernel packs rows in blocks of 16 and groups columns 32 at a time."""
+    n_rows, k = shape
+    return n_rows % 16 == 0 and k % GROUP == 0
+
+
+class Int4Linear(nn.Module):
+    """A bias-free linear layer with int4 weights, packed for PyTorch's CPU kernel on first use.
+
+    Until then the 4-bit values are kept one per byte (`q`), so fused projections can
+    stack the rows of several matrices (`Int4Linear.stack`) before the kernel's packing,
+    whose layout interleaves rows, is applied."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.q = q.to(torch.uint8)                                      # [N, K], values 0..15; None once packed
+        self.packed = None                                              # [N, K/2] uint8, the kernel's layout
+        scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1)   # [K/32, N, 2]
+        self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
+
+    @classmethod
+    def stack(cls, linears: list["Int4Linear"]) -> "Int4Linear":
+        """One Int4Linear whose rows are the given ones' rows, in order (before their first use)."""
+        if any(lin.q is None for lin in linears):
+            raise ValueError("Int4Linear rows can only be stacked before the first forward packs them")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.out_features, fused.in_features = sum(lin.out_features for lin in linears), linears[0].in_features
+        fused.q, fused.packed = torch.cat([lin.q for lin in linears]), None
+        fused.register_buffer("scales_and_zeros", torch.cat([lin.scales_and_zeros for lin in linears], dim=1))
+        return fused
+
+    def pack(self) -> "Int4Linear":
+        """Pack the 4-bit values into the kernel's layout (once; `speed_up` does it after fusing)."""
+        if self.packed is None:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.q.to(torch.int32), 1)
+            self.q = None
+        return self
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int4Linear":
+        if linear.bias is not None:
+            raise ValueError("Int4Linear has no bias; Llama linears have none")
+        return cls(*quantize_groups(linear.weight))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        if x.device.type != "cpu":
+            raise RuntimeError("int4 weights run on the CPU only; use --quantize int8 or bfloat16 elsewhere")
+        self.pack()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
+                                                       self.packed, GROUP, self.scales_and_zeros)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
+
+
+class Bf16Head(nn.Module):
+    """The output head kept in bfloat16 beside int4 blocks: x [..., D] -> logits [..., V] in `dtype`.
+
+    4 bits are too coarse for the head, whose rounding errors land straight in the
+    logits (on SmolLM2, int4 blocks alone move the last logits by <0.1 std; an int8
+    head re-expressed from Q8_0 blocks moves them 4x more).  Packed for oneDNN where
+    the CPU has bf16 instructions.  `table` [V, D] also serves a tied token embedding."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        from llama3.fast.packed import PackedLinear, can_pack
+
+        self.register_buffer("table", weight.detach().to(torch.bfloat16).contiguous())  # [V, D]
+        self.packed = PackedLinear(self.table) if can_pack(self.table) else None
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.bfloat16)
+        y = self.packed(x) if self.packed is not None else nn.functional.linear(x, self.table)
+        return y.to(self.dtype)
+
+
+class Bf16Embedding(nn.Module):
+    """A tied token embedding reading the rows of a Bf16Head's table, returned in its dtype."""
+
+    def __init__(self, head: Bf16Head):
+        super().__init__()
+        self.head = head
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
+        return nn.functional.embedding(tokens, self.head.table).to(self.head.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:  # LLM.dtype / LLM.device read the embedding's weight
+        return torch.empty(0, dtype=self.head.dtype, device=self.head.table.device)
+
+
+def set_bf16_head(model: nn.Module, weight: torch.Tensor, dtype: torch.dtype, tied: bool) -> None:
+    """Give `model` a Bf16Head made from `weight` [V, D] (and, when tied, a Bf16Embedding on it)."""
+    model.output = Bf16Head(weight, dtype)
+    if tied:
+        model.tok_embeddings = Bf16Embedding(model.output)
+
+
+@torch.no_grad()
+def quantize_int4(model: nn.Module) -> nn.Module:
+    """Swap the block linears of `model` (in place) for Int4Linear (any whose shape the kernel
+    cannot pack for Int8Linear) and the output head for a Bf16Head.  Returns the model."""
+    from llama3.fast.quantize import Int8Linear
+
+    tied = model.output.weight is model.tok_embeddings.weight
+    dtype = model.norm.weight.dtype
+    for block in model.layers:
+        for module in list(block.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    fits = fits_int4(tuple(child.weight.shape))
+                    setattr(module, name, (Int4Linear if fits else Int8Linear).from_linear(child))
+    set_bf16_head(model, model.output.weight, dtype, tied)
+    return model

@@ -1,0 +1,127 @@
+"""The lean decoding step and packed bf16 linears compute what the readable model computes."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_config, make_model
+from llama3.fast import speed_up
+from llama3.fast.decode import DecodingTransformer, decode_step, rotate, use_decoding_step
+from llama3.fast.fuse import fuse_projections
+from llama3.fast.packed import PackedLinear, can_pack, pack_linears
+from llama3.generate import GenerationSettings, generate_tokens
+from llama3.model import KVCache, Transformer, apply_rope
+
+
+def test_rotate_equals_apply_rope():
+    """RoPE as a complex multiply == the readable pair-by-pair rotation."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)                       # [B, N heads, Dh]
+    angles = torch.randn(2, 8)                      # [B, Dh/2]
+    cos, sin = angles.cos(), angles.sin()
+    want = apply_rope(x.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1)).squeeze(1)  # as [B, T=1, H, Dh]
+    got = rotate(x, torch.complex(cos, sin).unsqueeze(1))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+CONFIGS = {
+    "gqa": dict(),
+    "mha": dict(n_kv_heads=4),
+    "mqa-untied-scaled": dict(n_kv_heads=1, tie_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_decode_step_equals_the_readable_forward(name):
+    """Logits of each one-token step with a cache equal the readable forward's."""
+    model = make_model(make_config(**CONFIGS[name]), seed=1)
+    fused = fuse_projections(copy.deepcopy(model))
+    prompt = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    caches = [KVCache(model.config, 2, 20) for _ in range(2)]
+    with torch.no_grad():
+        model(prompt, 0, caches[0])
+        fused(prompt, 0, caches[1])
+        for pos in range(7, 15):
+            token = torch.randint(0, 101, (2, 1), generator=torch.Generator().manual_seed(pos))
+            want = model(token, pos, caches[0])
+            got = decode_step(fused, token, pos, caches[1])
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_step_needs_fused_projections(tiny_model):
+    with pytest.raises(ValueError, match="fuse_projections"):
+        use_decoding_step(tiny_model)
+
+
+def test_speed_up_generates_the_same_tokens_alone_and_in_padded_batches(tiny_model):
+    """Greedy generation through speed_up (fused + lean step): the same tokens as the readable
+    model, one prompt at a time and in a left-padded batch (mask and per-row positions)."""
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4], [11]]
+    settings = GenerationSettings(max_new_tokens=10)
+
+    def run(model, batch):
+        gen = generate_tokens(model, batch, settings)
+        list(gen)
+        return gen.tokens
+
+    want = [run(tiny_model, [p])[0] for p in prompts]
+    fast = speed_up(copy.deepcopy(tiny_model))
+    assert type(fast) is DecodingTransformer
+    assert [run(fast, [p])[0] for p in prompts] == want
+    assert run(fast, prompts) == want
+    sampled = GenerationSettings(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    a, b = generate_tokens(tiny_model, prompts, sampled), generate_tokens(fast, prompts, sampled)
+    list(a), list(b)
+    assert a.tokens == b.tokens
+
+
+def test_decoding_transformer_keeps_the_readable_forward_for_training(tiny_model):
+    """With gradients on (or no cache, or several new tokens) the readable forward runs,
+    so a sped-up model still gives the plain model's logits and gradients."""
+    fast = use_decoding_step(fuse_projections(copy.deepcopy(tiny_model)))
+    tokens = torch.tensor([[4, 5, 6, 7]])
+    torch.testing.assert_close(fast(tokens), tiny_model(tokens), rtol=1e-5, atol=1e-5)
+    cache = KVCache(tiny_model.config, 1, 8)
+    out = fast(tokens[:, :1], 0, cache)  # grad enabled: not the lean step
+    assert out.requires_grad
+
+
+def test_int8_model_decodes_through_the_lean_step():
+    model = make_model(make_config(tie_embeddings=True), seed=2)
+    fast = speed_up(copy.deepcopy(model), quantize="int8")
+    plain_int8 = speed_up(copy.deepcopy(model), quantize="int8", fuse=False)
+    assert type(fast) is DecodingTransformer and type(plain_int8) is Transformer
+    settings = GenerationSettings(max_new_tokens=8)
+    a, b = generate_tokens(fast, [[1, 2, 3]], settings), generate_tokens(plain_int8, [[1, 2, 3]], settings)
+    list(a), list(b)
+    assert a.tokens == b.tokens
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this CPU has no bf16 instructions")
+def test_packed_bf16_linear_is_bit_identical_to_f_linear():
+    lin = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    packed = PackedLinear(lin.weight)
+    for shape in ((1, 64), (3, 5, 64)):
+        x = torch.randn(shape).to(torch.bfloat16)
+        with torch.no_grad():
+            assert torch.equal(packed(x), lin(x))
+
+
+@pytest.mark.skipif(not can_pack(torch.zeros(1, dtype=torch.bfloat16)), reason="this CPU has no bf16 instructions")
+def test_packed_bf16_model_equals_the_plain_bf16_model():
+    model = make_model(make_config(tie_embeddings=True), seed=4).to(torch.bfloat16)
+    packed = pack_linears(copy.deepcopy(model))
+    assert not any(type(m) is nn.Linear for m in packed.modules())
+    assert packed.tok_embeddings.weight.dtype == torch.bfloat16  # the embedding keeps its plain matrix
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with torch.no_grad():
+        assert torch.equal(packed(tokens), model(tokens))
+
+
+def test_packing_is_a_no_op_for_float32(tiny_model):
+    pack_linears(tiny_model)
+    assert not any(isinstance(m, PackedLinear) for m in tiny_model.modules())
+    assert type(tiny_model) is Transformer
