@@ -1,7 +1,11 @@
 """Checkpoints: HF and Meta folders load, save, round-trip, merge shards, and fail clearly on bad input."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -430,3 +434,45 @@ def test_figures_get_ordinary_permissions(tmp_path):
     path = save_figure(fig, tmp_path / "plot.png")
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert not list(tmp_path.glob(".*tmp"))
+
+
+# ------------------------------------------------------------------------ memory
+LOAD_RSS = """
+import ctypes, gc, json, pathlib, sys
+import torch, llama3
+
+def status():
+    lines = pathlib.Path("/proc/self/status").read_text().splitlines()
+    return {k: int(v.split()[0]) * 1024 for k, _, v in (l.partition(":") for l in lines) if v.strip().endswith("kB")}
+
+warmup, path, dtype = sys.argv[1:4]
+llama3.load(warmup, dtype=dtype)  # imports and first-use set-up, outside the measurement
+gc.collect()
+ctypes.CDLL("libc.so.6").malloc_trim(0)
+before = status()["VmRSS"]
+pathlib.Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := RSS now
+llm = llama3.load(path, dtype=dtype)
+loaded = sum(p.numel() * p.element_size() for p in llm.model.parameters())
+print(json.dumps({"growth": status()["VmHWM"] - before, "loaded": loaded}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_holds_one_copy_of_the_weights(tmp_path, dtype):
+    """Peak RSS growth while loading a ~36 MB float32 safetensors folder, in a fresh process:
+    at most 1.5x the file kept as float32 (its mapped pages are the parameters), at most
+    1.5x the result cast to bfloat16 (each float32 source released once cast).  A loader
+    that copies every tensor, or keeps the sources of its casts, needs 2x / 3x."""
+    config = make_config(dim=512, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=1024, vocab_size=4096,
+                         tie_embeddings=True)
+    LLM(model=make_model(config), config=config).save(tmp_path / "model", format="hf")
+    LLM(model=make_model(make_config()), config=make_config()).save(tmp_path / "warmup", format="hf")
+    file_bytes = (tmp_path / "model" / "model.safetensors").stat().st_size
+    done = subprocess.run([sys.executable, "-c", LOAD_RSS, str(tmp_path / "warmup"), str(tmp_path / "model"), dtype],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    bound = 1.5 * (file_bytes if dtype == "float32" else result["loaded"])
+    assert result["growth"] <= bound, f"RSS grew {result['growth'] / 1e6:.1f} MB loading {file_bytes / 1e6:.1f} MB"

@@ -144,6 +144,46 @@ def test_export_f16_stores_half_precision_matrices(tmp_path):
         assert torch.equal(state[name], expected), name
 
 
+def rewrite_matrices(source, target, quant):
+    """Copy a GGUF file with every matrix stored as `quant` (BF16, Q8_0, ...), as llama.cpp's tools would."""
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(str(target), "llama")
+    for key, field in reader.fields.items():
+        if key.startswith("llama.") and len(field.types) == 1:
+            writer.add_key_value(key, field.contents(), field.types[0])
+    for t in reader.tensors:
+        data = np.array(t.data)
+        if data.ndim == 2:
+            writer.add_tensor(t.name, gguf.quants.quantize(data, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("quant", ["BF16", "Q8_0"])
+def test_bf16_and_quantized_tensors_load_at_any_dtype(tmp_path, quant):
+    """Every dtype gets the same numbers as the gguf package's own dequantizer; a tensor already of the
+    wanted dtype is the memory-mapped file itself, copy-on-write: writing to it never changes the file."""
+    import llama3
+
+    write_gguf(tiny_llm(), tmp_path / "f32.gguf")
+    rewrite_matrices(tmp_path / "f32.gguf", tmp_path / "q.gguf", gguf.GGMLQuantizationType[quant])
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "q.gguf").tensors}
+    expected = torch.from_numpy(gguf.quants.dequantize(stored["blk.0.ffn_down.weight"].data,
+                                                       stored["blk.0.ffn_down.weight"].tensor_type))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        llm = llama3.load(tmp_path / "q.gguf", dtype=dtype)
+        weight = llm.model.layers[0].feed_forward.w2.weight
+        assert weight.dtype == dtype and torch.equal(weight, expected.to(dtype)), dtype
+        with torch.no_grad():
+            weight.add_(1.0)
+        assert torch.equal(read_gguf(tmp_path / "q.gguf", dtype)[1]["layers.0.feed_forward.w2.weight"],
+                           expected.to(dtype)), dtype
+
+
 @pytest.mark.parametrize("overrides", [{}, {"tie_embeddings": True}])
 def test_export_loads_in_transformers(tmp_path, overrides):
     llm = tiny_llm(**overrides)

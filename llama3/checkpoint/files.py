@@ -1,5 +1,6 @@
-"""Small file helpers: atomic writes and JSON reading, shared by the checkpoint formats,
-the tokenizers and the figures (this module imports nothing else from llama3 but errors).
+"""Small file helpers: atomic writes, JSON reading and releasing memory-mapped pages, shared by
+the checkpoint formats, the tokenizers and the figures (this module imports nothing else from
+llama3 but errors).
 
 Atomic means a reader never sees a half-written checkpoint: everything is
 written under a temporary name in the same folder (so the final rename stays on
@@ -11,9 +12,13 @@ is removed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
+import mmap
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -106,3 +111,40 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, data: dict, ensure_ascii: bool = True) -> None:
     """Write `data` as indented JSON, atomically."""
     write_text(path, json.dumps(data, indent=2, ensure_ascii=ensure_ascii) + "\n")
+
+
+def release_pages(path: str | os.PathLike, address: int, nbytes: int) -> None:
+    """Drop from this process's RSS the memory-mapped pages of `path` under [address, address + nbytes).
+
+    For a tensor read from a memory-mapped checkpoint that has just been copied
+    (converted to another dtype, permuted, merged with other shards) and will not be
+    used again: its pages count in RSS once touched, so without this a load holds
+    the file's pages and the copies at once.  madvise(MADV_DONTNEED) unmaps them; the
+    bytes stay in the file (and the page cache), and a later read faults them back in
+    unchanged, since loading never writes to a mapping.  Only whole pages inside the
+    range are dropped, and only when the range lies in a mapping of `path` itself,
+    never in ordinary (anonymous) memory, where MADV_DONTNEED would discard data.
+    Linux only; elsewhere (and when the range is not a mapping of `path`) it does nothing.
+    """
+    if not sys.platform.startswith("linux") or nbytes <= 0:
+        return
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if end <= start:
+        return
+    target = os.path.realpath(path)
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:  # "lo-hi perms offset dev inode path"
+            fields = line.rstrip("\n").split(maxsplit=5)
+            if len(fields) == 6 and fields[5] == target:
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if lo <= start and end <= hi:
+                    _madvise()(start, end - start, mmap.MADV_DONTNEED)
+                    return
+
+
+@functools.cache
+def _madvise():
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return madvise

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llama3.checkpoint.files import atomic_file
+from llama3.checkpoint.files import atomic_file, release_pages
 from llama3.config import ModelConfig, RopeScaling
 from llama3.errors import CheckpointError, ConfigError, Llama3Error
 from llama3.model import rope_frequencies
@@ -85,16 +85,20 @@ def meta_to_gguf_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------- reading
-def open_gguf(path: str | os.PathLike):
+def open_gguf(path: str | os.PathLike, mode: str = "r"):
     """A `gguf.GGUFReader` (memory-mapped: tensors are read only when touched), or a
-    CheckpointError naming the file when it is not a complete GGUF file."""
+    CheckpointError naming the file when it is not a complete GGUF file.
+
+    mode "r" maps the file read-only; "c" copy-on-write (writable arrays whose
+    changes never reach the file), so a tensor can become a parameter without a copy.
+    """
     import gguf
 
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf.GGUFReader(path, mode=mode)
     except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
         raise CheckpointError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); "
                               "the file is corrupt or truncated, download or export it again") from None
@@ -226,6 +230,31 @@ def _dequantize(tensor, path: str, dtype: torch.dtype = torch.float32) -> torch.
         if not chunk.flags.writeable:                        # F32 data is a view into the read-only memory map
             chunk = chunk.copy()
         rows[start:start + step] = torch.from_numpy(chunk).reshape(-1, shape[-1])
+    release_pages(path, tensor.data.ctypes.data, tensor.data.nbytes)  # the file's pages are no longer needed
+    return out
+
+
+# GGUF float types whose bytes torch reads as they are: no dequantizing, at most a cast.
+_TORCH_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16
+
+
+def _tensor(tensor, path: str, dtype: torch.dtype) -> torch.Tensor:
+    """One GGUF tensor (of a reader opened with mode "c") -> a torch tensor of `dtype`, torch's shape order.
+
+    A float tensor already of `dtype` is a view into the memory-mapped file (no copy);
+    another float type is cast by torch; quantized ones go through `_dequantize`.
+    Whatever is copied has its mapped pages released, so the file is never held twice.
+    """
+    stored = _TORCH_FLOATS.get(int(tensor.tensor_type))
+    if stored is None:
+        return _dequantize(tensor, path, dtype)
+    shape = tuple(int(n) for n in reversed(tensor.shape))   # the reader's array already has this shape
+    raw = torch.from_numpy(tensor.data)
+    view = (raw.view(stored) if raw.dtype != stored else raw).reshape(shape)  # BF16 arrives as uint8
+    if stored == dtype:
+        return view
+    out = view.to(dtype)
+    release_pages(path, view.data_ptr(), view.nbytes)
     return out
 
 
@@ -239,15 +268,17 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
     """Read a llama-architecture GGUF file -> (ModelConfig, state dict with our Meta names).
 
     Every tensor type the `gguf` package can dequantize is accepted; the weights come
-    back as `dtype` (default float32).  Tensors are dequantized chunk by chunk into their
-    final tensors, so the peak memory is the finished state dict plus a few tens of MB.  The q/k rows need
+    back as `dtype` (default float32).  F32/F16/BF16 tensors already of `dtype` are views
+    into the memory-mapped file (no copy); others are cast or dequantized chunk by chunk
+    into their final tensors and their mapped pages released, so the peak memory is the
+    finished state dict plus a few tens of MB.  The q/k rows need
     no permutation (see the module docstring).  With tied embeddings there is no
     "output.weight" in the dict.
     """
     from tqdm import tqdm
 
     path = str(path)
-    reader = open_gguf(path)
+    reader = open_gguf(path, mode="c")  # copy-on-write: float tensors of the wanted dtype become parameters as they are
     config = config_from_gguf(reader, path)
     reader.fields.clear()  # the parsed metadata (~100k small arrays for the vocabulary: ~100 MB) is no longer needed
     dtype = dtype or torch.float32
@@ -259,7 +290,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
         if name is None:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} is not part of a Llama 3 model "
                                   "(biases, experts and other extras are not supported)")
-        state_dict[name] = _dequantize(tensor, path, dtype)
+        state_dict[name] = _tensor(tensor, path, dtype)
     return config, state_dict
 
 

@@ -10,8 +10,10 @@ Two things differ from Meta's layout, and both are handled here, in one place:
    once, so that the same weights compute the same attention under HF's RoPE.
    `hf_to_meta_rotary` undoes that permutation and `meta_to_hf_rotary` redoes it.
 
-Reading is memory-mapped (`safe_open`) and tensor by tensor, so loading an
-N-byte checkpoint needs about N bytes of RAM, not 2N.
+Reading is memory-mapped (`safe_open`) and tensor by tensor.  A tensor kept at its
+stored dtype and layout is a view into the mapped file (no copy: the file's pages
+become the parameter); one that is converted or permuted is copied and its mapped
+pages are released at once (`release_pages`), so the load never holds two copies.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llama3.checkpoint.files import atomic_folder, read_json, write_json
+from llama3.checkpoint.files import atomic_folder, read_json, release_pages, write_json
 from llama3.config import ModelConfig
 from llama3.errors import CheckpointError
 
@@ -138,8 +140,12 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
                     if hf_name not in names:
                         raise CheckpointError(f"{file}: unexpected tensor {hf_name!r} (not part of a "
                                               f"{config.n_layers}-layer Llama model)")
-                    state[names[hf_name]] = _convert_in(f.get_tensor(hf_name), hf_name, names[hf_name],
-                                                        config, dtype)
+                    stored = f.get_tensor(hf_name)  # a view into the memory map: no copy yet
+                    if hf_name == "lm_head.weight":
+                        head_file = file
+                    state[names[hf_name]] = _convert_in(stored, hf_name, names[hf_name], config, dtype)
+                    if not _same_memory(state[names[hf_name]], stored):  # copied: the file's pages are done
+                        release_pages(file, stored.data_ptr(), stored.nbytes)
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
                                   "the file is truncated or corrupt: re-download or re-export it") from None
@@ -149,7 +155,12 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
         if embedding is not None and not torch.equal(head, embedding):
             raise CheckpointError(f"{folder}: config.json says tie_word_embeddings=true but lm_head.weight "
                                   "differs from model.embed_tokens.weight; fix the config")
+        release_pages(head_file, head.data_ptr(), head.nbytes)  # the dropped copy (if still a mapped view)
     return config, state
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _convert_in(w: torch.Tensor, hf_name: str, meta_name: str, config: ModelConfig,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llama3.checkpoint.files import atomic_folder, read_json, write_json
+from llama3.checkpoint.files import atomic_folder, read_json, release_pages, write_json
 from llama3.config import PRESETS, ModelConfig
 from llama3.errors import CheckpointError
 
@@ -70,19 +70,35 @@ def load_shard(file: Path) -> dict[str, torch.Tensor]:
 
 
 def merge_shards(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, torch.Tensor]:
-    """Concatenate model-parallel pieces along each weight's `SHARD_DIM` (one shard: returned as is)."""
+    """Concatenate model-parallel pieces along each weight's `SHARD_DIM` (one shard: returned as is).
+
+    Weight by weight: once a weight is merged, its pieces' memory-mapped pages are
+    released, so the merge holds the merged weights and one weight's pieces, not
+    every shard's pages as well.
+    """
     if len(shards) == 1:
         return dict(shards[0])
-    for shard, file in zip(shards[1:], files[1:]):
-        if shard.keys() != shards[0].keys():
-            odd = sorted(shard.keys() ^ shards[0].keys())[0]
-            raise CheckpointError(f"{file}: tensor {odd!r} is in only some of the shards; re-download them")
+    _check_same_names(shards, files)
     merged = {}
     for name in shards[0]:
         dim = SHARD_DIM.get(name.split(".")[-2]) if "." in name else None
         pieces = [s[name] for s in shards]
-        merged[name] = pieces[0] if dim is None or pieces[0].dim() < 2 else torch.cat(pieces, dim=dim)
+        if dim is None or pieces[0].dim() < 2:
+            merged[name] = pieces[0]  # replicated: shard 0's copy is kept, the others released
+            released = zip(pieces[1:], files[1:])
+        else:
+            merged[name] = torch.cat(pieces, dim=dim)
+            released = zip(pieces, files)
+        for piece, file in released:
+            release_pages(file, piece.data_ptr(), piece.nbytes)
     return merged
+
+
+def _check_same_names(shards: list[dict[str, torch.Tensor]], files: list[Path]) -> None:
+    for shard, file in zip(shards[1:], files[1:]):
+        if shard.keys() != shards[0].keys():
+            odd = sorted(shard.keys() ^ shards[0].keys())[0]
+            raise CheckpointError(f"{file}: tensor {odd!r} is in only some of the shards; re-download them")
 
 
 def _config(params: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
@@ -103,34 +119,60 @@ def _config(params: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
     return config
 
 
-def _read(folder: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+CONFIG_TENSORS = ("tok_embeddings.weight", "output.weight")  # what `_config` reads besides params.json
+
+
+def _open(folder: str | os.PathLike) -> tuple[dict, list[Path], list[dict[str, torch.Tensor]]]:
+    """params.json, the shard files, and each shard's tensors (memory-mapped, nothing read yet)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     params = read_json(folder / "params.json")
     files = shard_files(folder)
-    state = merge_shards([load_shard(f) for f in files], files)
-    state.pop("rope.freqs", None)  # a precomputed RoPE table in some Meta files; we compute our own
-    return _config(params, state), state
+    shards = [load_shard(f) for f in files]
+    _check_same_names(shards, files)
+    return params, files, shards
+
+
+def _read_config(params: dict, shards: list[dict], files: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The config, and the (merged) embedding and head it was read from."""
+    merged = merge_shards([{n: s[n] for n in CONFIG_TENSORS if n in s} for s in shards], files)
+    return _config(params, merged), merged
 
 
 def read_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
     """Read a Meta folder -> (ModelConfig, merged state dict), tensors cast to dtype (None: as stored).
-    A tied model's state dict has no output.weight."""
-    config, state = _read(folder)
+    A tied model's state dict has no output.weight.
+
+    One shard at its stored dtype: the tensors are views into the memory-mapped file
+    (no copy).  Several shards are merged weight by weight (a tied head is dropped
+    before the rest is merged), and casting goes tensor by tensor, each source
+    released (its mapped pages, or the merged tensor) as soon as its cast exists.
+    """
+    params, files, shards = _open(folder)
+    config, merged = _read_config(params, shards, files)
     if config.tie_embeddings:
-        state.pop("output.weight", None)
+        merged.pop("output.weight", None)
+    merged.update(merge_shards([{n: t for n, t in s.items() if n not in CONFIG_TENSORS} for s in shards], files))
+    merged.pop("rope.freqs", None)  # a precomputed RoPE table in some Meta files; we compute our own
+    state = {name: merged[name] for name in shards[0] if name in merged}  # the file's order
+    del merged, shards
     if dtype is not None:
         from tqdm import tqdm
 
-        items = tqdm(state.items(), desc=f"casting to {dtype}", unit="tensor", leave=False, disable=None)
-        state = {name: t.to(dtype) for name, t in items}
+        for name in tqdm(list(state), desc=f"casting to {dtype}", unit="tensor", leave=False, disable=None):
+            stored = state[name]
+            state[name] = stored.to(dtype)
+            if state[name].untyped_storage().data_ptr() != stored.untyped_storage().data_ptr():
+                release_pages(files[0], stored.data_ptr(), stored.nbytes)  # no-op unless a mapped view
+            del stored
     return config, state
 
 
 def read_meta_config(folder: str | os.PathLike) -> ModelConfig:
-    """Only the config (the tensors are memory-mapped; only the embedding and head are read)."""
-    return _read(folder)[0]
+    """Only the config (the tensors are memory-mapped; only the embedding and head are read and merged)."""
+    params, files, shards = _open(folder)
+    return _read_config(params, shards, files)[0]
 
 
 def write_meta(llm, folder: str | os.PathLike) -> None:
