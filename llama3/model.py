@@ -124,13 +124,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     (Hugging Face checkpoints pair channel i with i + Dh/2 instead; their wq/wk
     rows are permuted on load so this one layout serves both.)
     """
-    pairs = x.float().unflatten(-1, (-1, 2))        # [B, T, H, Dh/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]           # [B, T, H, Dh/2] each
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads: [.., T, 1, Dh/2]
-    if cos.dim() == 3:                              # [T, 1, Dh/2] -> [1, T, 1, Dh/2]
-        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # [B, T, H, Dh/2, 2]
-    return rotated.flatten(-2).type_as(x)           # [B, T, H, Dh]
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, T, H, Dh/2] complex: x[2i] + j*x[2i+1]
+    rotation = torch.complex(cos, sin).unsqueeze(-2)                  # e^(j*angle), over heads: [.., T, 1, Dh/2]
+    rotated = torch.view_as_real(pairs * rotation)                    # [B, T, H, Dh/2, 2]
+    return rotated.flatten(-2).type_as(x)                             # [B, T, H, Dh]
 
 
 # -------------------------------------------------------------------- KV cache
@@ -170,6 +167,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
     return x.repeat_interleave(n_rep, dim=1)
+
+
+def sdpa_shares_kv_heads(q: torch.Tensor) -> bool:
+    """Whether `F.scaled_dot_product_attention(..., enable_gqa=True)` runs a fused kernel for q's
+    device and dtype: always on CPU; on CUDA only FlashAttention's (16-bit, Ampere or newer).
+    Elsewhere it falls back to the slow math kernel, so copying with repeat_kv is cheaper."""
+    if q.device.type == "cpu":
+        return True
+    return (q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16)
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def causal_mask(t: int, s: int, start_pos: int, device=None) -> torch.Tensor:
@@ -218,17 +225,25 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
         if cache is not None:
             k, v = cache.update(self.layer_id, start_pos, k, v)             # [B, Hkv, S, Dh]
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)           # [B, H, S, Dh]
-        if mask is None and seqlen > 1:
-            mask = causal_mask(seqlen, k.shape[2], start_pos, device=x.device)  # [T, S]
-        if self.fused:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # [B, H, T, Dh]
+        if self.fused and mask is None and k.shape[2] == seqlen:          # plain causal, no cached prefix (training)
+            # SDPA draws the causal triangle itself (no mask tensor) and, where its kernel can, lets each
+            # key/value head serve its n_rep query heads without repeat_kv's copies: the same numbers
+            share_kv = self.n_rep > 1 and sdpa_shares_kv_heads(q)
+            if not share_kv:
+                k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)   # [B, H, S, Dh]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=share_kv)
         else:
-            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)     # [B, H, T, S]
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))           # future keys get weight 0
-            weights = self.softmax(scores.float()).type_as(q)               # [B, H, T, S], rows sum to 1
-            out = weights @ v                                               # [B, H, T, Dh]
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)           # [B, H, S, Dh]
+            if mask is None and seqlen > 1:
+                mask = causal_mask(seqlen, k.shape[2], start_pos, device=x.device)  # [T, S]
+            if self.fused:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # [B, H, T, Dh]
+            else:
+                scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)     # [B, H, T, S]
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))           # future keys get weight 0
+                weights = self.softmax(scores.float()).type_as(q)               # [B, H, T, S], rows sum to 1
+                out = weights @ v                                               # [B, H, T, Dh]
         out = out.transpose(1, 2).reshape(batch, seqlen, -1)                # concat heads: [B, T, H*Dh]
         return self.wo(out)                                                 # [B, T, D]
 

@@ -87,6 +87,22 @@ def test_fused_and_explicit_attention_agree(tiny_model):
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-5)
 
 
+def test_fused_and_explicit_attention_train_alike():
+    """Training takes the fused kernel's own causal triangle and shared key/value heads (no repeat_kv):
+    the same loss and gradients as the explicit path."""
+    tokens = torch.randint(0, 101, (2, 33), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for fused in (True, False):
+        model = make_model()
+        for layer in model.layers:
+            layer.attention.fused = fused
+        loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("scaled", [False, True])
 def test_cached_decoding_equals_full_forward(scaled):
     config = make_config(rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=16) if scaled else None)
