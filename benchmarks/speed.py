@@ -7,13 +7,17 @@ the machine to itself and its own peak RSS.  Every one reports load time,
 prefill tokens/s (512 tokens), time to first token (16-token prompt), decode
 tokens/s (128 greedy tokens) and peak RSS.  The weights are exported once to
 a work folder: a Hugging Face folder for transformers, F32/F16 GGUFs (our
-writer) and Q8_0 (llama.cpp's own quantizer) for llama.cpp.
+writer) and Q8_0/Q4_1 (llama.cpp's own quantizer; for the embedded model, Q4_1 is
+the shipped file itself) for llama.cpp.
 
 Configurations:
-    ours-fp32 ours-bf16 ours-int8     llama3 (fused q/k/v and gate/up; int8 = weight-only, per-row,
-                                      read from the same Q8_0 file llama.cpp runs)
+    ours-fp32 ours-bf16 ours-int8 ours-int4
+                                      llama3 with llama3.fast (fused projections, lean decode step; int8 =
+                                      weight-only, per-row, read from the same Q8_0 file llama.cpp runs;
+                                      int4 = the same Q4_1 file, the embedded model as shipped)
     hf-fp32 hf-bf16                   transformers LlamaForCausalLM, SDPA attention, a greedy loop
-    llamacpp-f32 llamacpp-f16 llamacpp-q8_0   llama-cpp-python (`pip install -e .[bench]`); its own timers
+    llamacpp-f32 llamacpp-f16 llamacpp-q8_0 llamacpp-q4_1
+                                      llama-cpp-python (`pip install -e .[bench]`); its own timers
 
 Needs: transformers (dev extra) and llama-cpp-python (bench extra); a missing
 peer is reported and skipped.
@@ -32,10 +36,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llama3, however it is installed
 
-CONFIGS = ["ours-fp32", "ours-bf16", "ours-int8", "hf-fp32", "hf-bf16",
-           "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0"]
+CONFIGS = ["ours-fp32", "ours-bf16", "ours-int8", "ours-int4", "hf-fp32", "hf-bf16",
+           "llamacpp-f32", "llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_1"]
 PEER_OF = {"ours-fp32": ["hf-fp32", "llamacpp-f32"], "ours-bf16": ["hf-bf16", "llamacpp-f16"],
-           "ours-int8": ["llamacpp-q8_0", "hf-fp32"]}
+           "ours-int8": ["llamacpp-q8_0", "hf-fp32"], "ours-int4": ["llamacpp-q4_1", "hf-fp32"]}
 PREFILL, PROMPT, NEW = 512, 16, 128
 
 
@@ -55,32 +59,40 @@ def prepare(model: str | None, work: Path) -> None:
 
             llm = llm or llama3.load(model)
             write_gguf(llm, work / f"model-{kind}.gguf", file_type=kind)
-    q8 = work / "model-q8_0.gguf"
-    if not q8.exists():
-        try:
-            import llama_cpp
-        except ImportError:
-            return
+    q4 = work / "model-q4_1.gguf"
+    if model is None and not q4.exists():  # the embedded model *is* a Q4_1 file: both sides run it as shipped
+        from llama3.llm import resolve_source
+
+        q4.symlink_to(resolve_source(None))
+    try:
+        import llama_cpp
+    except ImportError:
+        return
+    for kind, ftype in (("q8_0", llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0), ("q4_1", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1)):
+        target = work / f"model-{kind}.gguf"
+        if target.exists():
+            continue
         params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+        params.ftype = ftype
         params.nthread = 2
-        status = llama_cpp.llama_model_quantize(str(work / "model-f32.gguf").encode(), str(q8).encode(), params)
+        status = llama_cpp.llama_model_quantize(str(work / "model-f32.gguf").encode(), str(target).encode(), params)
         if status != 0:
-            raise SystemExit(f"llama.cpp could not quantize to Q8_0 (status {status})")
+            raise SystemExit(f"llama.cpp could not quantize to {kind.upper()} (status {status})")
 
 
 # ---------------------------------------------------------- one configuration
 def run_ours(model: str | None, work: Path, precision: str) -> dict:
-    """int8 reads llama.cpp's Q8_0 file (the same int8 weights llama.cpp runs) when there is one."""
+    """int8 reads llama.cpp's Q8_0 file and int4 its Q4_1 file (the same quantized weights
+    llama.cpp runs) when there is one."""
     from llama3.fast import load_fast
     from llama3.fast.measure import measure
 
-    q8 = work / "model-q8_0.gguf"
-    if precision == "int8" and q8.exists():
-        model = str(q8)
+    quantize = precision if precision in ("int8", "int4") else None
+    quantized_file = work / {"int8": "model-q8_0.gguf", "int4": "model-q4_1.gguf"}.get(precision, "-")
+    if quantized_file.exists():
+        model = str(quantized_file)
     start = time.perf_counter()
-    llm = load_fast(model, dtype="bfloat16" if precision == "bf16" else "float32",
-                    quantize="int8" if precision == "int8" else None)
+    llm = load_fast(model, dtype="bfloat16" if precision == "bf16" else "float32", quantize=quantize)
     return measure(llm.model, time.perf_counter() - start, PREFILL, NEW).as_dict()
 
 

@@ -8,22 +8,11 @@ from torch import nn
 
 from conftest import make_config, make_model
 from llama3.fast import speed_up
-from llama3.fast.decode import DecodingTransformer, decode_step, rotate, use_decoding_step
+from llama3.fast.decode import DecodingTransformer, decode_step, use_decoding_step
 from llama3.fast.fuse import fuse_projections
 from llama3.fast.packed import PackedLinear, can_pack, pack_linears
 from llama3.generate import GenerationSettings, generate_tokens
-from llama3.model import KVCache, Transformer, apply_rope
-
-
-def test_rotate_equals_apply_rope():
-    """RoPE as a complex multiply == the readable pair-by-pair rotation."""
-    torch.manual_seed(0)
-    x = torch.randn(2, 5, 16)                       # [B, N heads, Dh]
-    angles = torch.randn(2, 8)                      # [B, Dh/2]
-    cos, sin = angles.cos(), angles.sin()
-    want = apply_rope(x.unsqueeze(1), cos.unsqueeze(1), sin.unsqueeze(1)).squeeze(1)  # as [B, T=1, H, Dh]
-    got = rotate(x, torch.complex(cos, sin).unsqueeze(1))
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+from llama3.model import KVCache, Transformer
 
 
 CONFIGS = {

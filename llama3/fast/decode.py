@@ -8,8 +8,7 @@ few microseconds each: ~10 ms a token, a third of the step.  This step computes
 the same thing for the common case, one new token per row with a KV cache, with
 about a quarter of the operations:
 
-    RoPE       q and k rotated together, as complex numbers (Meta's original formulation):
-               (x[2i] + j x[2i+1]) * (cos + j sin) is the pair rotation, one multiply.
+    RoPE       q and k rotated together, in one call.
     GQA        no copying of keys: the H query heads are viewed as [Hkv, H/Hkv]
                and the n_rep queries of one group attend to their shared key head
                as if they were n_rep query positions.  With one new token nothing
@@ -27,14 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llama3.model import KVCache, Transformer
-
-
-def rotate(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """RoPE as a complex multiply: x [B, N, Dh] (any float dtype), rotation [B or 1, 1, Dh/2]
-    complex64 (cos + j sin) -> [B, N, Dh] in x's dtype, each channel pair turned by its angle."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, N, Dh/2] complex
-    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
+from llama3.model import KVCache, Transformer, apply_rope
 
 
 def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, cache: KVCache,
@@ -50,14 +42,13 @@ def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, cache:
     n_heads, n_kv, head_dim = first.n_heads, first.n_kv_heads, first.head_dim
     if positions is None:
         positions = torch.tensor([start_pos], device=tokens.device)      # [1]
-    cos, sin = model.rope(positions.reshape(-1))                          # [B or 1, Dh/2]
-    rotation = torch.complex(cos, sin).unsqueeze(1)                       # [B or 1, 1, Dh/2]
+    cos, sin = model.rope(positions.reshape(-1, 1))                       # [B or 1, 1, Dh/2]
     h = model.tok_embeddings(tokens)                                      # [B, 1, D]
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         # ---- attention: h = h + wo(attend(q, cached k, cached v))
         qkv = attn.wqkv(layer.attention_norm(h)).view(batch, n_heads + 2 * n_kv, head_dim)  # [B, H+2Hkv, Dh]
-        qk = rotate(qkv[:, :n_heads + n_kv], rotation)                   # [B, H+Hkv, Dh], q and k rotated
+        qk = apply_rope(qkv[:, None, :n_heads + n_kv], cos, sin)[:, 0]   # [B, H+Hkv, Dh]: q and k rotated at once
         k, v = qk[:, n_heads:], qkv[:, n_heads + n_kv:]                   # [B, Hkv, Dh] each
         keys, values = cache.update(attn.layer_id, start_pos, k.unsqueeze(2), v.unsqueeze(2))  # [B, Hkv, S, Dh]
         q = qk[:, :n_heads].reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, Hkv, n_rep, Dh]: heads by group

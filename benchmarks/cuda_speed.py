@@ -1,0 +1,347 @@
+"""Speed on a CUDA GPU: ours (plain, fused, fused + int8, optionally compiled) against transformers,
+the same random weights, bfloat16.
+
+    python benchmarks/cuda_speed.py [--configs smollm2-135m,llama-3.2-1b] [--compile] [--out cuda_speed.json]
+    python benchmarks/cuda_speed.py --device cpu --tiny      # a tiny config and a few tokens: checks the script
+
+Model shapes (weights are random, seeded: the real files do not travel):
+    smollm2-135m   SmolLM2-135M's exact config (576 wide, 30 layers, 9 query / 3 key-value heads,
+                   hidden 1536, vocabulary 49152, tied embeddings, RoPE theta 100000)
+    llama-3.2-1b   the `llama-3.2-1b` preset of llama3/config.py
+
+Every variant reports:
+    prefill    tokens/s of one forward over a 512-token prompt, into a fresh KV cache (best of 3)
+    decode     tokens/s of the one-token-at-a-time loop after a 16-token prompt, 128 greedy tokens
+               (ours: the generation engine `generate_tokens` and its own per-step timer, every step
+               ends in a device->host read of the new id; transformers: the same loop written with
+               its DynamicCache, `.item()` per step), best of 2
+    e2e        seconds for the whole 128-token request (prefill + decode), best of 2
+GPU work is bracketed by torch.cuda.synchronize().  "transformers-generate" is `generate()` with
+do_sample=False and min_new_tokens = max_new_tokens = 128: end-to-end only.
+
+Variants: ours-plain (model.py as written), ours-fused (`speed_up`), ours-compiled (fused +
+torch.compile, mode --compile-mode, only with --compile), ours-int8 (fused + weight-only int8),
+transformers (LlamaForCausalLM, SDPA attention).  Ratios are ours / transformers (> 1: ours faster).
+A markdown table goes to stdout; the JSON (rewritten after each config) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llama3, however it is installed
+
+import torch  # noqa: E402
+
+from llama3.config import ModelConfig, get_preset  # noqa: E402
+from llama3.fast.measure import prompt_of  # noqa: E402
+from llama3.generate import GenerationSettings, generate_tokens  # noqa: E402
+from llama3.model import KVCache, Transformer  # noqa: E402
+
+CONFIGS = {
+    "smollm2-135m": ModelConfig(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, vocab_size=49152, hidden_dim=1536,
+                                norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192, tie_embeddings=True),
+    "llama-3.2-1b": get_preset("llama-3.2-1b"),
+}
+TINY = {"tiny": get_preset("tiny")}
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------ the models
+@torch.no_grad()
+def build_ours(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> Transformer:
+    """Random weights as `Transformer.init_weights` makes them (normal(0, 0.02), wo/w2 scaled by
+    1/sqrt(2 n_layers), norms 1), but drawn on the device from a seeded generator: the CPU would
+    take ~20 s for the 1.2B numbers of Llama-3.2-1B.  Speed does not depend on the values."""
+    with torch.device(device):
+        model = Transformer(config)
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            std = 0.02 / math.sqrt(2 * config.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            p.normal_(0.0, std, generator=gen)
+    model = model.to(dtype).eval()
+    assert not config.tie_embeddings or model.output.weight is model.tok_embeddings.weight
+    return model
+
+
+def build_transformers(ours: Transformer, config: ModelConfig, device: torch.device, dtype: torch.dtype):
+    """transformers' LlamaForCausalLM (SDPA) holding exactly our weights (HF names and q/k layout)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llama3.checkpoint.hf import hf_state_dict
+
+    hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "model_type"})
+    with torch.device(device):
+        hf = LlamaForCausalLM._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+    missing, unexpected = hf.load_state_dict(hf_state_dict(ours, config), strict=False)
+    missing = [name for name in missing if not (config.tie_embeddings and name == "lm_head.weight")]
+    if missing or unexpected:
+        raise SystemExit(f"transformers model does not match ours: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if config.tie_embeddings:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    return hf.eval()
+
+
+# ------------------------------------------------------------------ timing
+def best_seconds(fn, device: torch.device, repeats: int) -> float:
+    """Best wall time of fn() over `repeats` runs after one warm-up run, GPU work included."""
+    best = math.inf
+    for attempt in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if attempt:
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def ours_prefill(model, config: ModelConfig, n: int, device: torch.device, dtype: torch.dtype) -> float:
+    tokens = torch.tensor([prompt_of(n, config.vocab_size)], device=device)  # [1, T]
+    cache = KVCache(config, 1, n, dtype=dtype, device=device)  # positions 0..n-1 are overwritten each run
+    return n / best_seconds(lambda: model(tokens, 0, cache), device, repeats=3)
+
+
+def ours_decode(model, config: ModelConfig, prompt_len: int, new: int, device: torch.device,
+                warm_new: int) -> dict:
+    """Greedy generation with our engine; decode rate from its own per-step timer (each step
+    ends in `.tolist()`, a device->host sync), end-to-end time from outside."""
+    prompt = prompt_of(prompt_len, config.vocab_size, seed=1)
+    list(generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=warm_new)))  # warm-up
+    decode, e2e, tokens = 0.0, math.inf, None
+    for _ in range(2):
+        sync(device)
+        start = time.perf_counter()
+        run = generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=new))
+        generated = sum(1 for _ in run)
+        sync(device)
+        e2e = min(e2e, time.perf_counter() - start)
+        assert generated == new, f"generated {generated} of {new} tokens"
+        decode = max(decode, run.decode_steps / run.decode_seconds)
+        tokens = run.tokens[0]
+    return dict(decode_tokens_per_second=decode, e2e_seconds=e2e, tokens=tokens)
+
+
+@torch.inference_mode()
+def hf_prefill(hf, vocab: int, n: int, device: torch.device) -> float:
+    tokens = torch.tensor([prompt_of(n, vocab)], device=device)
+    return n / best_seconds(lambda: hf(tokens, use_cache=True), device, repeats=3)
+
+
+@torch.inference_mode()
+def hf_decode(hf, vocab: int, prompt_len: int, new: int, device: torch.device, warm_new: int) -> dict:
+    """transformers' cached greedy loop (what generate() runs, minus its logits processors)."""
+    import inspect
+
+    prompt = torch.tensor([prompt_of(prompt_len, vocab, seed=1)], device=device)
+    # transformers 5.2x renamed past_key_values to cache (the old name still works, more slowly)
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+    def greedy(n):
+        sync(device)
+        start = time.perf_counter()
+        out = hf(prompt, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids = [token.item()]
+        first = time.perf_counter()
+        for _ in range(n - 1):
+            cache = out.get(name)
+            out = hf(token, **{name: cache if cache is not None else out.past_key_values}, use_cache=True)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            ids.append(token.item())
+        sync(device)
+        end = time.perf_counter()
+        return (n - 1) / (end - first), end - start, ids
+
+    greedy(warm_new)
+    runs = [greedy(new) for _ in range(2)]
+    return dict(decode_tokens_per_second=max(r[0] for r in runs), e2e_seconds=min(r[1] for r in runs),
+                tokens=runs[-1][2])
+
+
+@torch.inference_mode()
+def hf_generate(hf, vocab: int, prompt_len: int, new: int, device: torch.device, warm_new: int) -> dict:
+    prompt = torch.tensor([prompt_of(prompt_len, vocab, seed=1)], device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    hf.generate(prompt, max_new_tokens=warm_new, min_new_tokens=warm_new, **kwargs)
+    seconds = best_seconds(lambda: hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kwargs),
+                           device, repeats=2)
+    return dict(e2e_seconds=seconds)
+
+
+@torch.inference_mode()
+def logits_check(ours, hf, config: ModelConfig, n: int, device: torch.device) -> dict:
+    """Same weights? Prefill logits of ours and transformers on the same prompt."""
+    tokens = torch.tensor([prompt_of(n, config.vocab_size)], device=device)
+    a, b = ours(tokens).float(), hf(tokens).logits.float()
+    return dict(max_abs_diff=float((a - b).abs().max()), max_abs_logit=float(b.abs().max()),
+                argmax_agreement=float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+
+
+# ------------------------------------------------------------------ one config
+def bench_config(name: str, config: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> dict:
+    from llama3.fast import speed_up
+
+    results: dict[str, dict] = {}
+    start = time.perf_counter()
+    model = build_ours(config, device, dtype, args.seed)
+    hf = build_transformers(model, config, device, dtype)
+    log(f"{name}: built ours and transformers in {time.perf_counter() - start:.1f} s "
+        f"({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)")
+    check = logits_check(model, hf, config, min(args.prefill, 128), device)
+    log(f"{name}: logits check {check}")
+
+    def record(variant, fn):
+        start = time.perf_counter()
+        try:
+            results[variant] = fn()
+        except Exception as e:  # one broken variant must not hide the others' numbers
+            results[variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
+        results[variant]["wall_seconds"] = round(time.perf_counter() - start, 2)
+        log(f"{name}: {variant}: {results[variant]}")
+
+    def ours_variant():
+        return dict(prefill_tokens_per_second=ours_prefill(model, config, args.prefill, device, dtype),
+                    **ours_decode(model, config, args.prompt, args.new, device, args.warm))
+
+    record("transformers", lambda: dict(prefill_tokens_per_second=hf_prefill(hf, config.vocab_size, args.prefill, device),
+                                        **hf_decode(hf, config.vocab_size, args.prompt, args.new, device, args.warm)))
+    record("transformers-generate", lambda: hf_generate(hf, config.vocab_size, args.prompt, args.new, device, args.warm))
+    del hf
+    record("ours-plain", ours_variant)
+    speed_up(model)
+    record("ours-fused", ours_variant)
+    if args.compile:
+        plain_model = model
+
+        def compiled_variant():
+            nonlocal model
+            started = time.perf_counter()
+            model = torch.compile(plain_model, mode=args.compile_mode, dynamic=args.dynamic)
+            # warm-up at full length, twice: every prompt and cache length the timed runs will see,
+            # after the recompiles that mark sizes dynamic
+            for _ in range(2):
+                ours_decode(model, config, args.prompt, args.new, device, args.new)
+                ours_prefill(model, config, args.prefill, device, dtype)
+            warm = time.perf_counter() - started
+            log(f"{name}: compiled ({args.compile_mode}) and warmed up in {warm:.1f} s")
+            result = dict(compile_and_warmup_seconds=round(warm, 1), mode=args.compile_mode,
+                          prefill_tokens_per_second=ours_prefill(model, config, args.prefill, device, dtype),
+                          **ours_decode(model, config, args.prompt, args.new, device, args.warm))
+            from torch._dynamo.utils import counters
+
+            result.update(unique_graphs=counters["stats"]["unique_graphs"],
+                          graph_breaks={" ".join(reason.split())[:300]: n for reason, n in counters["graph_break"].items()})
+            return result
+
+        record("ours-compiled", compiled_variant)
+        model = plain_model
+    speed_up(model, quantize="int8")
+    record("ours-int8", ours_variant)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    ratios = {}
+    peer = results.get("transformers", {})
+    for variant, r in results.items():
+        if not variant.startswith("ours") or "error" in r or "error" in peer:
+            continue
+        ratios[variant] = dict(prefill=r["prefill_tokens_per_second"] / peer["prefill_tokens_per_second"],
+                               decode=r["decode_tokens_per_second"] / peer["decode_tokens_per_second"],
+                               e2e=peer["e2e_seconds"] / r["e2e_seconds"])
+    same_tokens = {v: r.get("tokens") == peer.get("tokens") for v, r in results.items()
+                   if v.startswith("ours") and "tokens" in r and "tokens" in peer}
+    for r in results.values():
+        r.pop("tokens", None)
+    return dict(config=config.to_dict(), logits_check=check, greedy_tokens_equal_transformers=same_tokens,
+                results=results, ratios=ratios)
+
+
+# ------------------------------------------------------------------ report
+def table(report: dict) -> str:
+    rows = []
+    for name, c in report["configs"].items():
+        rows += [f"### {name} ({report['dtype']}, {report['device_name']})", "",
+                 "| variant | prefill tok/s | decode tok/s | e2e s | prefill x | decode x | e2e x |",
+                 "|---|---|---|---|---|---|---|"]
+        for variant, r in c["results"].items():
+            if "error" in r:
+                rows.append(f"| {variant} | error: {r['error'][:120]} | | | | | |")
+                continue
+            ratio = c["ratios"].get(variant)
+            cells = [f"{r['prefill_tokens_per_second']:,.0f}" if "prefill_tokens_per_second" in r else "-",
+                     f"{r['decode_tokens_per_second']:,.1f}" if "decode_tokens_per_second" in r else "-",
+                     f"{r['e2e_seconds']:.3f}"]
+            cells += [f"{ratio[k]:.2f}" for k in ("prefill", "decode", "e2e")] if ratio else ["-", "-", "-"]
+            rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+        chk = c["logits_check"]
+        rows += ["", f"logits ours vs transformers: max |Δ| {chk['max_abs_diff']:.3g} of max |logit| "
+                     f"{chk['max_abs_logit']:.3g}, argmax agreement {chk['argmax_agreement']:.0%}; "
+                     f"greedy tokens equal: {c['greedy_tokens_equal_transformers']}", ""]
+    rows.append("x = ours / transformers (e2e: transformers seconds / ours seconds); > 1 means ours is faster.")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {', '.join(CONFIGS)}")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config and a few tokens (checks the script)")
+    parser.add_argument("--prefill", type=int, default=512)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--warm", type=int, default=8, help="new tokens of the warm-up generation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="also time fused + torch.compile")
+    parser.add_argument("--compile-mode", default="reduce-overhead")
+    parser.add_argument("--dynamic", default=None, type=lambda s: {"true": True, "false": False}.get(s.lower()),
+                        help="torch.compile dynamic= (true/false; default: torch's automatic choice)")
+    parser.add_argument("--out", default=None, help="write the JSON report here")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available here; pass --device cpu (with --tiny) to check the script")
+    dtype = getattr(torch, args.dtype)
+    if args.tiny:
+        configs = TINY
+        args.prefill, args.prompt, args.new, args.warm = min(args.prefill, 32), min(args.prompt, 4), min(args.new, 8), 2
+    else:
+        configs = {name: CONFIGS[name] for name in args.configs.split(",")}
+    import transformers
+
+    report = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  torch=torch.__version__, transformers=transformers.__version__, dtype=args.dtype,
+                  settings=dict(prefill=args.prefill, prompt=args.prompt, new=args.new, compile=args.compile,
+                                compile_mode=args.compile_mode if args.compile else None, seed=args.seed),
+                  configs={})
+    torch.manual_seed(args.seed)
+    for name, config in configs.items():
+        report["configs"][name] = bench_config(name, config, args, device, dtype)
+        if args.out:  # after each config, so a timeout keeps what was measured
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+
+
+if __name__ == "__main__":
+    main()
