@@ -1,11 +1,11 @@
-"""Perplexity cross-check with llama.cpp, and what 16-bit and int8 weights cost.
+"""Perplexity cross-check with llama.cpp, and what 16-bit, int8 and int4 weights cost.
 
     python benchmarks/perplexity_check.py FILE [--context 512] [--stride 256] [--max-tokens 4096]
 
 The text is tokenized once (our tokenizer) and the same ids, in the same sliding
 windows (`llama3.perplexity.plan_windows`), are scored by
-    ours:      fp32, bf16, int8 (per-row, from llama.cpp's Q8_0 file)
-    llama.cpp: F32, F16, Q8_0 (llama-cpp-python with logits_all=True)
+    ours:      fp32, bf16, int8 (per-row, from llama.cpp's Q8_0 file), int4 (the Q4_1 file's own blocks)
+    llama.cpp: F32, F16, Q8_0, Q4_1 (llama-cpp-python with logits_all=True)
 so ours-fp32 vs llama.cpp-F32 checks the computation (same weights, same windows),
 and each precision's row shows what it costs against fp32.  The GGUF files come from
 benchmarks/speed.py's work folder (run that first, or pass --work).
@@ -69,19 +69,23 @@ def main() -> int:
     q8 = work / "model-q8_0.gguf"
     int8 = load_fast(str(q8) if q8.exists() else args.model, quantize="int8")
     ours["ours-int8"] = report("ours-int8" + ("(q8_0)" if q8.exists() else ""), model_logits_fn(int8.model))
+    q4 = work / "model-q4_1.gguf"
+    int4 = load_fast(str(q4) if q4.exists() else args.model, quantize="int4")
+    ours["ours-int4"] = report("ours-int4" + ("(q4_1)" if q4.exists() else ""), model_logits_fn(int4.model))
+    del int8, int4
     peers = {}
     try:
-        for kind in ("f32", "f16", "q8_0"):
+        for kind in ("f32", "f16", "q8_0", "q4_1"):
             if (work / f"model-{kind}.gguf").exists():
                 peers[kind] = report(f"llama.cpp-{kind}", llamacpp_logits_fn(work / f"model-{kind}.gguf",
                                                                              args.context, args.threads))
     except ImportError:
         print("llama-cpp-python is not installed (pip install -e .[bench]); no cross-check")
-    for ours_name, peer in (("ours-fp32", "f32"), ("ours-bf16", "f16"), ("ours-int8", "q8_0")):
+    for ours_name, peer in (("ours-fp32", "f32"), ("ours-bf16", "f16"), ("ours-int8", "q8_0"), ("ours-int4", "q4_1")):
         if peer in peers:
             print(f"{ours_name} / llama.cpp-{peer}: {ours[ours_name] / peers[peer]:.4f}")
-    print(f"cost vs fp32: bf16 {ours['ours-bf16'] / ours['ours-fp32'] - 1:+.2%}, "
-          f"int8 {ours['ours-int8'] / ours['ours-fp32'] - 1:+.2%}")
+    print("cost vs fp32: " + ", ".join(f"{name[5:]} {ours[name] / ours['ours-fp32'] - 1:+.2%}"
+                                       for name in ("ours-bf16", "ours-int8", "ours-int4")))
     return 0
 
 
