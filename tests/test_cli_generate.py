@@ -23,6 +23,19 @@ def test_generate_streams_only_the_continuation(default_llm):
     assert "loaded smollm2-135m-instruct" in result.stderr and "tokens/s" in result.stderr
 
 
+@pytest.mark.parametrize("flags", [["--plain"], ["--quantize", "int4"]])
+def test_generate_plain_and_int4(default_llm, flags):
+    """--plain runs the readable model (the library's tokens); --quantize int4 runs the embedded
+    Q4_1 blocks as 4-bit weights and prints what llama3.fast.load_fast(quantize="int4") gives."""
+    from llama3.fast import load_fast
+
+    prompt = "The three primary colors are"
+    reference = default_llm if flags == ["--plain"] else load_fast(quantize="int4")
+    result = llama3_cli("generate", "--max-new-tokens", "10", *flags, prompt)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == reference.generate(prompt, max_new_tokens=10)
+
+
 def test_generate_reads_stdin_and_cuts_at_stop(default_llm):
     prompt = "Here is a list of fruits:\n1."
     expected = default_llm.generate(prompt, max_new_tokens=24, stop=["\n"], seed=5, temperature=0.8)
