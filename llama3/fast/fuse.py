@@ -55,12 +55,13 @@ class FusedFeedForward(FeedForward):
 
 
 class FusedRMSNorm(RMSNorm):
-    """RMSNorm through PyTorch's one-kernel `F.rms_norm` (still float32 inside, as the
-    readable version): the same numbers, one op where the readable version has six.
-    With 61 norms per token this is ~13% of a SmolLM2 decode step on a 2-core CPU."""
+    """RMSNorm through PyTorch's `F.rms_norm`, one call where the readable version has six.
+    It computes in float32 inside and rounds once to x's dtype, as the readable version
+    does, so 16-bit inputs need no float32 copy in and out: the same numbers (bit for bit
+    on bf16, tested), and ~13% of a SmolLM2 decode step saved on a 2-core CPU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
 def fuse_norms(model: nn.Module) -> nn.Module:
