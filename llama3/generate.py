@@ -198,15 +198,15 @@ class TokenGeneration:
     def _forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens [B, T] at cache slots start.. -> logits of the last position [B, V]."""
         if not self.padded:  # every row starts at slot 0: plain causal attention, fastest path
-            return self.model(tokens, start_pos=start, cache=self.cache)[:, -1]
+            return self.model(tokens, start_pos=start, cache=self.cache, last_only=True)[:, -1]
         end = start + tokens.shape[1]
         query = torch.arange(start, end, device=tokens.device)[:, None]  # [T, 1]
         key = torch.arange(end, device=tokens.device)[None, :]           # [1, S]
         # Row b may see key j if j is not in the future and is a real token of row b.  A pad
         # query also sees itself, so its softmax is never over nothing (which gives NaN).
         mask = (key <= query) & (self.key_valid[:, None, :end] | (key == query))  # [B, T, S]
-        return self.model(tokens, start_pos=start, cache=self.cache,
-                          positions=self.positions[:, start:end], mask=mask[:, None])[:, -1]
+        return self.model(tokens, start_pos=start, cache=self.cache, positions=self.positions[:, start:end],
+                          mask=mask[:, None], last_only=True)[:, -1]
 
     @torch.inference_mode()
     def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

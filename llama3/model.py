@@ -294,13 +294,16 @@ class Transformer(nn.Module):
         self.rope = RotaryEmbedding(config)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """tokens [B, T] (long) -> logits [B, T, V] (float32).
 
         start_pos: position of tokens[:, 0]; with a cache, keys 0..start_pos-1 come from it.
         positions: optional [B, T] positions for RoPE (e.g. restarting at each packed document);
                    default start_pos, start_pos+1, ...
         mask:      optional bool [B or 1, 1, T, S] (True = may attend); default causal.
+        last_only: logits of the last position only, [B, 1, V] (generation needs no more: it
+                   skips the output matmul and the [B, T, V] logits for the rest of a prompt).
         """
         seqlen = tokens.shape[1]
         if positions is None:
@@ -309,6 +312,8 @@ class Transformer(nn.Module):
         h = self.tok_embeddings(tokens)                      # [B, T, D]
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, cache, mask)  # [B, T, D]
+        if last_only:
+            h = h[:, -1:]                                    # [B, 1, D]
         return self.output(self.norm(h)).float()             # [B, T, V]
 
     @torch.no_grad()

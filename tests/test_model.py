@@ -168,3 +168,17 @@ def test_rope_matches_complex_formulation():
     expected = torch.view_as_real(x_complex * freqs_cis[None, :, None, :]).flatten(3)
     got = apply_rope(x, angles.cos(), angles.sin())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_gives_the_last_positions_logits(tiny_model):
+    """last_only=True (what generation asks for) == the last row of the full logits, with and without a cache."""
+    tokens = torch.randint(0, tiny_model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = tiny_model(tokens)
+        last = tiny_model(tokens, last_only=True)
+        assert last.shape == (2, 1, tiny_model.config.vocab_size)
+        torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-6)
+        cache = KVCache(tiny_model.config, 2, 9)
+        tiny_model(tokens[:, :5], 0, cache)
+        torch.testing.assert_close(tiny_model(tokens[:, 5:], 5, cache, last_only=True), full[:, -1:],
+                                   rtol=1e-5, atol=1e-5)

@@ -67,12 +67,13 @@ class DecodingTransformer(Transformer):
     `use_decoding_step(model)` switches a loaded model to it in place (after fusing)."""
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         lean = (cache is not None and tokens.shape[1] == 1 and not torch.is_grad_enabled()
                 and (mask is None or mask.shape[-2] == 1))
-        if lean:
+        if lean:  # one position: its logits are the last position's
             return decode_step(self, tokens, start_pos, cache, positions, mask)
-        return super().forward(tokens, start_pos, cache, positions, mask)
+        return super().forward(tokens, start_pos, cache, positions, mask, last_only)
 
 
 def use_decoding_step(model: Transformer) -> Transformer:
