@@ -93,3 +93,19 @@ def test_chat_explain_on_the_real_model(default_llm):
     assert "Paris" in text and record["finish_reason"] == "stop"
     assert "<|im_start|>·1" in report and "▸␣Paris" in report
     assert "head  8 (kv 2)" in report and "<|im_end|> (id 2)" in report
+
+
+def test_walkthrough_source_links_point_at_their_definitions():
+    """The committed walkthroughs link into model.py by line; a link must land on its def/class
+    line (regenerate with `llama3 inspect walkthrough` after editing model.py)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for doc in ("walkthrough.md", "walkthrough.zh.md"):
+        text = (root / "docs" / doc).read_text(encoding="utf-8")
+        links = re.findall(r"\[`[\w.]+: ([\w.]+)`\]\(\.\./(llama3/[\w/]+\.py)#L(\d+)\)", text)
+        assert links, f"{doc} has no source links"
+        for name, path, line in links:
+            source = (root / path).read_text(encoding="utf-8").splitlines()[int(line) - 1]
+            assert re.match(rf"\s*(def|class) {name.split('.')[-1]}\b", source), f"{doc}: {name} -> {path}#L{line}"
