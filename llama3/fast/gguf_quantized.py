@@ -75,7 +75,8 @@ def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torc
         module = model.get_submodule(module_name)
         head = name == "output.weight" or (name == "tok_embeddings.weight" and config.tie_embeddings)
         if head and kind == "int4":                          # the head stays 16-bit beside int4 blocks
-            set_bf16_head(model, _dequantize(tensor, path), dtype, tied=name == "tok_embeddings.weight")
+            head_weight = _dequantize(tensor, path, torch.bfloat16)  # straight to bf16: no float32 copy
+            set_bf16_head(model, head_weight, dtype, tied=name == "tok_embeddings.weight")
         elif head:
             int8 = _quantized_linear(tensor, path, "int8")
             model.output = int8
