@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama3.fast.int4 import Int4Linear
-from llama3.fast.quantize import Int8Linear
+from llama3.fast.quantize import Int8Linear, quantize_rows
 from llama3.model import Attention, FeedForward, RMSNorm
 
 
@@ -30,6 +30,11 @@ def _stack(*linears: nn.Module) -> nn.Module:
     (float nn.Linear, Int8Linear or Int4Linear: scales are stacked the same way)."""
     if all(isinstance(lin, Int4Linear) for lin in linears):
         return Int4Linear.stack(list(linears))
+    if any(isinstance(lin, (Int4Linear, Int8Linear)) for lin in linears):
+        # A mix (e.g. a k projection too narrow for the int4 kernel next to an int4 q): stack as int8
+        linears = [lin if isinstance(lin, Int8Linear) else
+                   Int8Linear(*quantize_rows(lin.dequantized() if isinstance(lin, Int4Linear) else lin.weight))
+                   for lin in linears]
     if all(isinstance(lin, Int8Linear) for lin in linears):
         return Int8Linear(torch.cat([lin.weight for lin in linears]), torch.cat([lin.scales for lin in linears]))
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [N1 + N2 (+ N3), K]

@@ -107,6 +107,14 @@ class Int4Linear(nn.Module):
         fused.register_buffer("scales_and_zeros", torch.cat([lin.scales_and_zeros for lin in linears], dim=1))
         return fused
 
+    def dequantized(self) -> torch.Tensor:
+        """The float32 matrix [N, K] these weights stand for (before packing only)."""
+        if self.q is None:
+            raise ValueError("an Int4Linear can be read back only before the first forward packs it")
+        scale, zero = self.scales_and_zeros.float().unbind(-1)           # [K/32, N] each
+        groups = (self.q.float() - 8).unflatten(1, (-1, GROUP))          # [N, K/32, 32]
+        return (groups * scale.t()[..., None] + zero.t()[..., None]).flatten(1)
+
     def pack(self) -> "Int4Linear":
         """Pack the 4-bit values into the kernel's layout (once; `speed_up` does it after fusing)."""
         if self.packed is None:
