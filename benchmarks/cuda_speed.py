@@ -20,7 +20,8 @@ GPU work is bracketed by torch.cuda.synchronize().  "transformers-generate" is `
 do_sample=False and min_new_tokens = max_new_tokens = 128: end-to-end only.
 
 Variants: ours-plain (model.py as written), ours-fused (`speed_up`), ours-compiled (fused +
-torch.compile, mode --compile-mode, only with --compile), ours-int8 (fused + weight-only int8),
+torch.compile, mode --compile-mode, only with --compile), ours-static (`llama3.fast.static`:
+fixed-address cache, step compiled with CUDA graphs; only with --static), ours-int8 (fused + weight-only int8),
 transformers (LlamaForCausalLM, SDPA attention).  Ratios are ours / transformers (> 1: ours faster).
 A markdown table goes to stdout; the JSON (rewritten after each config) to --out.
 """
@@ -140,6 +141,35 @@ def ours_decode(model, config: ModelConfig, prompt_len: int, new: int, device: t
 
 
 @torch.inference_mode()
+def static_decode(model, config: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> dict:
+    """llama3.fast.static: a fixed-address KV cache and a decode step compiled with CUDA graphs
+    (reduce-overhead). Decode rate = (new - 1) tokens / (time for new tokens - time for 1)."""
+    from llama3.fast.static import StaticDecoder
+
+    prompt = torch.tensor([prompt_of(args.prompt, config.vocab_size, seed=1)], device=device)
+    started = time.perf_counter()
+    decoder = StaticDecoder(model, 1, args.prompt + args.new)
+    for _ in range(2):  # compiles, then records the graph
+        decoder.generate(prompt, args.new)
+    sync(device)
+    warm = time.perf_counter() - started
+
+    def timed(n):
+        sync(device)
+        start = time.perf_counter()
+        out = decoder.generate(prompt, n)
+        sync(device)
+        return time.perf_counter() - start, out
+
+    first = min(timed(1)[0] for _ in range(3))
+    runs = [timed(args.new) for _ in range(2)]
+    e2e = min(t for t, _ in runs)
+    return dict(compile_and_warmup_seconds=round(warm, 1),
+                prefill_tokens_per_second=ours_prefill(model, config, args.prefill, device, dtype),
+                decode_tokens_per_second=(args.new - 1) / (e2e - first), e2e_seconds=e2e,
+                tokens=runs[0][1][0].tolist())
+
+
 def hf_prefill(hf, vocab: int, n: int, device: torch.device) -> float:
     tokens = torch.tensor([prompt_of(n, vocab)], device=device)
     return n / best_seconds(lambda: hf(tokens, use_cache=True), device, repeats=3)
@@ -253,6 +283,8 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
 
         record("ours-compiled", compiled_variant)
         model = plain_model
+    if args.static:
+        record("ours-static", lambda: static_decode(model, config, args, device, dtype))
     speed_up(model, quantize="int8")
     record("ours-int8", ours_variant)
     del model
@@ -312,6 +344,8 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=8, help="new tokens of the warm-up generation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="also time fused + torch.compile")
+    parser.add_argument("--static", action="store_true",
+                        help="also time llama3.fast.static (fixed-address cache, CUDA graphs)")
     parser.add_argument("--compile-mode", default="reduce-overhead")
     parser.add_argument("--dynamic", default=None, type=lambda s: {"true": True, "false": False}.get(s.lower()),
                         help="torch.compile dynamic= (true/false; default: torch's automatic choice)")

@@ -114,3 +114,20 @@ def test_packing_is_a_no_op_for_float32(tiny_model):
     pack_linears(tiny_model)
     assert not any(isinstance(m, PackedLinear) for m in tiny_model.modules())
     assert type(tiny_model) is Transformer
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not __import__("os").environ.get("LLAMA3_SLOW_TESTS"), reason="compiling takes a while on a small CPU; "
+                                                                  "set LLAMA3_SLOW_TESTS=1"))])
+def test_static_decoder_gives_the_engines_greedy_tokens(tiny_model, compiled):
+    """The fixed-address cache (attention over every slot, unwritten ones masked) and the
+    tensor position give the engine's greedy tokens for a batch of equal-length prompts."""
+    from llama3.fast.static import StaticDecoder
+
+    prompts = [[1, 2, 3, 4], [9, 8, 7, 6]]
+    want = generate_tokens(tiny_model, prompts, GenerationSettings(max_new_tokens=10))
+    list(want)
+    decoder = StaticDecoder(speed_up(copy.deepcopy(tiny_model)), batch=2, max_len=16, compile=compiled)
+    assert decoder.generate(torch.tensor(prompts), 10).tolist() == want.tokens
+    with pytest.raises(ValueError, match="max_len=16"):
+        decoder.generate(torch.tensor(prompts), 13)

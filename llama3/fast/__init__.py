@@ -7,6 +7,7 @@
     int4.py       weight-only int4 linears, 32-weight groups (the Q4_1 scheme of the embedded model)
     gguf_quantized.py  a GGUF file straight to int8/int4 (Q8_0/Q4_x blocks never become float matrices)
     compile.py    torch.compile of the forward (opt-in: compiling takes minutes on a small CPU)
+    static.py     greedy decoding with a fixed-address KV cache, compiled into one CUDA graph
     measure.py    prefill / time-to-first-token / decode speed and peak memory
 
 Each transformation keeps the model's forward signature, so the generation
