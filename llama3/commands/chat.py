@@ -45,17 +45,32 @@ def answer(llm, messages: list[dict], settings, out=sys.stdout, record: dict | N
     """Stream the assistant's reply to `messages` to `out`; return its text.
     Ctrl-C stops the reply early and returns what was said so far.
     `record`, if given, receives prompt_ids, answer_ids and finish_reason (for /explain)."""
+    import signal
+    import threading
+
     from llama3.generate import TextGeneration
 
     prompt_ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
     generation = TextGeneration(llm.model, llm.tokenizer, [prompt_ids], settings)
     pieces = []
+    # Ctrl-C sets a flag that the loop checks after each piece: a KeyboardInterrupt raised at an
+    # arbitrary point can be swallowed (e.g. inside a finaliser) and the answer would run on.
+    interrupted = []
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if in_main_thread else None
     try:
         for _, piece in generation:
             pieces.append(piece)
             out.write(piece)
             out.flush()
+            if interrupted:
+                break
     except KeyboardInterrupt:
+        interrupted.append(True)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted:
         print(" [stopped]", end="", file=out)
     out.write("\n")
     out.flush()
