@@ -143,6 +143,13 @@ def release_pages(path: str | os.PathLike, address: int, nbytes: int) -> None:
                     return
 
 
+def release_if_copied(path: str | os.PathLike, source, result) -> None:
+    """`release_pages` for tensor `source` (read from `path`) once `result` was made from it,
+    unless `result` still shares its memory (then the mapped pages are the result's own)."""
+    if result.untyped_storage().data_ptr() != source.untyped_storage().data_ptr():
+        release_pages(path, source.data_ptr(), source.nbytes)
+
+
 @functools.cache
 def _madvise():
     madvise = ctypes.CDLL(None, use_errno=True).madvise

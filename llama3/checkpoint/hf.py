@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from llama3.checkpoint.files import atomic_folder, read_json, release_pages, write_json
+from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
 from llama3.config import ModelConfig
 from llama3.errors import CheckpointError
 
@@ -144,8 +144,7 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
                     if hf_name == "lm_head.weight":
                         head_file = file
                     state[names[hf_name]] = _convert_in(stored, hf_name, names[hf_name], config, dtype)
-                    if not _same_memory(state[names[hf_name]], stored):  # copied: the file's pages are done
-                        release_pages(file, stored.data_ptr(), stored.nbytes)
+                    release_if_copied(file, stored, state[names[hf_name]])  # copied: the file's pages are done
         except SafetensorError as e:
             raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
                                   "the file is truncated or corrupt: re-download or re-export it") from None
@@ -157,10 +156,6 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
                                   "differs from model.embed_tokens.weight; fix the config")
         release_pages(head_file, head.data_ptr(), head.nbytes)  # the dropped copy (if still a mapped view)
     return config, state
-
-
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _convert_in(w: torch.Tensor, hf_name: str, meta_name: str, config: ModelConfig,

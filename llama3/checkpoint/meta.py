@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llama3.checkpoint.files import atomic_folder, read_json, release_pages, write_json
+from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
 from llama3.config import PRESETS, ModelConfig
 from llama3.errors import CheckpointError
 
@@ -163,8 +163,7 @@ def read_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tu
         for name in tqdm(list(state), desc=f"casting to {dtype}", unit="tensor", leave=False, disable=None):
             stored = state[name]
             state[name] = stored.to(dtype)
-            if state[name].untyped_storage().data_ptr() != stored.untyped_storage().data_ptr():
-                release_pages(files[0], stored.data_ptr(), stored.nbytes)  # no-op unless a mapped view
+            release_if_copied(files[0], stored, state[name])  # no-op unless a mapped view
             del stored
     return config, state
 

@@ -27,7 +27,7 @@ def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True) -
     fuse: stack q/k/v and gate/up, RMSNorm as one kernel, and decode one token at a
           time through the lean step (`decode.py`); the same numbers up to float rounding.
     quantize: None (keep the float weights), "int8" (weight-only, per-row scales) or "int4"
-          (weight-only, a scale and offset per 32 weights; CPU only; the head stays int8).
+          (weight-only, a scale and offset per 32 weights; CPU only; the head stays bf16).
     With fuse, bfloat16 linears on a CPU with bf16 instructions are also packed for
     oneDNN (bit-identical results).  fuse=False with quantize=None changes nothing.
     The model keeps its forward signature; it is meant for inference (fused, packed and

@@ -37,27 +37,39 @@ def decode_step(model: Transformer, tokens: torch.Tensor, start_pos: int, cache:
     up to float rounding.  positions: None or [B, 1]; mask: None or bool [B, 1, 1, S].
     Needs fused projections (`llama3.fast.fuse.fuse_projections`).
     """
-    batch = tokens.shape[0]
-    first = model.layers[0].attention
-    n_heads, n_kv, head_dim = first.n_heads, first.n_kv_heads, first.head_dim
     if positions is None:
         positions = torch.tensor([start_pos], device=tokens.device)      # [1]
     cos, sin = model.rope(positions.reshape(-1, 1))                       # [B or 1, 1, Dh/2]
-    h = model.tok_embeddings(tokens)                                      # [B, 1, D]
+
+    def attend(layer_id, q, k, v):  # store this position's k, v [B, Hkv, Dh]; attend over all so far
+        keys, values = cache.update(layer_id, start_pos, k.unsqueeze(2), v.unsqueeze(2))  # [B, Hkv, S, Dh]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    return decode_blocks(model, model.tok_embeddings(tokens), cos, sin, attend).float()
+
+
+def decode_blocks(model: Transformer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend) -> torch.Tensor:
+    """The blocks and head for one new token per row: h [B, 1, D] -> logits [B, 1, V].
+
+    cos, sin: [B or 1, 1, Dh/2] for the new position.  attend(layer_id, q, k, v) stores the
+    new k, v [B, Hkv, Dh] in the cache and returns the attention output [B, Hkv, n_rep, Dh]
+    for q [B, Hkv, n_rep, Dh] (the H query heads grouped by the key/value head they share).
+    """
+    batch = h.shape[0]
+    first = model.layers[0].attention
+    n_heads, n_kv, head_dim = first.n_heads, first.n_kv_heads, first.head_dim
     for layer in model.layers:
         attn, ffn = layer.attention, layer.feed_forward
         # ---- attention: h = h + wo(attend(q, cached k, cached v))
         qkv = attn.wqkv(layer.attention_norm(h)).view(batch, n_heads + 2 * n_kv, head_dim)  # [B, H+2Hkv, Dh]
         qk = apply_rope(qkv[:, None, :n_heads + n_kv], cos, sin)[:, 0]   # [B, H+Hkv, Dh]: q and k rotated at once
-        k, v = qk[:, n_heads:], qkv[:, n_heads + n_kv:]                   # [B, Hkv, Dh] each
-        keys, values = cache.update(attn.layer_id, start_pos, k.unsqueeze(2), v.unsqueeze(2))  # [B, Hkv, S, Dh]
         q = qk[:, :n_heads].reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, Hkv, n_rep, Dh]: heads by group
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # [B, Hkv, n_rep, Dh]
+        out = attend(attn.layer_id, q, qk[:, n_heads:], qkv[:, n_heads + n_kv:])  # [B, Hkv, n_rep, Dh]
         h = h + attn.wo(out.reshape(batch, 1, n_heads * head_dim))       # [B, 1, D]
         # ---- feed-forward: h = h + w2(silu(gate) * up)
         gate, up = ffn.w13(layer.ffn_norm(h)).chunk(2, dim=-1)            # [B, 1, F] each
         h = h + ffn.w2(F.silu(gate) * up)                                 # [B, 1, D]
-    return model.output(model.norm(h)).float()                           # [B, 1, V]
+    return model.output(model.norm(h))                                   # [B, 1, V]
 
 
 class DecodingTransformer(Transformer):

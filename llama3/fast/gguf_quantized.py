@@ -10,7 +10,7 @@ weight goes from its blocks to a quantized linear directly:
 
 Only the norms (and any tensor stored as float) are read as float; a linear
 stored in another type is dequantized and quantized on its own.  With tied
-embeddings, the token table is the int8 head read through `Int8Embedding`.
+embeddings, the token table reads the head's rows (`Int8Embedding` / `Bf16Embedding`).
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from llama3.fast.packed import PackedLinear, can_pack
+from llama3.fast.quantize import Int8Linear
+
 GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1 blocks
 
 
@@ -100,12 +103,9 @@ class Int4Linear(nn.Module):
         """One Int4Linear whose rows are the given ones' rows, in order (before their first use)."""
         if any(lin.q is None for lin in linears):
             raise ValueError("Int4Linear rows can only be stacked before the first forward packs them")
-        fused = cls.__new__(cls)
-        nn.Module.__init__(fused)
-        fused.out_features, fused.in_features = sum(lin.out_features for lin in linears), linears[0].in_features
-        fused.q, fused.packed = torch.cat([lin.q for lin in linears]), None
-        fused.register_buffer("scales_and_zeros", torch.cat([lin.scales_and_zeros for lin in linears], dim=1))
-        return fused
+        scales_and_zeros = torch.cat([lin.scales_and_zeros for lin in linears], dim=1)  # [K/32, N1 + N2.., 2]
+        scale, zero = scales_and_zeros.unbind(-1)
+        return cls(torch.cat([lin.q for lin in linears]), scale.t(), zero.t())
 
     def dequantized(self) -> torch.Tensor:
         """The float32 matrix [N, K] these weights stand for (before packing only)."""
@@ -150,8 +150,6 @@ class Bf16Head(nn.Module):
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
         super().__init__()
-        from llama3.fast.packed import PackedLinear, can_pack
-
         self.register_buffer("table", weight.detach().to(torch.bfloat16).contiguous())  # [V, D]
         self.packed = PackedLinear(self.table) if can_pack(self.table) else None
         self.dtype = dtype
@@ -188,8 +186,6 @@ def set_bf16_head(model: nn.Module, weight: torch.Tensor, dtype: torch.dtype, ti
 def quantize_int4(model: nn.Module) -> nn.Module:
     """Swap the block linears of `model` (in place) for Int4Linear (any whose shape the kernel
     cannot pack for Int8Linear) and the output head for a Bf16Head.  Returns the model."""
-    from llama3.fast.quantize import Int8Linear
-
     tied = model.output.weight is model.tok_embeddings.weight
     dtype = model.norm.weight.dtype
     for block in model.layers:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama3.model import KVCache, Transformer, apply_rope
+from llama3.fast.decode import decode_blocks
+from llama3.model import KVCache, Transformer
 
 
 class StaticDecoder(nn.Module):
@@ -42,25 +43,15 @@ class StaticDecoder(nn.Module):
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """tokens [B, 1] at position pos ([1] long tensor) -> next greedy ids [B, 1]."""
         model = self.model
-        batch = tokens.shape[0]
-        first = model.layers[0].attention
-        n_heads, n_kv, head_dim = first.n_heads, first.n_kv_heads, first.head_dim
         cos, sin = model.rope.cos[pos][:, None], model.rope.sin[pos][:, None]  # [1, 1, Dh/2]
         visible = (torch.arange(self.max_len, device=pos.device) <= pos)[None, :]  # [1, S]: slots written so far
-        h = model.tok_embeddings(tokens)                                        # [B, 1, D]
-        for i, layer in enumerate(model.layers):
-            attn, ffn = layer.attention, layer.feed_forward
-            qkv = attn.wqkv(layer.attention_norm(h)).view(batch, n_heads + 2 * n_kv, head_dim)
-            qk = apply_rope(qkv[:, None, :n_heads + n_kv], cos, sin)[:, 0]     # [B, H+Hkv, Dh]
-            self.k[i].index_copy_(2, pos, qk[:, n_heads:, None])               # write slot pos: [B, Hkv, 1, Dh]
-            self.v[i].index_copy_(2, pos, qkv[:, n_heads + n_kv:, None])
-            q = qk[:, :n_heads].reshape(batch, n_kv, n_heads // n_kv, head_dim)  # [B, Hkv, n_rep, Dh]
-            out = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=visible)
-            h = h + attn.wo(out.reshape(batch, 1, n_heads * head_dim))
-            gate, up = ffn.w13(layer.ffn_norm(h)).chunk(2, dim=-1)
-            h = h + ffn.w2(F.silu(gate) * up)
-        logits = model.output(model.norm(h))                                   # [B, 1, V]
-        return logits.argmax(dim=-1)                                           # [B, 1]
+
+        def attend(layer_id, q, k, v):  # write slot pos of k, v [B, Hkv, Dh]; attend over every slot
+            self.k[layer_id].index_copy_(2, pos, k[:, :, None])
+            self.v[layer_id].index_copy_(2, pos, v[:, :, None])
+            return F.scaled_dot_product_attention(q, self.k[layer_id], self.v[layer_id], attn_mask=visible)
+
+        return decode_blocks(model, model.tok_embeddings(tokens), cos, sin, attend).argmax(dim=-1)  # [B, 1]
 
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
