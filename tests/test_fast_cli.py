@@ -34,6 +34,24 @@ def test_bench_prints_its_numbers(tiny_folder, capsys, extra):
     assert report["peak_rss_bytes"] > 10 * 2**20
 
 
+def test_bench_compile_failure_is_one_line_error(tiny_folder, capsys, monkeypatch):
+    """torch.compile fails on the first call for some models (e.g. int4's kernel): one line, exit 2."""
+    import llama3.fast.compile
+    import llama3.fast.measure
+
+    def broken_compile(model):
+        def fails(*args, **kwargs):
+            raise RuntimeError("LoweringException: cannot lower this op\nmore lines")
+        return fails
+
+    monkeypatch.setattr(llama3.fast.compile, "compile_model", broken_compile)
+    monkeypatch.setattr(llama3.fast.measure, "measure", lambda model, *a: model())
+    assert main(["bench", "--model", str(tiny_folder), "--compile", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: torch.compile could not compile") and "run without --compile" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_bench_bad_input_is_one_line_error(tiny_folder, capsys):
     assert main(["bench", "--model", str(tiny_folder), "--threads", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --threads")

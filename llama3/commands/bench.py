@@ -47,7 +47,14 @@ def run(args: argparse.Namespace) -> int:
     llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain,
                     compile=args.compile)
     load_seconds = time.perf_counter() - start
-    report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens)
+    try:
+        report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens)
+    except Exception as e:  # torch.compile compiles on the first call, and can fail there
+        if not args.compile:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
+                          "run without --compile") from None
     if args.json:
         print(json.dumps(report.as_dict()))
     else:

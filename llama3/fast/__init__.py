@@ -21,15 +21,16 @@ from torch import nn
 QUANTIZATIONS = ("int8", "int4")
 
 
-def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True) -> nn.Module:
+def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, pack: bool = True) -> nn.Module:
     """Apply the inference speed-ups in place; returns the model.
 
     fuse: stack q/k/v and gate/up, RMSNorm as one kernel, and decode one token at a
           time through the lean step (`decode.py`); the same numbers up to float rounding.
     quantize: None (keep the float weights), "int8" (weight-only, per-row scales) or "int4"
           (weight-only, a scale and offset per 32 weights; CPU only; the head stays bf16).
-    With fuse, bfloat16 linears on a CPU with bf16 instructions are also packed for
-    oneDNN (bit-identical results).  fuse=False with quantize=None changes nothing.
+    With fuse and pack, bfloat16 linears on a CPU with bf16 instructions are also packed
+    for oneDNN (bit-identical results; torch.compile cannot lower them, so compiling
+    callers pass pack=False).  fuse=False with quantize=None changes nothing.
     The model keeps its forward signature; it is meant for inference (fused, packed and
     int8 weights do not train).
     """
@@ -50,7 +51,7 @@ def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True) -
         from llama3.fast.int4 import quantize_int4
 
         quantize_int4(model)
-    elif fuse:
+    elif fuse and pack:
         from llama3.fast.packed import pack_linears
 
         pack_linears(model)
@@ -93,7 +94,7 @@ def load_fast(source=None, dtype=None, quantize: str | None = None, fuse: bool =
         quantize = None  # already quantized
     else:
         llm = llama3.load(source, dtype=dtype, device=device)
-    speed_up(llm.model, quantize, fuse)
+    speed_up(llm.model, quantize, fuse, pack=not compile)
     if compile:
         from llama3.fast.compile import compile_model
 
