@@ -60,5 +60,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
         print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"decode step: {decode_step_name(llm.model)}")
         print("\n".join(report.lines()))
     return 0
+
+
+def decode_step_name(model) -> str:
+    """Which one-token step decodes: the C one, the lean PyTorch one, or the readable forward."""
+    from llama3.fast import native
+    from llama3.fast.decode import DecodingTransformer
+
+    if getattr(model, "native_step", None) is not None:
+        return "C (llama3/fast/native.c)"
+    if isinstance(model, DecodingTransformer):
+        why = native.build_error()
+        return "lean PyTorch (llama3/fast/decode.py)" + (f"; no C step: {why}" if why else "")
+    return "the readable forward (llama3/model.py)"

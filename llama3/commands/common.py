@@ -13,8 +13,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Hugging Face folder, a Meta folder (consolidated.*.pth + params.json), a .gguf "
                              "file or a built-in name (default: the embedded smollm2-135m-instruct)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
-                        help="weights' dtype in memory (default float32; bfloat16 halves memory, on CPU it is "
-                             "usually slower)")
+                        help="weights' dtype in memory (default float32; bfloat16 halves memory and the bytes "
+                             "each decoded token reads; `llama3 bench` shows what it gains on this CPU)")
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,5 +27,7 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              "blocks are read directly")
     parser.add_argument("--plain", action="store_true",
                         help="run the readable model exactly as written: no fused projections, no lean "
-                             "decoding step, no packed weights (slower; the same tokens up to float rounding)")
+                             "decoding step, no C decoding step, no packed weights (slower; the same tokens up "
+                             "to float rounding). LLAMA3_NATIVE=0 turns off only the C step, which is compiled "
+                             "with the machine's C compiler on first use and cached in ~/.cache/llama3")
 

@@ -7,6 +7,7 @@
     int4.py       weight-only int4 linears, 32-weight groups (the Q4_1 scheme of the embedded model)
     gguf_quantized.py  a GGUF file straight to int8/int4 (Q8_0/Q4_x blocks never become float matrices)
     compile.py    torch.compile of the forward (opt-in: compiling takes minutes on a small CPU)
+    native.c/.py  the whole one-token step in C (batch 1, CPU): compiled on first use, read via ctypes
     static.py     greedy decoding with a fixed-address KV cache, compiled into one CUDA graph
     measure.py    prefill / time-to-first-token / decode speed and peak memory
 
@@ -21,15 +22,19 @@ from torch import nn
 QUANTIZATIONS = ("int8", "int4")
 
 
-def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, pack: bool = True) -> nn.Module:
+def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, pack: bool = True,
+             native: bool = True) -> nn.Module:
     """Apply the inference speed-ups in place; returns the model.
 
     fuse: stack q/k/v and gate/up, RMSNorm as one kernel, and decode one token at a
           time through the lean step (`decode.py`); the same numbers up to float rounding.
     quantize: None (keep the float weights), "int8" (weight-only, per-row scales) or "int4"
           (weight-only, a scale and offset per 32 weights; CPU only; the head stays bf16).
-    With fuse and pack, bfloat16 linears on a CPU with bf16 instructions are also packed
-    for oneDNN (bit-identical results; torch.compile cannot lower them, so compiling
+    native: with fuse, on the CPU, decode batch-1 tokens through the C step (`native.py`;
+          compiled on first use, skipped where no C compiler is found).  It reads the
+          weights in place, so bfloat16 linears are then not packed for oneDNN.
+    With fuse and pack (and no native step), bfloat16 linears on a CPU with bf16 instructions
+    are packed for oneDNN (bit-identical results; torch.compile cannot lower them, so compiling
     callers pass pack=False).  fuse=False with quantize=None changes nothing.
     The model keeps its forward signature; it is meant for inference (fused, packed and
     int8 weights do not train).
@@ -51,19 +56,23 @@ def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, p
         from llama3.fast.int4 import quantize_int4
 
         quantize_int4(model)
-    elif fuse and pack:
+    from llama3.fast import native as c_step
+
+    native = native and fuse and model.norm.weight.device.type == "cpu" and c_step.library() is not None
+    if fuse and pack and quantize is None and not native:
         from llama3.fast.packed import pack_linears
 
         pack_linears(model)
-    if fuse:
-        from llama3.fast.decode import use_decoding_step
-
-        use_decoding_step(model)
     from llama3.fast.int4 import Int4Linear
 
     for module in model.modules():
         if isinstance(module, Int4Linear):
             module.pack()  # now, not on the first token
+    if fuse:
+        from llama3.fast.decode import use_decoding_step
+
+        use_decoding_step(model)
+        model.native_step = c_step.native_step(model) if native else None
     return model
 
 
@@ -94,7 +103,7 @@ def load_fast(source=None, dtype=None, quantize: str | None = None, fuse: bool =
         quantize = None  # already quantized
     else:
         llm = llama3.load(source, dtype=dtype, device=device)
-    speed_up(llm.model, quantize, fuse, pack=not compile)
+    speed_up(llm.model, quantize, fuse, pack=not compile, native=not compile)  # inductor cannot trace C
     if compile:
         from llama3.fast.compile import compile_model
 

@@ -1,0 +1,326 @@
+/* One Llama decoding step in C: one new token, batch 1, a KV cache.  See native.py.
+ *
+ * The same arithmetic as `decode_step` in decode.py, written out as loops, so that the
+ * ~25 small tensor operations around each block's four matrix-vector products cost
+ * nanoseconds instead of the microseconds each PyTorch call takes from Python.  The whole
+ * step runs inside one OpenMP parallel region: the matrix-vector products split their rows
+ * between the threads, the small serial parts (norms, RoPE, residual adds) run on one.
+ *
+ * Activations are float32 throughout.  Weights stay in the layout the Python side already
+ * holds them in (nothing is copied):
+ *
+ *   F32   [N, K] float32
+ *   BF16  [N, K] bfloat16 (the upper half of a float32)
+ *   INT8  [N, K] int8 with a float32 scale per row:        w = scale[n] * q
+ *   INT4  PyTorch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`, N % 64 == 0):
+ *         bytes [N/64, K, 32]; byte d of (block b, column k) holds the 4-bit value of
+ *         row 64b + d (low half) and row 64b + d + 32 (high half); bfloat16 scale and
+ *         zero per 32 columns, [K/32, N, 2]:                 w = (q - 8) * scale + zero
+ *
+ * Compiled at first use with the machine's C compiler (`-O3 -march=native -fopenmp`);
+ * the loops are written so that the compiler vectorises them.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
+
+typedef struct {
+    int kind, n, k;         /* y[n] = sum_k W[n, k] x[k];  W: n rows of k */
+    const void *w;
+    const void *scales;     /* INT8: float32 [N]; INT4: bfloat16 [K/32, N, 2]; otherwise unused */
+} Matrix;
+
+typedef struct {
+    const float *attention_norm, *ffn_norm;   /* [D] */
+    Matrix wqkv, wo, w13, w2;                 /* [(H + 2 Hkv) Dh, D], [D, H Dh], [2F, D], [D, F] */
+} Layer;
+
+typedef struct {
+    int dim, n_layers, n_heads, n_kv_heads, head_dim, hidden, vocab, threads;
+    float eps;
+    const Layer *layers;
+    const float *norm;                        /* [D] */
+    Matrix head;                              /* [V, D] */
+} Model;
+
+typedef struct {                              /* scratch, allocated by the caller */
+    float *xb;       /* [max(D, H Dh)] normed input / attention output */
+    float *qkv;      /* [(H + 2 Hkv) Dh] */
+    float *proj;     /* [D] output of wo and w2 */
+    float *gate_up;  /* [2F], then silu(gate) * up in its first F */
+    float *scores;   /* [H, max_len] */
+} Scratch;
+
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as PyTorch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---------------------------------------------------------------- matrix-vector products */
+/* Each is called by every thread of the parallel region; `omp for` splits the rows. */
+
+/* Two versions of each: plain loops any C compiler vectorises somewhat, and AVX-512
+ * intrinsics that keep 4 rows' partial sums in registers and read each piece of x once
+ * for them (~2x faster here, where the plain loops are limited by converting weights,
+ * not by memory).  -DLLAMA3_PLAIN_C builds the plain ones on any CPU (the tests run both). */
+#if defined(__AVX512F__) && !defined(LLAMA3_PLAIN_C)
+#include <immintrin.h>
+#define SIMD 1
+#else
+#define SIMD 0
+#endif
+
+#if SIMD
+static inline __m512 load16_f32(const float *p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline __m512 load16_int8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* 4 rows at a time, 16 columns per step; K % 16 == 0 (checked on the Python side). */
+#define SIMD_ROWS(NAME, WTYPE, LOAD16)                                                    \
+static void NAME(const Matrix *m, const float *x, float *y) {                             \
+    const WTYPE *w = (const WTYPE *)m->w;                                                 \
+    const int K = m->k, N = m->n;                                                         \
+    const float *scale = m->kind == INT8 ? (const float *)m->scales : NULL;               \
+    _Pragma("omp for schedule(static)")                                                   \
+    for (int n0 = 0; n0 < N; n0 += 4) {                                                   \
+        const int rows = N - n0 < 4 ? N - n0 : 4;                                         \
+        const WTYPE *r0 = w + (size_t)n0 * K;                                             \
+        const WTYPE *r1 = r0 + (rows > 1 ? K : 0), *r2 = r0 + (rows > 2 ? 2 * K : 0),     \
+                    *r3 = r0 + (rows > 3 ? 3 * K : 0);                                    \
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
+        for (int k = 0; k < K; k += 16) {                                                 \
+            const __m512 xv = _mm512_loadu_ps(x + k);                                     \
+            a0 = _mm512_fmadd_ps(LOAD16(r0 + k), xv, a0);                                 \
+            a1 = _mm512_fmadd_ps(LOAD16(r1 + k), xv, a1);                                 \
+            a2 = _mm512_fmadd_ps(LOAD16(r2 + k), xv, a2);                                 \
+            a3 = _mm512_fmadd_ps(LOAD16(r3 + k), xv, a3);                                 \
+        }                                                                                 \
+        const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1),        \
+                               _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};       \
+        for (int r = 0; r < rows; r++) y[n0 + r] = scale ? sums[r] * scale[n0 + r] : sums[r]; \
+    }                                                                                     \
+}
+SIMD_ROWS(matvec_f32, float, load16_f32)
+SIMD_ROWS(matvec_bf16, uint16_t, load16_bf16)
+SIMD_ROWS(matvec_int8, int8_t, load16_int8)
+
+#else
+static void matvec_f32(const Matrix *m, const float *x, float *y) {
+    const float *w = (const float *)m->w;
+    const int K = m->k;
+    #pragma omp for schedule(static)
+    for (int n = 0; n < m->n; n++) {
+        const float *row = w + (size_t)n * K;
+        float acc = 0.f;
+        #pragma omp simd reduction(+:acc)
+        for (int k = 0; k < K; k++) acc += row[k] * x[k];
+        y[n] = acc;
+    }
+}
+
+static void matvec_bf16(const Matrix *m, const float *x, float *y) {
+    const uint16_t *w = (const uint16_t *)m->w;
+    const int K = m->k;
+    #pragma omp for schedule(static)
+    for (int n = 0; n < m->n; n++) {
+        const uint16_t *row = w + (size_t)n * K;
+        float acc = 0.f;
+        #pragma omp simd reduction(+:acc)
+        for (int k = 0; k < K; k++) acc += bf16_to_f32(row[k]) * x[k];
+        y[n] = acc;
+    }
+}
+
+static void matvec_int8(const Matrix *m, const float *x, float *y) {
+    const int8_t *w = (const int8_t *)m->w;
+    const float *scale = (const float *)m->scales;
+    const int K = m->k;
+    #pragma omp for schedule(static)
+    for (int n = 0; n < m->n; n++) {
+        const int8_t *row = w + (size_t)n * K;
+        float acc = 0.f;
+        #pragma omp simd reduction(+:acc)
+        for (int k = 0; k < K; k++) acc += (float)row[k] * x[k];
+        y[n] = acc * scale[n];
+    }
+}
+#endif
+
+static void matvec_int4(const Matrix *m, const float *x, float *y) {
+    const uint8_t *w = (const uint8_t *)m->w;
+    const uint16_t *sz = (const uint16_t *)m->scales;    /* [K/32, N, 2] */
+    const int K = m->k, N = m->n;
+    #pragma omp for schedule(static)
+    for (int b = 0; b < N / 64; b++) {                   /* a block of 64 rows: [K, 32] bytes */
+        const uint8_t *block = w + (size_t)b * K * 32;
+        float out[64] = {0};
+        for (int g = 0; g < K / 32; g++) {
+            float acc[64] = {0}, xsum = 0.f;             /* acc[d] = sum over the group of q * x */
+#if SIMD
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;     /* rows 0-15, 16-31, 32-47, 48-63 */
+            const __m256i low4 = _mm256_set1_epi8(15);
+            for (int k = g * 32; k < g * 32 + 32; k++) {
+                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + (size_t)k * 32));
+                const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                const __m512 xk = _mm512_set1_ps(x[k]);
+                xsum += x[k];
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, a3);
+            }
+            _mm512_storeu_ps(acc, a0); _mm512_storeu_ps(acc + 16, a1);
+            _mm512_storeu_ps(acc + 32, a2); _mm512_storeu_ps(acc + 48, a3);
+#else
+            for (int k = g * 32; k < g * 32 + 32; k++) {
+                const uint8_t *bytes = block + (size_t)k * 32;
+                const float xk = x[k];
+                xsum += xk;
+                #pragma omp simd
+                for (int d = 0; d < 32; d++) acc[d] += (float)(bytes[d] & 15) * xk;       /* row d */
+                #pragma omp simd
+                for (int d = 0; d < 32; d++) acc[d + 32] += (float)(bytes[d] >> 4) * xk;  /* row d + 32 */
+            }
+#endif
+            const uint16_t *s = sz + ((size_t)g * N + (size_t)b * 64) * 2;
+            #pragma omp simd
+            for (int d = 0; d < 64; d++) {          /* sum (q - 8) s x + z x = s (acc - 8 xsum) + z xsum */
+                const float scale = bf16_to_f32(s[2 * d]), zero = bf16_to_f32(s[2 * d + 1]);
+                out[d] += scale * (acc[d] - 8.f * xsum) + zero * xsum;
+            }
+        }
+        memcpy(y + (size_t)b * 64, out, sizeof out);
+    }
+}
+
+static void matvec(const Matrix *m, const float *x, float *y) {
+    switch (m->kind) {
+    case F32: matvec_f32(m, x, y); break;
+    case BF16: matvec_bf16(m, x, y); break;
+    case INT8: matvec_int8(m, x, y); break;
+    default: matvec_int4(m, x, y); break;
+    }
+}
+
+/* ---------------------------------------------------------------- the small parts */
+
+static void rms_norm(float *out, const float *x, const float *weight, int n, float eps) {
+    float ss = 0.f;
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float inv = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* RoPE on one head [Dh]: pairs (x[2i], x[2i+1]) rotated by angle i, as a complex multiply. */
+static void rope(float *v, const float *cos, const float *sin, int head_dim) {
+    for (int i = 0; i < head_dim / 2; i++) {
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * cos[i] - b * sin[i];
+        v[2 * i + 1] = a * sin[i] + b * cos[i];
+    }
+}
+
+static inline float cache_at(const void *cache, int bf16, size_t i) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+/* ---------------------------------------------------------------- the step */
+
+/* x [D]: the new token's embedding (overwritten); cos, sin [Dh/2] for position pos;
+ * k_cache, v_cache: [n_layers, Hkv, max_len, Dh] (float32, or bfloat16 when cache_bf16);
+ * writes slot pos of every layer and the logits [V]. */
+void llama3_decode_step(const Model *model, float *x, const float *cos, const float *sin, int pos,
+                        void *k_cache, void *v_cache, int cache_bf16, int max_len,
+                        const Scratch *s, float *logits) {
+    const int D = model->dim, H = model->n_heads, Hkv = model->n_kv_heads, Dh = model->head_dim;
+    const int F = model->hidden, n_rep = H / Hkv;
+    const float attention_scale = 1.f / sqrtf((float)Dh);
+    const size_t layer_stride = (size_t)Hkv * max_len * Dh, head_stride = (size_t)max_len * Dh;
+
+    #pragma omp parallel num_threads(model->threads)
+    {
+        for (int l = 0; l < model->n_layers; l++) {
+            const Layer *layer = &model->layers[l];
+            /* ---- attention: x = x + wo(attend(q, cached k, cached v)) */
+            #pragma omp single
+            rms_norm(s->xb, x, layer->attention_norm, D, model->eps);
+            matvec(&layer->wqkv, s->xb, s->qkv);                    /* [q (H Dh) | k (Hkv Dh) | v (Hkv Dh)] */
+            #pragma omp single
+            {
+                for (int h = 0; h < H + Hkv; h++) rope(s->qkv + (size_t)h * Dh, cos, sin, Dh);  /* q and k */
+                const float *k = s->qkv + (size_t)H * Dh, *v = k + (size_t)Hkv * Dh;
+                for (int g = 0; g < Hkv; g++) {                     /* store this position's k, v */
+                    const size_t at = l * layer_stride + g * head_stride + (size_t)pos * Dh;
+                    for (int i = 0; i < Dh; i++) {
+                        if (cache_bf16) {
+                            ((uint16_t *)k_cache)[at + i] = f32_to_bf16(k[g * Dh + i]);
+                            ((uint16_t *)v_cache)[at + i] = f32_to_bf16(v[g * Dh + i]);
+                        } else {
+                            ((float *)k_cache)[at + i] = k[g * Dh + i];
+                            ((float *)v_cache)[at + i] = v[g * Dh + i];
+                        }
+                    }
+                }
+            }
+            #pragma omp for schedule(static)
+            for (int h = 0; h < H; h++) {                           /* softmax(q k^T / sqrt(Dh)) v, per head */
+                const float *q = s->qkv + (size_t)h * Dh;
+                const size_t base = l * layer_stride + (size_t)(h / n_rep) * head_stride;  /* its key/value head */
+                float *score = s->scores + (size_t)h * max_len, top = -INFINITY, total = 0.f;
+                for (int t = 0; t <= pos; t++) {
+                    float dot = 0.f;
+                    for (int i = 0; i < Dh; i++) dot += q[i] * cache_at(k_cache, cache_bf16, base + (size_t)t * Dh + i);
+                    score[t] = dot * attention_scale;
+                    if (score[t] > top) top = score[t];
+                }
+                for (int t = 0; t <= pos; t++) total += (score[t] = expf(score[t] - top));
+                float *out = s->xb + (size_t)h * Dh;
+                for (int i = 0; i < Dh; i++) out[i] = 0.f;
+                for (int t = 0; t <= pos; t++) {
+                    const float p = score[t] / total;
+                    for (int i = 0; i < Dh; i++) out[i] += p * cache_at(v_cache, cache_bf16, base + (size_t)t * Dh + i);
+                }
+            }
+            matvec(&layer->wo, s->xb, s->proj);
+            /* ---- feed-forward: x = x + w2(silu(gate) * up) */
+            #pragma omp single
+            {
+                for (int i = 0; i < D; i++) x[i] += s->proj[i];
+                rms_norm(s->xb, x, layer->ffn_norm, D, model->eps);
+            }
+            matvec(&layer->w13, s->xb, s->gate_up);                 /* [gate (F) | up (F)] */
+            #pragma omp for schedule(static)
+            for (int i = 0; i < F; i++) {
+                const float gate = s->gate_up[i];
+                s->gate_up[i] = gate / (1.f + expf(-gate)) * s->gate_up[F + i];
+            }
+            matvec(&layer->w2, s->gate_up, s->proj);
+            #pragma omp single
+            for (int i = 0; i < D; i++) x[i] += s->proj[i];
+        }
+        #pragma omp single
+        rms_norm(s->xb, x, model->norm, D, model->eps);
+        matvec(&model->head, s->xb, logits);
+    }
+}
+
+/* One matrix-vector product on its own (for tests and benchmarks of the kernels). */
+void llama3_matvec(const Matrix *m, const float *x, float *y, int threads) {
+    #pragma omp parallel num_threads(threads)
+    matvec(m, x, y);
+}

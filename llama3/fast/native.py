@@ -1,0 +1,258 @@
+"""The one-token decoding step in C (`native.c`), for batch 1 on the CPU.
+
+Why: on a 2-core CPU, PyTorch spends ~8 ms of a SmolLM2-135M token on the ~25 small
+operations around each block's four matrix products (norms, RoPE, cache writes,
+attention, SwiGLU, residual adds: 30 blocks x 25 calls x a few microseconds of Python
+and dispatch each), as long as the int8 products themselves.  `native.c` runs the
+whole step (every block and the head) as one call into C, inside one OpenMP parallel
+region, reading the weights where the Python model already holds them:
+
+    float32 / bfloat16 nn.Linear, Int8Linear, Int4Linear (PyTorch's packed int4 layout),
+    the int4 model's bfloat16 head.
+
+It computes the same thing as `decode_step` (`decode.py`), which stays the readable
+reference and the path for everything else: batches, masks, CUDA, packed bfloat16.
+
+The C file is compiled on first use with the machine's C compiler (`cc -O3
+-march=native -fopenmp`, ~2 s) into ~/.cache/llama3 (or $LLAMA3_CACHE), keyed by the
+source, the flags and the CPU, then loaded with ctypes.  No compiler, or
+LLAMA3_NATIVE=0, and the Python step is used instead: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-fPIC", "-shared"]
+F32, BF16, INT8, INT4 = 0, 1, 2, 3
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int), ("n", ctypes.c_int), ("k", ctypes.c_int),
+                ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("attention_norm", ctypes.c_void_p), ("ffn_norm", ctypes.c_void_p),
+                ("wqkv", Matrix), ("wo", Matrix), ("w13", Matrix), ("w2", Matrix)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [("dim", ctypes.c_int), ("n_layers", ctypes.c_int), ("n_heads", ctypes.c_int),
+                ("n_kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int), ("hidden", ctypes.c_int),
+                ("vocab", ctypes.c_int), ("threads", ctypes.c_int), ("eps", ctypes.c_float),
+                ("layers", ctypes.POINTER(Layer)), ("norm", ctypes.c_void_p), ("head", Matrix)]
+
+
+class Scratch(ctypes.Structure):
+    _fields_ = [("xb", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("proj", ctypes.c_void_p),
+                ("gate_up", ctypes.c_void_p), ("scores", ctypes.c_void_p)]
+
+
+# --------------------------------------------------------------------------- building
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LLAMA3_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "llama3")
+    return Path(root)
+
+
+_libraries: dict[bool, object] = {}
+_build_errors: dict[bool, str] = {}
+
+
+def library(plain: bool = False):
+    """The compiled step as a ctypes library, built on first use; None where it cannot be
+    (no C compiler, LLAMA3_NATIVE=0); `build_error()` says why.  plain=True builds the
+    plain-C kernels instead of the AVX-512 ones (the tests check both against PyTorch)."""
+    if plain in _libraries or plain in _build_errors:
+        return _libraries.get(plain)
+    if os.environ.get("LLAMA3_NATIVE", "1") == "0":
+        _build_errors[plain] = "disabled by LLAMA3_NATIVE=0"
+        return None
+    lib = _build(plain)
+    if isinstance(lib, str):
+        _build_errors[plain] = lib
+        return None
+    _libraries[plain] = lib
+    return lib
+
+
+def build_error(plain: bool = False) -> str | None:
+    """Why `library()` returned None (None if it built or was not tried)."""
+    return _build_errors.get(plain)
+
+
+def _build(plain: bool):
+    """Compile (unless already in the cache) and load; a string says what went wrong."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return "no C compiler (cc) on PATH"
+    flags = FLAGS + (["-DLLAMA3_PLAIN_C"] if plain else [])
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, _cpu_signature()]).encode())
+    target = _cache_dir() / f"native-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, then renamed in
+            os.close(fd)
+            try:
+                run = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+                                     capture_output=True, text=True, timeout=300)
+                if run.returncode != 0:
+                    last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
+                    return f"{compiler} could not compile {SOURCE.name}: {last}"
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        lib = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"could not build or load {SOURCE.name}: {e}"
+    lib.llama3_decode_step.restype = None
+    lib.llama3_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
+                                       ctypes.POINTER(Scratch), ctypes.c_void_p]
+    lib.llama3_matvec.restype = None
+    lib.llama3_matvec.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+# --------------------------------------------------------------------------- weights
+def describe(linear: nn.Module) -> tuple[Matrix, list[torch.Tensor]] | None:
+    """A C view of one linear's weights (and the tensors it points into, to keep alive),
+    or None for a kind the C step does not read (e.g. oneDNN-packed bf16)."""
+    described = _describe(linear)
+    if described is None or described[0].k % 16:  # the SIMD kernels step through rows 16 columns at a time
+        return None
+    return described
+
+
+def _describe(linear: nn.Module) -> tuple[Matrix, list[torch.Tensor]] | None:
+    from llama3.fast.int4 import Bf16Head, Int4Linear
+    from llama3.fast.quantize import Int8Linear
+
+    if isinstance(linear, Bf16Head):
+        weight = linear.table
+        return Matrix(BF16, weight.shape[0], weight.shape[1], weight.data_ptr(), None), [weight]
+    if type(linear) is nn.Linear and linear.bias is None:
+        weight = linear.weight.detach()
+        kind = {torch.float32: F32, torch.bfloat16: BF16}.get(weight.dtype)
+        if kind is None or weight.device.type != "cpu" or not weight.is_contiguous():
+            return None
+        return Matrix(kind, weight.shape[0], weight.shape[1], weight.data_ptr(), None), [weight]
+    if isinstance(linear, Int8Linear):
+        weight, scales = linear.weight, linear.scales.float().contiguous()
+        if weight.device.type != "cpu" or not weight.is_contiguous():
+            return None
+        return Matrix(INT8, weight.shape[0], weight.shape[1], weight.data_ptr(), scales.data_ptr()), [weight, scales]
+    if isinstance(linear, Int4Linear) and linear.out_features % 64 == 0:
+        linear.pack()
+        packed, scales = linear.packed, linear.scales_and_zeros
+        return Matrix(INT4, linear.out_features, linear.in_features, packed.data_ptr(), scales.data_ptr()), \
+            [packed, scales]
+    return None
+
+
+class NativeStep:
+    """The C decoding step bound to one model's weights; `native_step(model)` makes one."""
+
+    def __init__(self, model: nn.Module, lib, layers: list[Layer], head: Matrix, keep: list[torch.Tensor]):
+        config = model.config
+        self.lib, self.model, self.keep = lib, model, keep
+        self.layers = (Layer * len(layers))(*layers)
+        norm = model.norm.weight.detach().float().contiguous()
+        keep.append(norm)
+        self.struct = Model(config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
+                            config.hidden_dim, config.vocab_size, 1, config.norm_eps,
+                            self.layers, norm.data_ptr(), head)
+        width = max(config.dim, config.n_heads * config.head_dim)
+        self.buffers = {"xb": width, "qkv": (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
+                        "proj": config.dim, "gate_up": 2 * config.hidden_dim}
+        self.scratch_len = 0
+
+    def _scratch(self, max_len: int) -> Scratch:
+        if max_len > self.scratch_len:  # scores grow with the cache
+            sizes = dict(self.buffers, scores=self.model.config.n_heads * max_len)
+            self.tensors = {name: torch.empty(size, dtype=torch.float32) for name, size in sizes.items()}
+            self.scratch = Scratch(*(t.data_ptr() for t in self.tensors.values()))
+            self.scratch_len = max_len
+        return self.scratch
+
+    def supports(self, tokens: torch.Tensor, cache, mask) -> bool:
+        """Batch 1, no mask, a CPU cache of float32/bfloat16 laid out as KVCache makes it."""
+        k = cache.k
+        return (tokens.shape[0] == 1 and mask is None and k.shape[1] == 1 and tokens.device.type == k.device.type == "cpu"
+                and k.dtype in (torch.float32, torch.bfloat16) and k.is_contiguous() and cache.v.is_contiguous())
+
+    def __call__(self, tokens: torch.Tensor, start_pos: int, cache, positions: torch.Tensor | None = None):
+        """tokens [1, 1] at cache slot start_pos -> logits [1, 1, V] float32 (as `decode_step`)."""
+        if start_pos >= cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; asked to write up to {start_pos + 1}")
+        model = self.model
+        if positions is None:
+            positions = torch.tensor([start_pos])
+        cos, sin = model.rope(positions.reshape(1, 1))                       # [1, 1, Dh/2]
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        x = model.tok_embeddings(tokens).float().contiguous()               # [1, 1, D], overwritten by C
+        logits = torch.empty(1, 1, model.config.vocab_size)
+        self.struct.threads = torch.get_num_threads()
+        self.lib.llama3_decode_step(ctypes.byref(self.struct), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                    start_pos, cache.k.data_ptr(), cache.v.data_ptr(),
+                                    int(cache.k.dtype == torch.bfloat16), cache.max_len,
+                                    ctypes.byref(self._scratch(cache.max_len)), logits.data_ptr())
+        return logits
+
+
+def native_step(model: nn.Module, plain: bool = False) -> NativeStep | None:
+    """The C step for `model` (fused projections, CPU weights of kinds `describe` reads),
+    or None where it does not apply or the C library cannot be built."""
+    from llama3.fast.fuse import FusedAttention, FusedFeedForward
+
+    if model.norm.weight.device.type != "cpu":
+        return None
+    if not all(isinstance(b.attention, FusedAttention) and isinstance(b.feed_forward, FusedFeedForward)
+               for b in model.layers):
+        return None
+    keep: list[torch.Tensor] = []
+
+    def view(linear):
+        described = describe(linear)
+        if described is None:
+            raise LookupError
+        matrix, tensors = described
+        keep.extend(tensors)
+        return matrix
+
+    def norm(module):
+        weight = module.weight.detach().float().contiguous()
+        keep.append(weight)
+        return weight.data_ptr()
+
+    try:
+        layers = [Layer(norm(b.attention_norm), norm(b.ffn_norm), view(b.attention.wqkv), view(b.attention.wo),
+                        view(b.feed_forward.w13), view(b.feed_forward.w2)) for b in model.layers]
+        head = view(model.output)
+    except LookupError:
+        return None
+    lib = library(plain)
+    if lib is None:
+        return None
+    return NativeStep(model, lib, layers, head, keep)

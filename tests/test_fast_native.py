@@ -1,0 +1,195 @@
+"""The C decoding step (llama3/fast/native.c) computes what PyTorch computes.
+
+Each kernel is checked against PyTorch's own product on the same weights, in both
+builds (AVX-512 intrinsics where the CPU has them, and the plain-C loops), and the
+whole step against `decode_step`, the readable lean step, for every weight kind."""
+
+import copy
+import ctypes
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_config, make_model
+from llama3.config import RopeScaling
+from llama3.fast import native, speed_up
+from llama3.fast.decode import decode_step
+from llama3.fast.int4 import Bf16Head, Int4Linear
+from llama3.fast.quantize import Int8Linear
+from llama3.generate import GenerationSettings, generate_tokens
+from llama3.model import KVCache
+
+BUILDS = [False, True]  # AVX-512 (plain C on CPUs without it), plain C
+
+
+@pytest.fixture(params=BUILDS, ids=["simd", "plain-c"])
+def lib(request):
+    built = native.library(plain=request.param)
+    if built is None:
+        pytest.skip(f"no C step here: {native.build_error(request.param)}")
+    return request.param, built
+
+
+def run_matvec(lib, module, x):
+    matrix, keep = native.describe(module)
+    y = torch.empty(matrix.n)
+    lib.llama3_matvec(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), 2)
+    return y
+
+
+def weight(n, k, seed=0):
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+@pytest.mark.parametrize("n, k", [(192, 64), (70, 48), (1, 16)])  # rows not a multiple of 4 too
+def test_float_and_int8_kernels_equal_pytorch(lib, n, k):
+    _, built = lib
+    w, x = weight(n, k), torch.randn(k)
+    f32 = nn.Linear(k, n, bias=False)
+    f32.weight.data = w
+    torch.testing.assert_close(run_matvec(built, f32, x), w @ x, rtol=1e-5, atol=1e-5)
+    bf16 = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+    bf16.weight.data = w.to(torch.bfloat16)
+    torch.testing.assert_close(run_matvec(built, bf16, x), w.to(torch.bfloat16).float() @ x, rtol=1e-5, atol=1e-5)
+    head = Bf16Head(w, torch.float32)
+    torch.testing.assert_close(run_matvec(built, head, x), head.table.float() @ x, rtol=1e-5, atol=1e-5)
+    int8 = Int8Linear.from_linear(f32)
+    want = (int8.weight.float() * int8.scales[:, None]) @ x
+    torch.testing.assert_close(run_matvec(built, int8, x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, k", [(128, 64), (64, 96)])
+def test_int4_kernel_reads_pytorchs_packed_layout(lib, n, k):
+    """Int4Linear's weights in PyTorch's packed CPU layout: the C product equals the
+    dequantized matrix times x (and so PyTorch's int4 kernel, up to its bf16 rounding)."""
+    _, built = lib
+    f32 = nn.Linear(k, n, bias=False)
+    f32.weight.data = weight(n, k, seed=1)
+    int4 = Int4Linear.from_linear(f32)
+    dequantized = int4.dequantized()
+    x = torch.randn(k)
+    got = run_matvec(built, int4, x)  # packs it
+    torch.testing.assert_close(got, dequantized @ x, rtol=1e-4, atol=1e-4)
+    torch_kernel = int4(x[None])[0]
+    assert (got - torch_kernel).abs().max() < 0.02 * torch_kernel.abs().max()
+
+
+def test_describe_declines_what_c_does_not_read():
+    assert native.describe(Int4Linear.from_linear(nn.Linear(64, 80, bias=False))) is None  # rows % 64
+    assert native.describe(nn.Linear(24, 8, bias=False)) is None                         # columns % 16
+    assert native.describe(nn.Linear(32, 8, bias=True)) is None
+    assert native.describe(nn.Linear(32, 8, bias=False).half()) is None
+
+
+CONFIGS = {
+    "gqa": dict(),
+    "mha": dict(n_kv_heads=4),
+    "mqa-untied-scaled": dict(n_kv_heads=1, tie_embeddings=False,
+                              rope_scaling=RopeScaling(factor=8.0, original_max_position_embeddings=32)),
+}
+
+
+def steps(model, step, cache, n=12, seed=0):
+    """Logits of n one-token steps (a prompt's worth, then beyond) [n, V]."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.inference_mode():
+        for pos in range(n):
+            out.append(step(model, torch.randint(0, model.config.vocab_size, (1, 1), generator=gen), pos, cache)[0, 0])
+    return torch.stack(out)
+
+
+def python_step(model, tokens, pos, cache):
+    return decode_step(model, tokens, pos, cache)
+
+
+def c_step(model, tokens, pos, cache):
+    return model.native_step(tokens, pos, cache)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_c_step_equals_the_python_step_float32(lib, name):
+    """float32: the same logits and the same cache contents as decode_step."""
+    plain, _ = lib
+    model = speed_up(make_model(make_config(**CONFIGS[name]), seed=2), native=False)
+    model.native_step = native.native_step(model, plain=plain)
+    assert model.native_step is not None
+    caches = [KVCache(model.config, 1, 16) for _ in range(2)]
+    want, got = steps(model, python_step, caches[0]), steps(model, c_step, caches[1])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(caches[1].v, caches[0].v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bfloat16", "int8", "int4"])
+def test_c_step_close_to_the_python_step_16_bit_and_quantized(lib, kind):
+    """bf16 / int8 / int4: PyTorch rounds activations to bf16 between operations, C keeps
+    them in float32, so logits agree to bf16 precision and the greedy token is the same."""
+    plain, _ = lib
+    model = make_model(make_config(dim=128, hidden_dim=256, n_heads=4, n_kv_heads=2), seed=3)
+    if kind == "bfloat16":
+        model = model.to(torch.bfloat16)
+    model = speed_up(model, quantize=None if kind == "bfloat16" else kind, pack=False, native=False)
+    model.native_step = native.native_step(model, plain=plain)
+    assert model.native_step is not None
+    dtype = model.norm.weight.dtype
+    caches = [KVCache(model.config, 1, 16, dtype=dtype) for _ in range(2)]
+    want, got = steps(model, python_step, caches[0]).float(), steps(model, c_step, caches[1])
+    assert ((got - want).abs().amax(dim=-1) / want.std(dim=-1)).max() < 0.05
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+def test_speed_up_decodes_through_c_and_generates_the_readable_models_tokens(tiny_model):
+    """speed_up attaches the C step; greedy and sampled generation of one prompt give the
+    plain model's tokens, and batches (which C does not take) still go through Python."""
+    if native.library() is None:
+        pytest.skip(f"no C step here: {native.build_error()}")
+    fast = speed_up(copy.deepcopy(tiny_model))
+    assert fast.native_step is not None
+    calls = []
+    step = fast.native_step
+    fast.native_step = type("Counting", (), {
+        "supports": staticmethod(step.supports),
+        "__call__": lambda self, *a: calls.append(1) or step(*a)})()
+    for settings in (GenerationSettings(max_new_tokens=12),
+                     GenerationSettings(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=5)):
+        want, got = generate_tokens(tiny_model, [[3, 1, 4]], settings), generate_tokens(fast, [[3, 1, 4]], settings)
+        list(want), list(got)
+        assert got.tokens == want.tokens
+    assert len(calls) == 22  # every token after the first of both runs came from C
+    batch = generate_tokens(fast, [[3, 1, 4], [5]], GenerationSettings(max_new_tokens=4))
+    list(batch)
+    assert len(calls) == 22
+
+
+def test_c_step_refuses_a_position_past_the_cache(tiny_model):
+    model = speed_up(copy.deepcopy(tiny_model))
+    if model.native_step is None:
+        pytest.skip("no C step here")
+    with pytest.raises(ValueError, match="KV cache holds 4 positions"):
+        model.native_step(torch.tensor([[1]]), 4, KVCache(model.config, 1, 4))
+
+
+def test_llama3_native_0_keeps_the_python_step():
+    """LLAMA3_NATIVE=0: no compiling, the Python step decodes (in a fresh interpreter)."""
+    code = ("import torch, sys; sys.path.insert(0, 'tests'); from conftest import make_model; "
+            "from llama3.fast import speed_up, native; m = speed_up(make_model()); "
+            "print(m.native_step, native.build_error())")
+    env = dict(os.environ, LLAMA3_NATIVE="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None disabled by LLAMA3_NATIVE=0"
+
+
+def test_a_missing_compiler_falls_back_with_a_reason(tmp_path):
+    code = ("from llama3.fast import native; print(native.library(), native.build_error(), sep='|')")
+    env = dict(os.environ, CC=str(tmp_path / "no-such-cc"), LLAMA3_CACHE=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lib, why = out.stdout.strip().split("|")
+    assert lib == "None" and "could not build" in why
+    assert not any((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
