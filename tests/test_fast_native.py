@@ -19,7 +19,7 @@ from llama3.config import RopeScaling
 from llama3.fast import native, speed_up
 from llama3.fast.decode import decode_step
 from llama3.fast.int4 import Bf16Head, Int4Linear
-from llama3.fast.quantize import Int8Linear
+from llama3.fast.quantize import CPU_HAS_BF16, PREFILL_ROWS, Int8Linear
 from llama3.generate import GenerationSettings, generate_tokens
 from llama3.model import KVCache
 
@@ -193,3 +193,32 @@ def test_a_missing_compiler_falls_back_with_a_reason(tmp_path):
     lib, why = out.stdout.strip().split("|")
     assert lib == "None" and "could not build" in why
     assert not any((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
+
+
+def test_int4_dequantized_in_c_equals_the_groups_formula(lib):
+    """llama3_dequantize_int4 reads the packed layout back: (q - 8) * scale + zero, in bf16."""
+    f32 = nn.Linear(96, 128, bias=False)
+    f32.weight.data = weight(128, 96, seed=4)
+    int4 = Int4Linear.from_linear(f32)
+    want = int4.dequantized().to(torch.bfloat16)
+    got = native.dequantize_int4(int4.pack())
+    assert got.dtype == torch.bfloat16 and got.shape == (128, 96)
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=1e-3)
+
+
+@pytest.mark.skipif(not CPU_HAS_BF16, reason="the prompt path widens weights to bfloat16 only on CPUs with bf16")
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_a_prompt_through_a_bf16_gemm_equals_the_tokens_one_by_one(cls):
+    """From PREFILL_ROWS input rows on, int8/int4 linears widen their weights to bf16 for one
+    matrix-matrix product; each output row equals the weight-only kernel's for that row alone."""
+    if cls is Int4Linear and native.library() is None:
+        pytest.skip("int4 widening is done in C")
+    f32 = nn.Linear(192, 128, bias=False)
+    f32.weight.data = weight(128, 192, seed=5)
+    linear = cls.from_linear(f32)
+    x = torch.randn(1, PREFILL_ROWS + 8, 192)
+    with torch.inference_mode():
+        whole = linear(x)
+        one_by_one = torch.cat([linear(x[:, i:i + 1]) for i in range(x.shape[1])], dim=1)
+    assert whole.shape == one_by_one.shape == (1, PREFILL_ROWS + 8, 128)
+    assert (whole - one_by_one).abs().max() < 0.01 * one_by_one.abs().max()

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from llama3.fast import native
 from llama3.fast.packed import PackedLinear, can_pack
-from llama3.fast.quantize import Int8Linear
+from llama3.fast.quantize import CPU_HAS_BF16, PREFILL_ROWS, Int8Linear
 
 GROUP = 32  # weights per scale/offset pair, as in GGUF's Q4_0/Q4_1 blocks
 
@@ -132,8 +133,12 @@ class Int4Linear(nn.Module):
         if x.device.type != "cpu":
             raise RuntimeError("int4 weights run on the CPU only; use --quantize int8 or bfloat16 elsewhere")
         self.pack()
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features).to(torch.bfloat16),
-                                                       self.packed, GROUP, self.scales_and_zeros)
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        wide = native.dequantize_int4(self) if rows.shape[0] >= PREFILL_ROWS and CPU_HAS_BF16 else None
+        if wide is not None:  # a prompt: the matrix widened to bf16 in C, one 16-bit GEMM
+            y = nn.functional.linear(rows, wide)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -130,6 +130,8 @@ def _build(plain: bool):
     lib.llama3_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
                                        ctypes.POINTER(Scratch), ctypes.c_void_p]
+    lib.llama3_dequantize_int4.restype = None
+    lib.llama3_dequantize_int4.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int]
     lib.llama3_matvec.restype = None
     lib.llama3_matvec.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return lib
@@ -169,6 +171,19 @@ def _describe(linear: nn.Module) -> tuple[Matrix, list[torch.Tensor]] | None:
         return Matrix(INT4, linear.out_features, linear.in_features, packed.data_ptr(), scales.data_ptr()), \
             [packed, scales]
     return None
+
+
+def dequantize_int4(linear: nn.Module) -> torch.Tensor | None:
+    """A packed Int4Linear's matrix as bfloat16 [N, K], in C (~0.1 ms for 3072 x 576; PyTorch
+    operations take ~3 ms); None where the C library or the layout is not available."""
+    lib = library()
+    described = describe(linear) if lib is not None else None
+    if described is None or described[0].kind != INT4:
+        return None
+    matrix, _ = described
+    out = torch.empty(matrix.n, matrix.k, dtype=torch.bfloat16)
+    lib.llama3_dequantize_int4(ctypes.byref(matrix), out.data_ptr(), torch.get_num_threads())
+    return out
 
 
 class NativeStep:
