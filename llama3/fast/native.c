@@ -235,8 +235,31 @@ static void rope(float *v, const float *cos, const float *sin, int head_dim) {
     }
 }
 
-static inline float cache_at(const void *cache, int bf16, size_t i) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+/* q . row and out += p * row for one cached key / value row [Dh] (float32 or bfloat16). */
+static inline float dot_row(const float *q, const void *cache, int bf16, size_t at, int Dh) {
+    float dot = 0.f;
+    if (bf16) {
+        const uint16_t *row = (const uint16_t *)cache + at;
+        #pragma omp simd reduction(+:dot)
+        for (int i = 0; i < Dh; i++) dot += q[i] * bf16_to_f32(row[i]);
+    } else {
+        const float *row = (const float *)cache + at;
+        #pragma omp simd reduction(+:dot)
+        for (int i = 0; i < Dh; i++) dot += q[i] * row[i];
+    }
+    return dot;
+}
+
+static inline void add_row(float *out, float p, const void *cache, int bf16, size_t at, int Dh) {
+    if (bf16) {
+        const uint16_t *row = (const uint16_t *)cache + at;
+        #pragma omp simd
+        for (int i = 0; i < Dh; i++) out[i] += p * bf16_to_f32(row[i]);
+    } else {
+        const float *row = (const float *)cache + at;
+        #pragma omp simd
+        for (int i = 0; i < Dh; i++) out[i] += p * row[i];
+    }
 }
 
 /* ---------------------------------------------------------------- the step */
@@ -283,9 +306,7 @@ void llama3_decode_step(const Model *model, float *x, const float *cos, const fl
                 const size_t base = l * layer_stride + (size_t)(h / n_rep) * head_stride;  /* its key/value head */
                 float *score = s->scores + (size_t)h * max_len, top = -INFINITY, total = 0.f;
                 for (int t = 0; t <= pos; t++) {
-                    float dot = 0.f;
-                    for (int i = 0; i < Dh; i++) dot += q[i] * cache_at(k_cache, cache_bf16, base + (size_t)t * Dh + i);
-                    score[t] = dot * attention_scale;
+                    score[t] = dot_row(q, k_cache, cache_bf16, base + (size_t)t * Dh, Dh) * attention_scale;
                     if (score[t] > top) top = score[t];
                 }
                 for (int t = 0; t <= pos; t++) total += (score[t] = expf(score[t] - top));
@@ -293,7 +314,7 @@ void llama3_decode_step(const Model *model, float *x, const float *cos, const fl
                 for (int i = 0; i < Dh; i++) out[i] = 0.f;
                 for (int t = 0; t <= pos; t++) {
                     const float p = score[t] / total;
-                    for (int i = 0; i < Dh; i++) out[i] += p * cache_at(v_cache, cache_bf16, base + (size_t)t * Dh + i);
+                    add_row(out, p, v_cache, cache_bf16, base + (size_t)t * Dh, Dh);
                 }
             }
             matvec(&layer->wo, s->xb, s->proj);
