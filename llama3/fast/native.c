@@ -90,7 +90,9 @@ static inline __m512 load16_int8(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
-/* 4 rows at a time, 16 columns per step; K % 16 == 0 (checked on the Python side). */
+/* 4 rows at a time, 16 columns per step; K % 16 == 0 (checked on the Python side).  While
+ * working on 4 rows it asks for the next 4 rows' cache lines: the hardware prefetcher alone
+ * left bf16 and int8 at about half the bandwidth float32 reached (measured on 3072 x 576). */
 #define SIMD_ROWS(NAME, WTYPE, LOAD16)                                                    \
 static void NAME(const Matrix *m, const float *x, float *y) {                             \
     const WTYPE *w = (const WTYPE *)m->w;                                                 \
@@ -105,6 +107,12 @@ static void NAME(const Matrix *m, const float *x, float *y) {                   
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         for (int k = 0; k < K; k += 16) {                                                 \
             const __m512 xv = _mm512_loadu_ps(x + k);                                     \
+            if ((k * sizeof(WTYPE)) % 64 == 0) {                                          \
+                _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);        \
+                _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);        \
+                _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);        \
+                _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);        \
+            }                                                                             \
             a0 = _mm512_fmadd_ps(LOAD16(r0 + k), xv, a0);                                 \
             a1 = _mm512_fmadd_ps(LOAD16(r1 + k), xv, a1);                                 \
             a2 = _mm512_fmadd_ps(LOAD16(r2 + k), xv, a2);                                 \
@@ -175,6 +183,7 @@ static void matvec_int4(const Matrix *m, const float *x, float *y) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;     /* rows 0-15, 16-31, 32-47, 48-63 */
             const __m256i low4 = _mm256_set1_epi8(15);
             for (int k = g * 32; k < g * 32 + 32; k++) {
+                if (k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);  /* +~10% */
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + (size_t)k * 32));
                 const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
                 const __m512 xk = _mm512_set1_ps(x[k]);
