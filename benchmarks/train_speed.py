@@ -22,18 +22,25 @@ import torch
 import torch.nn.functional as F
 
 
-def build(preset: str):
+def build(preset: str, compile: bool = False):
+    """{name: (model, tokens -> logits)}: ours and transformers, and with compile=True also a
+    torch.compile'd copy of each (what `llama3 train --compile` does; transformers the same way)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llama3.config import get_preset
     from llama3.model import Transformer
 
     config = get_preset(preset)
-    ours = Transformer(config).init_weights(seed=0).train()
     hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
     hf_config._attn_implementation = "sdpa"
-    theirs = LlamaForCausalLM(hf_config).train()
-    return config, {"ours": (ours, lambda x: ours(x)), "transformers": (theirs, lambda x: theirs(x).logits)}
+    models = {}
+    for suffix in ["", "-compiled"] if compile else [""]:
+        ours = Transformer(config).init_weights(seed=0).train()
+        theirs = LlamaForCausalLM(hf_config).train()
+        run_ours, run_theirs = (torch.compile(ours), torch.compile(theirs)) if suffix else (ours, theirs)
+        models["ours" + suffix] = (ours, run_ours)
+        models["transformers" + suffix] = (theirs, lambda x, run=run_theirs: run(x).logits)
+    return config, models
 
 
 def round_seconds(model, logits_of, optimizer, batches) -> float:
@@ -56,9 +63,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd copies of both models (compiling happens in the warm-up)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config, models = build(args.preset)
+    config, models = build(args.preset, args.compile)
     seq = min(args.seq, config.max_seq_len)
     gen = torch.Generator().manual_seed(0)
     batches = [(lambda t: (t[:, :-1], t[:, 1:]))(torch.randint(0, config.vocab_size, (args.batch, seq + 1), generator=gen))
@@ -77,8 +86,11 @@ def main() -> int:
     print(f"preset {args.preset}, batch {args.batch} x {seq} tokens, float32, AdamW, {args.threads} threads, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")
     for name, tps in speed.items():
-        print(f"{name:13s} {tps:10.0f} training tokens/s")
+        print(f"{name:22s} {tps:10.0f} training tokens/s")
     print(f"ratio ours / transformers: {speed['ours'] / speed['transformers']:.2f}x")
+    if args.compile:
+        print(f"ratio ours-compiled / transformers: {speed['ours-compiled'] / speed['transformers']:.2f}x, "
+              f"/ transformers-compiled: {speed['ours-compiled'] / speed['transformers-compiled']:.2f}x")
     return 0
 
 

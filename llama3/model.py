@@ -105,9 +105,12 @@ class RotaryEmbedding(nn.Module):
         angles = torch.outer(positions, self.freqs)  # [L, Dh/2]: angle of pair i at position p
         self.cos, self.sin = angles.cos().to(device), angles.sin().to(device)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] or [B, T] (long) -> cos, sin each [T, Dh/2] or [B, T, Dh/2]."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+    def forward(self, positions: torch.Tensor, needed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] or [B, T] (long) -> cos, sin each [T, Dh/2] or [B, T, Dh/2].
+        needed: 1 + the largest position, when the caller knows it (saves reading it from the
+        tensor: a device sync, and a graph break under torch.compile)."""
+        if needed is None:
+            needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0] or self.cos.device != positions.device:
             if needed > self.max_seq_len:
                 raise ValueError(f"position {needed - 1} is beyond max_seq_len={self.max_seq_len}")
@@ -124,10 +127,20 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     (Hugging Face checkpoints pair channel i with i + Dh/2 instead; their wq/wk
     rows are permuted on load so this one layout serves both.)
     """
+    if torch.compiler.is_compiling():  # inductor generates no code for complex numbers
+        return apply_rope_real(x, cos, sin)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, T, H, Dh/2] complex: x[2i] + j*x[2i+1]
     rotation = torch.complex(cos, sin).unsqueeze(-2)                  # e^(j*angle), over heads: [.., T, 1, Dh/2]
     rotated = torch.view_as_real(pairs * rotation)                    # [B, T, H, Dh/2, 2]
     return rotated.flatten(-2).type_as(x)                             # [B, T, H, Dh]
+
+
+def apply_rope_real(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation in real numbers: (a, b) -> (a cos - b sin, a sin + b cos) for each pair.
+    More operations in eager mode, but torch.compile fuses them into one kernel."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)                # [B, T, H, Dh/2] each
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)                       # [.., T, 1, Dh/2]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).type_as(x)  # [B, T, H, Dh]
 
 
 # -------------------------------------------------------------------- KV cache
@@ -306,9 +319,11 @@ class Transformer(nn.Module):
                    skips the output matmul and the [B, T, V] logits for the rest of a prompt).
         """
         seqlen = tokens.shape[1]
+        needed = None
         if positions is None:
             positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)  # [T]
-        cos, sin = self.rope(positions)                      # [T, Dh/2] or [B, T, Dh/2]
+            needed = start_pos + seqlen
+        cos, sin = self.rope(positions, needed)              # [T, Dh/2] or [B, T, Dh/2]
         h = self.tok_embeddings(tokens)                      # [B, T, D]
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, cache, mask)  # [B, T, D]

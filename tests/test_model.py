@@ -14,7 +14,7 @@ import torch
 
 import llama3
 from llama3.config import RopeScaling
-from llama3.model import KVCache, apply_rope, rope_frequencies
+from llama3.model import KVCache, RotaryEmbedding, apply_rope, apply_rope_real, rope_frequencies
 
 from conftest import make_config, make_model
 
@@ -168,6 +168,18 @@ def test_rope_matches_complex_formulation():
     expected = torch.view_as_real(x_complex * freqs_cis[None, :, None, :]).flatten(3)
     got = apply_rope(x, angles.cos(), angles.sin())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    real = apply_rope_real(x, angles.cos(), angles.sin())  # what runs under torch.compile
+    torch.testing.assert_close(real, expected, atol=1e-5, rtol=1e-5)
+    batched = apply_rope_real(x, angles.cos().expand(batch, -1, -1), angles.sin().expand(batch, -1, -1))
+    torch.testing.assert_close(batched, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_grow_for_later_positions_with_or_without_a_hint(tiny_config):
+    rope = RotaryEmbedding(tiny_config, initial=8)
+    cos, _ = rope(torch.arange(20, 30), needed=30)
+    assert rope.cos.shape[0] >= 30 and cos.shape == (10, tiny_config.head_dim // 2)
+    cos2, _ = RotaryEmbedding(tiny_config, initial=8)(torch.arange(20, 30))
+    torch.testing.assert_close(cos, cos2)
 
 
 def test_last_only_gives_the_last_positions_logits(tiny_model):
