@@ -222,3 +222,23 @@ def test_a_prompt_through_a_bf16_gemm_equals_the_tokens_one_by_one(cls):
         one_by_one = torch.cat([linear(x[:, i:i + 1]) for i in range(x.shape[1])], dim=1)
     assert whole.shape == one_by_one.shape == (1, PREFILL_ROWS + 8, 128)
     assert (whole - one_by_one).abs().max() < 0.01 * one_by_one.abs().max()
+
+
+def test_copies_and_moved_models_decode_in_python(tiny_model):
+    """The C step points into one model's tensors: a deep copy carries none, and a model whose
+    parameters were replaced (model.to) falls back to the Python step instead of reading stale ones."""
+    fast = speed_up(copy.deepcopy(tiny_model))
+    if fast.native_step is None:
+        pytest.skip("no C step here")
+    twin = copy.deepcopy(fast)
+    assert twin.native_step is None
+    settings = GenerationSettings(max_new_tokens=6)
+    a, b = generate_tokens(fast, [[2, 7]], settings), generate_tokens(twin, [[2, 7]], settings)
+    list(a), list(b)
+    assert a.tokens == b.tokens
+    cache = KVCache(fast.config, 1, 8, dtype=torch.bfloat16)
+    assert fast.native_step.supports(torch.tensor([[1]]), cache, None)
+    fast.to(torch.bfloat16)
+    assert not fast.native_step.supports(torch.tensor([[1]]), cache, None)
+    with torch.inference_mode():
+        assert fast(torch.tensor([[1]]), 0, cache).shape == (1, 1, fast.config.vocab_size)

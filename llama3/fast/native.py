@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -186,12 +187,29 @@ def dequantize_int4(linear: nn.Module) -> torch.Tensor | None:
     return out
 
 
+def _no_native_step():
+    return None
+
+
+def _fingerprint(model: nn.Module) -> tuple[int, ...]:
+    """Where some of the model's parameters live: `model.to(...)` moves them all."""
+    return tuple(p.data_ptr() for p in (model.norm.weight, model.layers[0].attention_norm.weight,
+                                        model.layers[-1].ffn_norm.weight))
+
+
 class NativeStep:
-    """The C decoding step bound to one model's weights; `native_step(model)` makes one."""
+    """The C decoding step bound to one model's weights; `native_step(model)` makes one.
+
+    It holds raw pointers into the model's tensors (and references that keep them alive).
+    If the model's parameters are replaced (`model.to(...)`), `supports` says no and the
+    Python step decodes; copies and pickles of the model carry no C step (`copy.deepcopy`
+    of a sped-up model decodes in Python until `speed_up` is applied to the copy)."""
 
     def __init__(self, model: nn.Module, lib, layers: list[Layer], head: Matrix, keep: list[torch.Tensor]):
         config = model.config
         self.lib, self.model, self.keep = lib, model, keep
+        self.fingerprint = _fingerprint(model)
+        self.lock = threading.Lock()  # one scratch area: one caller at a time
         self.layers = (Layer * len(layers))(*layers)
         norm = model.norm.weight.detach().float().contiguous()
         keep.append(norm)
@@ -211,11 +229,16 @@ class NativeStep:
             self.scratch_len = max_len
         return self.scratch
 
+    def __reduce_ex__(self, protocol):  # the pointers are only good for this model's tensors
+        return (_no_native_step, ())
+
     def supports(self, tokens: torch.Tensor, cache, mask) -> bool:
-        """Batch 1, no mask, a CPU cache of float32/bfloat16 laid out as KVCache makes it."""
+        """Batch 1, no mask, a CPU cache of float32/bfloat16 laid out as KVCache makes it,
+        and the model's parameters still the tensors this step points into."""
         k = cache.k
         return (tokens.shape[0] == 1 and mask is None and k.shape[1] == 1 and tokens.device.type == k.device.type == "cpu"
-                and k.dtype in (torch.float32, torch.bfloat16) and k.is_contiguous() and cache.v.is_contiguous())
+                and k.dtype in (torch.float32, torch.bfloat16) and k.is_contiguous() and cache.v.is_contiguous()
+                and _fingerprint(self.model) == self.fingerprint)
 
     def __call__(self, tokens: torch.Tensor, start_pos: int, cache, positions: torch.Tensor | None = None):
         """tokens [1, 1] at cache slot start_pos -> logits [1, 1, V] float32 (as `decode_step`)."""
@@ -228,11 +251,12 @@ class NativeStep:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         x = model.tok_embeddings(tokens).float().contiguous()               # [1, 1, D], overwritten by C
         logits = torch.empty(1, 1, model.config.vocab_size)
-        self.struct.threads = torch.get_num_threads()
-        self.lib.llama3_decode_step(ctypes.byref(self.struct), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                    start_pos, cache.k.data_ptr(), cache.v.data_ptr(),
-                                    int(cache.k.dtype == torch.bfloat16), cache.max_len,
-                                    ctypes.byref(self._scratch(cache.max_len)), logits.data_ptr())
+        with self.lock:
+            self.struct.threads = torch.get_num_threads()
+            self.lib.llama3_decode_step(ctypes.byref(self.struct), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                        start_pos, cache.k.data_ptr(), cache.v.data_ptr(),
+                                        int(cache.k.dtype == torch.bfloat16), cache.max_len,
+                                        ctypes.byref(self._scratch(cache.max_len)), logits.data_ptr())
         return logits
 
 
