@@ -96,3 +96,15 @@ def test_perplexity_rejects_bad_windows_before_loading(tmp_path, monkeypatch, ca
     for flag, value in (("--context", "1"), ("--stride", "0"), ("--max-tokens", "-5")):
         assert main(["perplexity", str(text), flag, value]) == 2
         assert f"{flag} must be at least" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, step", [([], "C (llama3/fast/native.c)"),
+                                         (["--plain"], "the readable forward (llama3/model.py)")])
+def test_bench_says_which_step_decoded(tiny_folder, capsys, extra, step):
+    from llama3.fast import native
+
+    if not extra and native.library() is None:
+        step = "lean PyTorch (llama3/fast/decode.py); no C step: " + native.build_error()
+    assert main(["bench", "--model", str(tiny_folder), "--prefill-tokens", "8", "--new-tokens", "2",
+                 "--threads", "1", *extra]) == 0
+    assert f"decode step: {step}\n" in capsys.readouterr().out
