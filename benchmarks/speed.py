@@ -4,7 +4,8 @@
 
 Each configuration runs in its own subprocess, one after another, so each has
 the machine to itself and its own peak RSS.  Every one reports load time,
-prefill tokens/s (512 tokens), time to first token (16-token prompt), decode
+prefill tokens/s (512 tokens, logits of the last position only: what generation asks of
+a prompt, and what llama.cpp computes), time to first token (16-token prompt), decode
 tokens/s (128 greedy tokens) and peak RSS.  The weights are exported once to
 a work folder: a Hugging Face folder for transformers, F32/F16 GGUFs (our
 writer) and Q8_0/Q4_1 (llama.cpp's own quantizer; for the embedded model, Q4_1 is
@@ -111,7 +112,7 @@ def run_hf(work: Path, precision: str) -> dict:
     @torch.inference_mode()
     def prefill_seconds(ids):
         start = time.perf_counter()
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)  # the last position's, as generation asks
         return time.perf_counter() - start, out
 
     # transformers 5.2x renamed past_key_values to cache; the old name still works through a
@@ -120,7 +121,7 @@ def run_hf(work: Path, precision: str) -> dict:
 
     @torch.inference_mode()
     def greedy(ids, n):  # the loop generate() runs, minus its logits processors: fair to transformers
-        out = model(torch.tensor([ids]), use_cache=True)
+        out = model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         first = time.perf_counter()
         for _ in range(n - 1):
