@@ -242,3 +242,25 @@ def test_copies_and_moved_models_decode_in_python(tiny_model):
     assert not fast.native_step.supports(torch.tensor([[1]]), cache, None)
     with torch.inference_mode():
         assert fast(torch.tensor([[1]]), 0, cache).shape == (1, 1, fast.config.vocab_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_c_attention_over_a_long_cache_equals_the_python_step(lib, dtype):
+    """Hundreds of cached positions (split between threads by position, then by slices of the
+    head dimension; Dh = 24 is not a multiple of the 16-wide slices): the same logits."""
+    plain, _ = lib
+    model = make_model(make_config(dim=96, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=512), seed=6)
+    model = speed_up(model.to(dtype), pack=False, native=False)
+    model.native_step = native.native_step(model, plain=plain)
+    gen = torch.Generator().manual_seed(7)
+    caches = [KVCache(model.config, 1, 320, dtype=dtype) for _ in range(2)]
+    for name in ("k", "v"):
+        history = torch.randn(getattr(caches[0], name).shape, generator=gen).to(dtype)
+        for cache in caches:
+            getattr(cache, name).copy_(history)
+    with torch.inference_mode():
+        for pos in (300, 301, 319):
+            token = torch.randint(0, model.config.vocab_size, (1, 1), generator=gen)
+            want, got = decode_step(model, token, pos, caches[0]).float(), model.native_step(token, pos, caches[1])
+            tolerance = 1e-4 if dtype == torch.float32 else 0.05 * want.std().item()
+            torch.testing.assert_close(got, want, rtol=0, atol=tolerance)

@@ -271,6 +271,48 @@ static inline void add_row(float *out, float p, const void *cache, int bf16, siz
     }
 }
 
+/* softmax(q k^T / sqrt(Dh)) v for the H query heads over cached positions 0..pos, in three
+ * parts that each split between the threads, so a long context is read once, by all of them:
+ *   scores   by position: each cached key row is read once, for the n_rep query heads sharing it;
+ *   softmax  by head;
+ *   sum      by 16-wide slices of the head dimension: each thread reads its slice of every
+ *            value row and adds it into its slice of every head's output (no reduction needed).
+ * q [H, Dh]; cache rows of group g at base + g * head_stride + t * Dh; scores [H, max_len]. */
+static void attend(const float *q, const void *k_cache, const void *v_cache, int bf16, size_t base,
+                   size_t head_stride, int pos, int max_len, int H, int Hkv, int Dh, float *scores, float *out) {
+    const int n_rep = H / Hkv;
+    const float scale = 1.f / sqrtf((float)Dh);
+    #pragma omp for schedule(static)
+    for (int t = 0; t <= pos; t++)
+        for (int g = 0; g < Hkv; g++) {
+            const size_t at = base + g * head_stride + (size_t)t * Dh;
+            for (int h = g * n_rep; h < (g + 1) * n_rep; h++)
+                scores[(size_t)h * max_len + t] = dot_row(q + (size_t)h * Dh, k_cache, bf16, at, Dh) * scale;
+        }
+    #pragma omp for schedule(static)
+    for (int h = 0; h < H; h++) {
+        float *score = scores + (size_t)h * max_len, top = -INFINITY, total = 0.f;
+        for (int t = 0; t <= pos; t++) top = score[t] > top ? score[t] : top;
+        #pragma omp simd reduction(+:total)
+        for (int t = 0; t <= pos; t++) total += (score[t] = expf(score[t] - top));
+        const float inverse = 1.f / total;
+        #pragma omp simd
+        for (int t = 0; t <= pos; t++) score[t] *= inverse;
+    }
+    #pragma omp for schedule(static)
+    for (int i0 = 0; i0 < Dh; i0 += 16) {
+        const int width = Dh - i0 < 16 ? Dh - i0 : 16;
+        for (int h = 0; h < H; h++)
+            for (int i = i0; i < i0 + width; i++) out[(size_t)h * Dh + i] = 0.f;
+        for (int g = 0; g < Hkv; g++)
+            for (int t = 0; t <= pos; t++) {
+                const size_t at = base + g * head_stride + (size_t)t * Dh + i0;
+                for (int h = g * n_rep; h < (g + 1) * n_rep; h++)
+                    add_row(out + (size_t)h * Dh + i0, scores[(size_t)h * max_len + t], v_cache, bf16, at, width);
+            }
+    }
+}
+
 /* ---------------------------------------------------------------- the step */
 
 /* x [D]: the new token's embedding (overwritten); cos, sin [Dh/2] for position pos;
@@ -280,8 +322,7 @@ void llama3_decode_step(const Model *model, float *x, const float *cos, const fl
                         void *k_cache, void *v_cache, int cache_bf16, int max_len,
                         const Scratch *s, float *logits) {
     const int D = model->dim, H = model->n_heads, Hkv = model->n_kv_heads, Dh = model->head_dim;
-    const int F = model->hidden, n_rep = H / Hkv;
-    const float attention_scale = 1.f / sqrtf((float)Dh);
+    const int F = model->hidden;
     const size_t layer_stride = (size_t)Hkv * max_len * Dh, head_stride = (size_t)max_len * Dh;
 
     #pragma omp parallel num_threads(model->threads)
@@ -309,23 +350,8 @@ void llama3_decode_step(const Model *model, float *x, const float *cos, const fl
                     }
                 }
             }
-            #pragma omp for schedule(static)
-            for (int h = 0; h < H; h++) {                           /* softmax(q k^T / sqrt(Dh)) v, per head */
-                const float *q = s->qkv + (size_t)h * Dh;
-                const size_t base = l * layer_stride + (size_t)(h / n_rep) * head_stride;  /* its key/value head */
-                float *score = s->scores + (size_t)h * max_len, top = -INFINITY, total = 0.f;
-                for (int t = 0; t <= pos; t++) {
-                    score[t] = dot_row(q, k_cache, cache_bf16, base + (size_t)t * Dh, Dh) * attention_scale;
-                    if (score[t] > top) top = score[t];
-                }
-                for (int t = 0; t <= pos; t++) total += (score[t] = expf(score[t] - top));
-                float *out = s->xb + (size_t)h * Dh;
-                for (int i = 0; i < Dh; i++) out[i] = 0.f;
-                for (int t = 0; t <= pos; t++) {
-                    const float p = score[t] / total;
-                    add_row(out, p, v_cache, cache_bf16, base + (size_t)t * Dh, Dh);
-                }
-            }
+            attend(s->qkv, k_cache, v_cache, cache_bf16, l * layer_stride, head_stride, pos, max_len,
+                   H, Hkv, Dh, s->scores, s->xb);                  /* [H Dh] */
             matvec(&layer->wo, s->xb, s->proj);
             /* ---- feed-forward: x = x + w2(silu(gate) * up) */
             #pragma omp single
