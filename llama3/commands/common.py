@@ -29,5 +29,5 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the readable model exactly as written: no fused projections, no lean "
                              "decoding step, no C decoding step, no packed weights (slower; the same tokens up "
                              "to float rounding). LLAMA3_NATIVE=0 turns off only the C step, which is compiled "
-                             "with the machine's C compiler on first use and cached in ~/.cache/llama3")
+                             "with the machine's C compiler on first use and cached in ~/.cache/llama3 (or $LLAMA3_CACHE)")
 
