@@ -395,3 +395,54 @@ def test_save_as_gguf_follows_the_model_dtype(tmp_path):
     assert types["f32.gguf"]["blk.0.attn_q.weight"] == "F32"
     assert types["f16.gguf"]["blk.0.attn_q.weight"] == "F16"
     assert types["f16.gguf"]["blk.0.attn_norm.weight"] == "F32"  # norms stay float32
+
+
+@pytest.mark.parametrize("which", ["embedded-q4_1", "ours-f16", "quantized-q8_0-bf16"])
+def test_our_gguf_reader_reads_what_the_gguf_package_reads(tmp_path, which):
+    """open_gguf (our header parser + one memory map) against gguf.GGUFReader: the same
+    metadata values, tensor names, shapes, types and bytes."""
+    from llama3.checkpoint.gguf import open_gguf
+
+    if which == "embedded-q4_1":
+        path = _smollm2_path()
+    else:
+        path = tmp_path / f"{which}.gguf"
+        llm = tiny_llm(tie_embeddings=False)
+        if which == "ours-f16":
+            write_gguf(llm, path, file_type="f16")
+        else:  # Q8_0 blocks written by the gguf package's own quantizer
+            writer = gguf.GGUFWriter(str(path), "llama")
+            writer.add_uint32("llama.block_count", 2)
+            writer.add_string("tokenizer.ggml.model", "gpt2")
+            writer.add_array("tokenizer.ggml.tokens", ["a", "b", "ü"])
+            weight = llm.model.layers[0].attention.wq.weight.detach().numpy()
+            writer.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(weight, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            wk = llm.model.layers[0].attention.wk.weight.detach().numpy()
+            writer.add_tensor("blk.0.attn_k.weight", gguf.quants.quantize(wk, gguf.GGMLQuantizationType.BF16),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+            writer.add_tensor("output_norm.weight", np.arange(64, dtype=np.float32))
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+    ours, theirs = open_gguf(path), gguf.GGUFReader(path)
+    assert ours.metadata.keys() == theirs.fields.keys() - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+    for key, value in ours.metadata.items():
+        want = theirs.fields[key].contents()
+        assert value == pytest.approx(want) if isinstance(value, float) else value == want, key
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert mine.shape == tuple(int(n) for n in reference.shape), mine.name
+        assert mine.tensor_type == reference.tensor_type
+        assert mine.data.shape == reference.data.shape and mine.data.dtype == reference.data.dtype
+        assert np.array_equal(mine.data, reference.data), mine.name
+
+
+def test_a_tensor_past_the_end_of_the_file_is_reported(tmp_path):
+    good = tmp_path / "good.gguf"
+    write_gguf(tiny_llm(), good)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(Llama3Error, match=r"cut\.gguf: not a valid GGUF file \(tensor '[\w.]+' ends past the end"):
+        read_gguf(cut)

@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import os
 import re
+import struct
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -85,30 +87,110 @@ def meta_to_gguf_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------- reading
-def open_gguf(path: str | os.PathLike, mode: str = "r"):
-    """A `gguf.GGUFReader` (memory-mapped: tensors are read only when touched), or a
-    CheckpointError naming the file when it is not a complete GGUF file.
+class GGUFTensor(NamedTuple):
+    """One tensor of a GGUF file: its name, GGUF shape (row length first), type and bytes.
 
-    mode "r" maps the file read-only; "c" copy-on-write (writable arrays whose
-    changes never reach the file), so a tensor can become a parameter without a copy.
+    data is a view into the memory-mapped file: F32/F16 (and other one-value-per-element
+    types) as a numpy array of torch's shape order; BF16 and quantized types as uint8 rows
+    [..., bytes per row] (numpy has no bfloat16) — the same arrays `gguf.GGUFReader` gives."""
+    name: str
+    shape: tuple[int, ...]
+    tensor_type: object  # gguf.GGMLQuantizationType
+    data: np.ndarray
+
+
+class GGUFFile(NamedTuple):
+    """A GGUF file opened by `open_gguf`: its metadata (key -> int, float, bool, str or list)
+    and its tensors, in file order."""
+    metadata: dict
+    tensors: list[GGUFTensor]
+
+
+# GGML types numpy can hold one element per value of (GGUF ids): F32, F16, I8, I16, I32, I64, F64.
+_NUMPY_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
+
+
+def open_gguf(path: str | os.PathLike, mode: str = "r") -> GGUFFile:
+    """The metadata and tensor list of a GGUF file, the tensors memory-mapped (read only when
+    touched), or a CheckpointError naming the file when it is not a complete GGUF file.
+
+    mode "r" maps the file read-only; "c" copy-on-write (writable arrays whose changes
+    never reach the file), so a tensor can become a parameter without a copy.
+
+    Read with our own header parser (the tokenizer's, `read_gguf_header`) instead of
+    `gguf.GGUFReader`, which builds a numpy view for every string of the vocabulary:
+    ~3 s and ~160 MB for SmolLM2's 49,152 tokens and 48,900 merges, on every load.
     """
     import gguf
+
+    from llama3.tokenizer.base import TokenizerError
+    from llama3.tokenizer.gguf_vocab import read_gguf_header
 
     path = str(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+
+    def invalid(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid GGUF file ({why}); "
+                               "the file is corrupt or truncated, download or export it again")
+
+    size = os.path.getsize(path)
     try:
-        reader = gguf.GGUFReader(path, mode=mode)
-    except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
-        raise CheckpointError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e}); "
-                              "the file is corrupt or truncated, download or export it again") from None
-    return reader
+        with open(path, "rb") as f:
+            n_tensors, metadata = read_gguf_header(f, path)
+
+            def read(fmt: str):
+                raw = f.read(struct.calcsize(fmt))
+                if len(raw) < struct.calcsize(fmt):
+                    raise invalid("the tensor list is cut short")
+                return struct.unpack(fmt, raw)
+
+            if n_tensors > size // 24:  # each entry takes at least 24 bytes: a garbage count
+                raise invalid(f"it claims {n_tensors} tensors")
+            infos = []
+            for _ in range(n_tensors):
+                (length,) = read("<Q")
+                name = f.read(length).decode("utf-8", errors="replace")
+                (n_dims,) = read("<I")
+                if not 1 <= n_dims <= 4:
+                    raise invalid(f"tensor {name!r} has {n_dims} dimensions")
+                dims = read(f"<{n_dims}Q")
+                kind, offset = read("<IQ")
+                infos.append((name, tuple(int(d) for d in dims), kind, offset))
+            alignment = int(metadata.get("general.alignment", 32))
+            start = -(-f.tell() // alignment) * alignment  # tensor data begins at the next aligned byte
+    except TokenizerError as e:  # "<path> is truncated inside its metadata; re-download it" -> "truncated ..."
+        why = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ").removeprefix("is ")
+        raise invalid(why.removesuffix("; re-download it")) from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
+    mapped = np.memmap(path, mode=mode) if infos else np.zeros(0, np.uint8)
+    tensors = []
+    for name, dims, kind, offset in infos:
+        try:
+            tensor_type = gguf.GGMLQuantizationType(kind)
+            block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+        except (ValueError, KeyError):
+            raise invalid(f"tensor {name!r} has unknown type {kind}") from None
+        if dims[0] % block:
+            raise invalid(f"tensor {name!r} rows of {dims[0]} are not whole {block}-value blocks")
+        n_values = int(np.prod(dims))
+        n_bytes = n_values // block * block_bytes
+        begin = start + offset
+        if begin + n_bytes > size:
+            raise invalid(f"tensor {name!r} ends past the end of the file")
+        raw = mapped[begin:begin + n_bytes]
+        if kind in _NUMPY_TYPES:
+            data = raw.view(_NUMPY_TYPES[kind]).reshape(tuple(reversed(dims)))
+        else:
+            data = raw.reshape(*reversed(dims[1:]), dims[0] // block * block_bytes)
+        tensors.append(GGUFTensor(name, dims, tensor_type, data))
+    return GGUFFile(metadata, tensors)
 
 
-def _value(reader, key: str, default=None):
+def _value(reader: GGUFFile, key: str, default=None):
     """The metadata value under `key` (int, float, str, bool or list), or `default`."""
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+    return reader.metadata.get(key, default)
 
 
 def _float32(value: float) -> float:
@@ -150,8 +232,8 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
                               "'llama3' scaling stored as a rope_freqs tensor)")
     vocab_size = get("vocab_size", required=False)
     if vocab_size is None:  # older files: the length of the token list, else the embedding's rows
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab_size = len(tokens.data) if tokens is not None else int(tensors["token_embd.weight"].shape[-1])
+        tokens = reader.metadata.get("tokenizer.ggml.tokens")
+        vocab_size = len(tokens) if tokens is not None else int(tensors["token_embd.weight"].shape[-1])
     theta = _float32(get("rope.freq_base", 10000.0, required=False))  # llama.cpp's default base
     scaling = None
     if ROPE_FREQS in tensors:
@@ -280,7 +362,6 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
     path = str(path)
     reader = open_gguf(path, mode="c")  # copy-on-write: float tensors of the wanted dtype become parameters as they are
     config = config_from_gguf(reader, path)
-    reader.fields.clear()  # the parsed metadata (~100k small arrays for the vocabulary: ~100 MB) is no longer needed
     dtype = dtype or torch.float32
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc=f"Loading {Path(path).name}", unit="tensor", disable=None):

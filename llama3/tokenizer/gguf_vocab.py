@@ -33,59 +33,68 @@ _STRING, _ARRAY = 8, 9
 
 
 def read_gguf_metadata(path: str | os.PathLike) -> dict:
-    """The key/value metadata of a GGUF file (v2/v3), without touching tensor data.
+    """The key/value metadata of a GGUF file (v2/v3), without touching tensor data."""
+    try:
+        with open(path, "rb") as f:
+            return read_gguf_header(f, path)[1]
+    except OSError as e:
+        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
+
+
+def read_gguf_header(f, path) -> tuple[int, dict]:
+    """(tensor count, metadata) from a GGUF file object at its start; leaves `f` just after
+    the metadata, where the tensor list begins.
 
     Layout: b"GGUF", uint32 version, uint64 tensor count, uint64 key count, then per key:
     string key, uint32 type, value; strings are uint64 length + UTF-8 bytes; arrays are
     uint32 element type, uint64 length, elements.  Little-endian throughout.
     """
+    data = f.read(16)
+    if len(data) < 16 or data[:4] != b"GGUF":
+        raise TokenizerError(f"{path} is not a GGUF file (no GGUF magic number)")
+    version, n_tensors = struct.unpack_from("<IQ", data, 4)
+    if version not in (2, 3):
+        raise TokenizerError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+
+    def read(fmt):
+        size = struct.calcsize(fmt)
+        raw = f.read(size)
+        if len(raw) < size:
+            raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
+        return struct.unpack(fmt, raw)[0]
+
+    def read_string():
+        n = read("<Q")
+        raw = f.read(n)
+        if len(raw) < n:
+            raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
+        return raw.decode("utf-8", errors="replace")
+
+    def read_value(kind):
+        if kind in _SCALARS:
+            return read(_SCALARS[kind])
+        if kind == _STRING:
+            return read_string()
+        if kind == _ARRAY:
+            item_kind, n = read("<I"), read("<Q")
+            if item_kind in _SCALARS:  # numbers: one read for the whole array
+                fmt = _SCALARS[item_kind]
+                raw = f.read(n * struct.calcsize(fmt))
+                if len(raw) < n * struct.calcsize(fmt):
+                    raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
+                return list(struct.unpack(f"<{n}{fmt[1]}", raw))
+            return [read_value(item_kind) for _ in range(n)]
+        raise TokenizerError(f"{path}: unknown GGUF value type {kind}; the file is corrupt")
+
     try:
-        with open(path, "rb") as f:
-            data = f.read(16)
-            if len(data) < 16 or data[:4] != b"GGUF":
-                raise TokenizerError(f"{path} is not a GGUF file (no GGUF magic number)")
-            version = struct.unpack_from("<I", data, 4)[0]
-            if version not in (2, 3):
-                raise TokenizerError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-            n_keys = struct.unpack("<Q", f.read(8))[0]
-
-            def read(fmt):
-                size = struct.calcsize(fmt)
-                raw = f.read(size)
-                if len(raw) < size:
-                    raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
-                return struct.unpack(fmt, raw)[0]
-
-            def read_string():
-                n = read("<Q")
-                raw = f.read(n)
-                if len(raw) < n:
-                    raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
-                return raw.decode("utf-8", errors="replace")
-
-            def read_value(kind):
-                if kind in _SCALARS:
-                    return read(_SCALARS[kind])
-                if kind == _STRING:
-                    return read_string()
-                if kind == _ARRAY:
-                    item_kind, n = read("<I"), read("<Q")
-                    if item_kind in _SCALARS:  # numbers: one read for the whole array
-                        fmt = _SCALARS[item_kind]
-                        raw = f.read(n * struct.calcsize(fmt))
-                        return list(struct.unpack(f"<{n}{fmt[1]}", raw))
-                    return [read_value(item_kind) for _ in range(n)]
-                raise TokenizerError(f"{path}: unknown GGUF value type {kind}; the file is corrupt")
-
-            metadata = {}
-            for _ in range(n_keys):
-                key = read_string()
-                metadata[key] = read_value(read("<I"))
-            return metadata
-    except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
-    except struct.error:
+        n_keys = read("<Q")
+        metadata = {}
+        for _ in range(n_keys):
+            key = read_string()
+            metadata[key] = read_value(read("<I"))
+    except (struct.error, MemoryError, OverflowError):
         raise TokenizerError(f"{path} is truncated inside its metadata; re-download it") from None
+    return n_tensors, metadata
 
 
 # ------------------------------------------------------------- split regexes
