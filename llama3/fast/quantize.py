@@ -45,7 +45,7 @@ def int8_from_q8_0(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Te
     Q8_0 stores each run of 32 weights as (fp16 scale d, 32 int8 values q): w = d * q.
     A row has K/32 blocks with different d; re-expressed with the row's largest d,
     q' = round(q * d / d_max) loses nothing for the block with d_max and at most half
-    a step for the others.  Only one [K] row is ever held in float.
+    a step for the others.  Only 256 rows at a time are ever held in float.
     blocks: the tensor's raw bytes, uint8 [N * K / 32 * 34].
     """
     n_rows, k = shape
@@ -57,8 +57,9 @@ def int8_from_q8_0(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Te
     d_max = d.abs().amax(dim=1).clamp(min=1e-12)                                             # [N]
     rel = d / d_max[:, None]                                                                 # [N, K/32], in [-1, 1]
     out = torch.empty(n_rows, k, dtype=torch.int8)
-    for n in range(n_rows):  # a row at a time: [K/32, 32] float, never the whole matrix
-        out[n] = torch.round(q[n].float() * rel[n, :, None]).clamp(-127, 127).to(torch.int8).flatten()
+    for start in range(0, n_rows, 256):  # [256, K/32, 32] float at a time, never the whole matrix
+        rows = slice(start, start + 256)
+        out[rows] = torch.round(q[rows].float() * rel[rows, :, None]).clamp(-127, 127).to(torch.int8).flatten(1)
     return out, d_max
 
 
