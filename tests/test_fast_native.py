@@ -35,10 +35,12 @@ def lib(request):
 
 
 def run_matvec(lib, module, x):
+    """x [K] or [B, K] -> y [N] or [B, N] through llama3_matvec (B rows read each weight block once)."""
     matrix, keep = native.describe(module)
-    y = torch.empty(matrix.n)
-    lib.llama3_matvec(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), 2)
-    return y
+    rows = x.reshape(-1, matrix.k).contiguous()
+    y = torch.empty(rows.shape[0], matrix.n)
+    lib.llama3_matvec(ctypes.byref(matrix), rows.data_ptr(), y.data_ptr(), rows.shape[0], 2)
+    return y.reshape(*x.shape[:-1], matrix.n)
 
 
 def weight(n, k, seed=0):
@@ -50,6 +52,7 @@ def test_float_and_int8_kernels_equal_pytorch(lib, n, k):
     _, built = lib
     w, x = weight(n, k), torch.randn(k)
     f32 = nn.Linear(k, n, bias=False)
+    batch = torch.randn(3, k)
     f32.weight.data = w
     torch.testing.assert_close(run_matvec(built, f32, x), w @ x, rtol=1e-5, atol=1e-5)
     bf16 = nn.Linear(k, n, bias=False).to(torch.bfloat16)
@@ -60,6 +63,9 @@ def test_float_and_int8_kernels_equal_pytorch(lib, n, k):
     int8 = Int8Linear.from_linear(f32)
     want = (int8.weight.float() * int8.scales[:, None]) @ x
     torch.testing.assert_close(run_matvec(built, int8, x), want, rtol=1e-5, atol=1e-5)
+    for module, matrix in ((f32, w), (bf16, w.to(torch.bfloat16).float()),
+                           (int8, int8.weight.float() * int8.scales[:, None])):  # 3 rows at once
+        torch.testing.assert_close(run_matvec(built, module, batch), batch @ matrix.t(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n, k", [(128, 64), (64, 96)])
@@ -76,6 +82,8 @@ def test_int4_kernel_reads_pytorchs_packed_layout(lib, n, k):
     torch.testing.assert_close(got, dequantized @ x, rtol=1e-4, atol=1e-4)
     torch_kernel = int4(x[None])[0]
     assert (got - torch_kernel).abs().max() < 0.02 * torch_kernel.abs().max()
+    batch = torch.randn(3, k)
+    torch.testing.assert_close(run_matvec(built, int4, batch), batch @ dequantized.t(), rtol=1e-4, atol=1e-4)
 
 
 def test_describe_declines_what_c_does_not_read():
@@ -144,8 +152,8 @@ def test_c_step_close_to_the_python_step_16_bit_and_quantized(lib, kind):
 
 
 def test_speed_up_decodes_through_c_and_generates_the_readable_models_tokens(tiny_model):
-    """speed_up attaches the C step; greedy and sampled generation of one prompt give the
-    plain model's tokens, and batches (which C does not take) still go through Python."""
+    """speed_up attaches the C step; greedy and sampled generation give the plain model's
+    tokens, for one prompt and for a left-padded batch (per-row positions and a mask)."""
     if native.library() is None:
         pytest.skip(f"no C step here: {native.build_error()}")
     fast = speed_up(copy.deepcopy(tiny_model))
@@ -161,9 +169,11 @@ def test_speed_up_decodes_through_c_and_generates_the_readable_models_tokens(tin
         list(want), list(got)
         assert got.tokens == want.tokens
     assert len(calls) == 22  # every token after the first of both runs came from C
-    batch = generate_tokens(fast, [[3, 1, 4], [5]], GenerationSettings(max_new_tokens=4))
-    list(batch)
-    assert len(calls) == 22
+    prompts, settings = [[3, 1, 4], [5], [9, 2]], GenerationSettings(max_new_tokens=6)
+    want, got = generate_tokens(tiny_model, prompts, settings), generate_tokens(fast, prompts, settings)
+    list(want), list(got)
+    assert got.tokens == want.tokens
+    assert len(calls) == 27
 
 
 def test_c_step_refuses_a_position_past_the_cache(tiny_model):
@@ -237,9 +247,9 @@ def test_copies_and_moved_models_decode_in_python(tiny_model):
     list(a), list(b)
     assert a.tokens == b.tokens
     cache = KVCache(fast.config, 1, 8, dtype=torch.bfloat16)
-    assert fast.native_step.supports(torch.tensor([[1]]), cache, None)
+    assert fast.native_step.supports(torch.tensor([[1]]), 0, cache, None)
     fast.to(torch.bfloat16)
-    assert not fast.native_step.supports(torch.tensor([[1]]), cache, None)
+    assert not fast.native_step.supports(torch.tensor([[1]]), 0, cache, None)
     with torch.inference_mode():
         assert fast(torch.tensor([[1]]), 0, cache).shape == (1, 1, fast.config.vocab_size)
 
@@ -264,3 +274,29 @@ def test_c_attention_over_a_long_cache_equals_the_python_step(lib, dtype):
             want, got = decode_step(model, token, pos, caches[0]).float(), model.native_step(token, pos, caches[1])
             tolerance = 1e-4 if dtype == torch.float32 else 0.05 * want.std().item()
             torch.testing.assert_close(got, want, rtol=0, atol=tolerance)
+
+
+def test_c_step_on_a_left_padded_batch_equals_the_python_step(lib):
+    """B rows at one cache slot with their own positions and a mask hiding each row's padding
+    (what the generation engine passes for prompts of different lengths): the same logits."""
+    plain, _ = lib
+    model = speed_up(make_model(make_config(n_kv_heads=2), seed=8), native=False)
+    model.native_step = native.native_step(model, plain=plain)
+    pads = torch.tensor([0, 3, 5])
+    caches = [KVCache(model.config, 3, 16) for _ in range(2)]
+    gen = torch.Generator().manual_seed(9)
+    for name in ("k", "v"):
+        history = torch.randn(getattr(caches[0], name).shape, generator=gen)
+        for cache in caches:
+            getattr(cache, name).copy_(history)
+    with torch.inference_mode():
+        for pos in (8, 9, 10):
+            tokens = torch.randint(0, 101, (3, 1), generator=gen)
+            positions = (pos - pads)[:, None]                                       # [B, 1]
+            key = torch.arange(pos + 1)
+            mask = ((key[None, :] >= pads[:, None]) | (key == pos))[:, None, None, :]  # [B, 1, 1, S]
+            assert model.native_step.supports(tokens, pos, caches[1], mask)
+            want = decode_step(model, tokens, pos, caches[0], positions, mask)
+            got = model.native_step(tokens, pos, caches[1], positions, mask)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@
     int4.py       weight-only int4 linears, 32-weight groups (the Q4_1 scheme of the embedded model)
     gguf_quantized.py  a GGUF file straight to int8/int4 (Q8_0/Q4_x blocks never become float matrices)
     compile.py    torch.compile of the forward (opt-in: compiling takes minutes on a small CPU)
-    native.c/.py  the whole one-token step in C (batch 1, CPU): compiled on first use, read via ctypes
+    native.c/.py  the whole one-token step in C (CPU): compiled on first use, read via ctypes
     static.py     greedy decoding with a fixed-address KV cache, compiled into one CUDA graph
     measure.py    prefill / time-to-first-token / decode speed and peak memory
 
@@ -30,7 +30,7 @@ def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, p
           time through the lean step (`decode.py`); the same numbers up to float rounding.
     quantize: None (keep the float weights), "int8" (weight-only, per-row scales) or "int4"
           (weight-only, a scale and offset per 32 weights; CPU only; the head stays bf16).
-    native: with fuse, on the CPU, decode batch-1 tokens through the C step (`native.py`;
+    native: with fuse, on the CPU, decode one token per sequence through the C step (`native.py`;
           compiled on first use, skipped where no C compiler is found).  It reads the
           weights in place, so bfloat16 linears are then not packed for oneDNN.
     With fuse and pack (and no native step), bfloat16 linears on a CPU with bf16 instructions

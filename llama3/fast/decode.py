@@ -75,8 +75,8 @@ def decode_blocks(model: Transformer, h: torch.Tensor, cos: torch.Tensor, sin: t
 class DecodingTransformer(Transformer):
     """A Transformer whose forward takes `decode_step` for one new token per row with a cache,
     and the readable forward for everything else (prefill, training, no cache).  Where
-    `speed_up` attached a `native_step` (the same step in C, `native.py`), batch-1 CPU
-    decoding goes through it instead.
+    `speed_up` attached a `native_step` (the same step in C, `native.py`), CPU decoding
+    goes through it instead.
 
     `use_decoding_step(model)` switches a loaded model to it in place (after fusing)."""
 
@@ -86,9 +86,9 @@ class DecodingTransformer(Transformer):
         lean = (cache is not None and tokens.shape[1] == 1 and not torch.is_grad_enabled()
                 and (mask is None or mask.shape[-2] == 1))
         if lean:  # one position: its logits are the last position's
-            native = getattr(self, "native_step", None)  # the same step in C (native.py), batch 1 on the CPU
-            if native is not None and native.supports(tokens, cache, mask):
-                return native(tokens, start_pos, cache, positions)
+            native = getattr(self, "native_step", None)  # the same step in C (native.py), on the CPU
+            if native is not None and native.supports(tokens, start_pos, cache, mask):
+                return native(tokens, start_pos, cache, positions, mask)
             return decode_step(self, tokens, start_pos, cache, positions, mask)
         return super().forward(tokens, start_pos, cache, positions, mask, last_only)
 

@@ -1,4 +1,4 @@
-/* One Llama decoding step in C: one new token, batch 1, a KV cache.  See native.py.
+/* One Llama decoding step in C: one new token per sequence of a batch, a KV cache.  See native.py.
  *
  * The same arithmetic as `decode_step` in decode.py, written out as loops, so that the
  * ~25 small tensor operations around each block's four matrix-vector products cost
@@ -45,12 +45,14 @@ typedef struct {
     Matrix head;                              /* [V, D] */
 } Model;
 
-typedef struct {                              /* scratch, allocated by the caller */
-    float *xb;       /* [max(D, H Dh)] normed input / attention output */
-    float *qkv;      /* [(H + 2 Hkv) Dh] */
-    float *proj;     /* [D] output of wo and w2 */
-    float *gate_up;  /* [2F], then silu(gate) * up in its first F */
-    float *scores;   /* [H, max_len] */
+typedef struct {                              /* scratch for B rows, allocated by the caller */
+    float *xb;       /* [B, D] normed input */
+    float *att;      /* [B, H Dh] attention output */
+    float *qkv;      /* [B, (H + 2 Hkv) Dh] */
+    float *proj;     /* [B, D] output of wo and w2 */
+    float *gate_up;  /* [B, 2F] */
+    float *hidden;   /* [B, F] silu(gate) * up */
+    float *scores;   /* [H, max_len] (one row's attention at a time) */
 } Scratch;
 
 static inline float bf16_to_f32(uint16_t b) {
@@ -68,7 +70,9 @@ static inline uint16_t f32_to_bf16(float f) {   /* round to nearest even, as PyT
 }
 
 /* ---------------------------------------------------------------- matrix-vector products */
-/* Each is called by every thread of the parallel region; `omp for` splits the rows. */
+/* Each is called by every thread of the parallel region; `omp for` splits the rows of W.
+ * x [B, K] -> y [B, N]: B input rows (one per sequence of a batch, usually 1), each block of
+ * weight rows read from memory once and used for all B while it sits in the L1 cache. */
 
 /* Two versions of each: plain loops any C compiler vectorises somewhat, and AVX-512
  * intrinsics that keep 4 rows' partial sums in registers and read each piece of x once
@@ -94,7 +98,7 @@ static inline __m512 load16_int8(const int8_t *p) {
  * working on 4 rows it asks for the next 4 rows' cache lines: the hardware prefetcher alone
  * left bf16 and int8 at about half the bandwidth float32 reached (measured on 3072 x 576). */
 #define SIMD_ROWS(NAME, WTYPE, LOAD16)                                                    \
-static void NAME(const Matrix *m, const float *x, float *y) {                             \
+static void NAME(const Matrix *m, const float *xs, float *ys, int batch) {               \
     const WTYPE *w = (const WTYPE *)m->w;                                                 \
     const int K = m->k, N = m->n;                                                         \
     const float *scale = m->kind == INT8 ? (const float *)m->scales : NULL;               \
@@ -104,10 +108,13 @@ static void NAME(const Matrix *m, const float *x, float *y) {                   
         const WTYPE *r0 = w + (size_t)n0 * K;                                             \
         const WTYPE *r1 = r0 + (rows > 1 ? K : 0), *r2 = r0 + (rows > 2 ? 2 * K : 0),     \
                     *r3 = r0 + (rows > 3 ? 3 * K : 0);                                    \
+        for (int b = 0; b < batch; b++) {                                                 \
+        const float *x = xs + (size_t)b * K;                                              \
+        float *y = ys + (size_t)b * N;                                                    \
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                       \
         for (int k = 0; k < K; k += 16) {                                                 \
             const __m512 xv = _mm512_loadu_ps(x + k);                                     \
-            if ((k * sizeof(WTYPE)) % 64 == 0) {                                          \
+            if (b == 0 && (k * sizeof(WTYPE)) % 64 == 0) {                                \
                 _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);        \
                 _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);        \
                 _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);        \
@@ -121,6 +128,7 @@ static void NAME(const Matrix *m, const float *x, float *y) {                   
         const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1),        \
                                _mm512_reduce_add_ps(a2), _mm512_reduce_add_ps(a3)};       \
         for (int r = 0; r < rows; r++) y[n0 + r] = scale ? sums[r] * scale[n0 + r] : sums[r]; \
+        }                                                                                 \
     }                                                                                     \
 }
 SIMD_ROWS(matvec_f32, float, load16_f32)
@@ -128,54 +136,61 @@ SIMD_ROWS(matvec_bf16, uint16_t, load16_bf16)
 SIMD_ROWS(matvec_int8, int8_t, load16_int8)
 
 #else
-static void matvec_f32(const Matrix *m, const float *x, float *y) {
+static void matvec_f32(const Matrix *m, const float *xs, float *ys, int batch) {
     const float *w = (const float *)m->w;
-    const int K = m->k;
+    const int K = m->k, N = m->n;
     #pragma omp for schedule(static)
-    for (int n = 0; n < m->n; n++) {
-        const float *row = w + (size_t)n * K;
-        float acc = 0.f;
-        #pragma omp simd reduction(+:acc)
-        for (int k = 0; k < K; k++) acc += row[k] * x[k];
-        y[n] = acc;
-    }
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < batch; b++) {
+            const float *row = w + (size_t)n * K, *x = xs + (size_t)b * K;
+            float acc = 0.f;
+            #pragma omp simd reduction(+:acc)
+            for (int k = 0; k < K; k++) acc += row[k] * x[k];
+            ys[(size_t)b * N + n] = acc;
+        }
 }
 
-static void matvec_bf16(const Matrix *m, const float *x, float *y) {
+static void matvec_bf16(const Matrix *m, const float *xs, float *ys, int batch) {
     const uint16_t *w = (const uint16_t *)m->w;
-    const int K = m->k;
+    const int K = m->k, N = m->n;
     #pragma omp for schedule(static)
-    for (int n = 0; n < m->n; n++) {
-        const uint16_t *row = w + (size_t)n * K;
-        float acc = 0.f;
-        #pragma omp simd reduction(+:acc)
-        for (int k = 0; k < K; k++) acc += bf16_to_f32(row[k]) * x[k];
-        y[n] = acc;
-    }
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < batch; b++) {
+            const uint16_t *row = w + (size_t)n * K;
+            const float *x = xs + (size_t)b * K;
+            float acc = 0.f;
+            #pragma omp simd reduction(+:acc)
+            for (int k = 0; k < K; k++) acc += bf16_to_f32(row[k]) * x[k];
+            ys[(size_t)b * N + n] = acc;
+        }
 }
 
-static void matvec_int8(const Matrix *m, const float *x, float *y) {
+static void matvec_int8(const Matrix *m, const float *xs, float *ys, int batch) {
     const int8_t *w = (const int8_t *)m->w;
     const float *scale = (const float *)m->scales;
-    const int K = m->k;
+    const int K = m->k, N = m->n;
     #pragma omp for schedule(static)
-    for (int n = 0; n < m->n; n++) {
-        const int8_t *row = w + (size_t)n * K;
-        float acc = 0.f;
-        #pragma omp simd reduction(+:acc)
-        for (int k = 0; k < K; k++) acc += (float)row[k] * x[k];
-        y[n] = acc * scale[n];
-    }
+    for (int n = 0; n < N; n++)
+        for (int b = 0; b < batch; b++) {
+            const int8_t *row = w + (size_t)n * K;
+            const float *x = xs + (size_t)b * K;
+            float acc = 0.f;
+            #pragma omp simd reduction(+:acc)
+            for (int k = 0; k < K; k++) acc += (float)row[k] * x[k];
+            ys[(size_t)b * N + n] = acc * scale[n];
+        }
 }
 #endif
 
-static void matvec_int4(const Matrix *m, const float *x, float *y) {
+static void matvec_int4(const Matrix *m, const float *xs, float *ys, int batch) {
     const uint8_t *w = (const uint8_t *)m->w;
     const uint16_t *sz = (const uint16_t *)m->scales;    /* [K/32, N, 2] */
     const int K = m->k, N = m->n;
     #pragma omp for schedule(static)
-    for (int b = 0; b < N / 64; b++) {                   /* a block of 64 rows: [K, 32] bytes */
-        const uint8_t *block = w + (size_t)b * K * 32;
+    for (int blk = 0; blk < N / 64; blk++)               /* a block of 64 rows: [K, 32] bytes */
+    for (int b = 0; b < batch; b++) {
+        const uint8_t *block = w + (size_t)blk * K * 32;
+        const float *x = xs + (size_t)b * K;
         float out[64] = {0};
         for (int g = 0; g < K / 32; g++) {
             float acc[64] = {0}, xsum = 0.f;             /* acc[d] = sum over the group of q * x */
@@ -183,7 +198,7 @@ static void matvec_int4(const Matrix *m, const float *x, float *y) {
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;     /* rows 0-15, 16-31, 32-47, 48-63 */
             const __m256i low4 = _mm256_set1_epi8(15);
             for (int k = g * 32; k < g * 32 + 32; k++) {
-                if (k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);  /* +~10% */
+                if (b == 0 && k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);  /* +~10% */
                 const __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + (size_t)k * 32));
                 const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
                 const __m512 xk = _mm512_set1_ps(x[k]);
@@ -206,23 +221,23 @@ static void matvec_int4(const Matrix *m, const float *x, float *y) {
                 for (int d = 0; d < 32; d++) acc[d + 32] += (float)(bytes[d] >> 4) * xk;  /* row d + 32 */
             }
 #endif
-            const uint16_t *s = sz + ((size_t)g * N + (size_t)b * 64) * 2;
+            const uint16_t *s = sz + ((size_t)g * N + (size_t)blk * 64) * 2;
             #pragma omp simd
             for (int d = 0; d < 64; d++) {          /* sum (q - 8) s x + z x = s (acc - 8 xsum) + z xsum */
                 const float scale = bf16_to_f32(s[2 * d]), zero = bf16_to_f32(s[2 * d + 1]);
                 out[d] += scale * (acc[d] - 8.f * xsum) + zero * xsum;
             }
         }
-        memcpy(y + (size_t)b * 64, out, sizeof out);
+        memcpy(ys + (size_t)b * N + (size_t)blk * 64, out, sizeof out);
     }
 }
 
-static void matvec(const Matrix *m, const float *x, float *y) {
+static void matvec(const Matrix *m, const float *x, float *y, int batch) {
     switch (m->kind) {
-    case F32: matvec_f32(m, x, y); break;
-    case BF16: matvec_bf16(m, x, y); break;
-    case INT8: matvec_int8(m, x, y); break;
-    default: matvec_int4(m, x, y); break;
+    case F32: matvec_f32(m, x, y, batch); break;
+    case BF16: matvec_bf16(m, x, y, batch); break;
+    case INT8: matvec_int8(m, x, y, batch); break;
+    default: matvec_int4(m, x, y, batch); break;
     }
 }
 
@@ -277,9 +292,11 @@ static inline void add_row(float *out, float p, const void *cache, int bf16, siz
  *   softmax  by head;
  *   sum      by 16-wide slices of the head dimension: each thread reads its slice of every
  *            value row and adds it into its slice of every head's output (no reduction needed).
- * q [H, Dh]; cache rows of group g at base + g * head_stride + t * Dh; scores [H, max_len]. */
+ * q [H, Dh]; cache rows of group g at base + g * head_stride + t * Dh; scores [H, max_len];
+ * visible [pos + 1]: which cached positions this row may attend to (NULL: all). */
 static void attend(const float *q, const void *k_cache, const void *v_cache, int bf16, size_t base,
-                   size_t head_stride, int pos, int max_len, int H, int Hkv, int Dh, float *scores, float *out) {
+                   size_t head_stride, int pos, int max_len, int H, int Hkv, int Dh, const uint8_t *visible,
+                   float *scores, float *out) {
     const int n_rep = H / Hkv;
     const float scale = 1.f / sqrtf((float)Dh);
     #pragma omp for schedule(static)
@@ -287,7 +304,8 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, int
         for (int g = 0; g < Hkv; g++) {
             const size_t at = base + g * head_stride + (size_t)t * Dh;
             for (int h = g * n_rep; h < (g + 1) * n_rep; h++)
-                scores[(size_t)h * max_len + t] = dot_row(q + (size_t)h * Dh, k_cache, bf16, at, Dh) * scale;
+                scores[(size_t)h * max_len + t] = visible && !visible[t] ? -INFINITY  /* masked: weight 0 */
+                    : dot_row(q + (size_t)h * Dh, k_cache, bf16, at, Dh) * scale;
         }
     #pragma omp for schedule(static)
     for (int h = 0; h < H; h++) {
@@ -315,15 +333,19 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, int
 
 /* ---------------------------------------------------------------- the step */
 
-/* x [D]: the new token's embedding (overwritten); cos, sin [Dh/2] for position pos;
- * k_cache, v_cache: [n_layers, Hkv, max_len, Dh] (float32, or bfloat16 when cache_bf16);
- * writes slot pos of every layer and the logits [V]. */
+/* One new token for each of B rows of a batch, all at cache slot pos:
+ * x [B, D]: the new tokens' embeddings (overwritten); cos, sin [B, Dh/2] for each row's position;
+ * k_cache, v_cache: [n_layers, cache_rows, Hkv, max_len, Dh] (float32, or bfloat16 when
+ * cache_bf16), of which rows 0..B-1 are used; visible: NULL, or uint8 [B, pos + 1] saying which
+ * cached positions each row may attend to (a left-padded batch hides its padding);
+ * writes slot pos of every layer and row, and the logits [B, V]. */
 void llama3_decode_step(const Model *model, float *x, const float *cos, const float *sin, int pos,
-                        void *k_cache, void *v_cache, int cache_bf16, int max_len,
-                        const Scratch *s, float *logits) {
+                        void *k_cache, void *v_cache, int cache_bf16, int max_len, int batch, int cache_rows,
+                        const uint8_t *visible, const Scratch *s, float *logits) {
     const int D = model->dim, H = model->n_heads, Hkv = model->n_kv_heads, Dh = model->head_dim;
-    const int F = model->hidden;
-    const size_t layer_stride = (size_t)Hkv * max_len * Dh, head_stride = (size_t)max_len * Dh;
+    const int F = model->hidden, QKV = (H + 2 * Hkv) * Dh;
+    const size_t head_stride = (size_t)max_len * Dh, row_stride = (size_t)Hkv * head_stride;
+    const size_t layer_stride = (size_t)cache_rows * row_stride;
 
     #pragma omp parallel num_threads(model->threads)
     {
@@ -331,14 +353,17 @@ void llama3_decode_step(const Model *model, float *x, const float *cos, const fl
             const Layer *layer = &model->layers[l];
             /* ---- attention: x = x + wo(attend(q, cached k, cached v)) */
             #pragma omp single
-            rms_norm(s->xb, x, layer->attention_norm, D, model->eps);
-            matvec(&layer->wqkv, s->xb, s->qkv);                    /* [q (H Dh) | k (Hkv Dh) | v (Hkv Dh)] */
+            for (int b = 0; b < batch; b++)
+                rms_norm(s->xb + (size_t)b * D, x + (size_t)b * D, layer->attention_norm, D, model->eps);
+            matvec(&layer->wqkv, s->xb, s->qkv, batch);             /* [B, q (H Dh) | k (Hkv Dh) | v (Hkv Dh)] */
             #pragma omp single
-            {
-                for (int h = 0; h < H + Hkv; h++) rope(s->qkv + (size_t)h * Dh, cos, sin, Dh);  /* q and k */
-                const float *k = s->qkv + (size_t)H * Dh, *v = k + (size_t)Hkv * Dh;
+            for (int b = 0; b < batch; b++) {
+                float *qkv = s->qkv + (size_t)b * QKV;
+                const float *c = cos + (size_t)b * (Dh / 2), *sn = sin + (size_t)b * (Dh / 2);
+                for (int h = 0; h < H + Hkv; h++) rope(qkv + (size_t)h * Dh, c, sn, Dh);  /* q and k */
+                const float *k = qkv + (size_t)H * Dh, *v = k + (size_t)Hkv * Dh;
                 for (int g = 0; g < Hkv; g++) {                     /* store this position's k, v */
-                    const size_t at = l * layer_stride + g * head_stride + (size_t)pos * Dh;
+                    const size_t at = l * layer_stride + b * row_stride + g * head_stride + (size_t)pos * Dh;
                     for (int i = 0; i < Dh; i++) {
                         if (cache_bf16) {
                             ((uint16_t *)k_cache)[at + i] = f32_to_bf16(k[g * Dh + i]);
@@ -350,35 +375,40 @@ void llama3_decode_step(const Model *model, float *x, const float *cos, const fl
                     }
                 }
             }
-            attend(s->qkv, k_cache, v_cache, cache_bf16, l * layer_stride, head_stride, pos, max_len,
-                   H, Hkv, Dh, s->scores, s->xb);                  /* [H Dh] */
-            matvec(&layer->wo, s->xb, s->proj);
+            for (int b = 0; b < batch; b++)                         /* [B, H Dh] */
+                attend(s->qkv + (size_t)b * QKV, k_cache, v_cache, cache_bf16, l * layer_stride + b * row_stride,
+                       head_stride, pos, max_len, H, Hkv, Dh, visible ? visible + (size_t)b * (pos + 1) : NULL,
+                       s->scores, s->att + (size_t)b * H * Dh);
+            matvec(&layer->wo, s->att, s->proj, batch);
             /* ---- feed-forward: x = x + w2(silu(gate) * up) */
             #pragma omp single
-            {
-                for (int i = 0; i < D; i++) x[i] += s->proj[i];
-                rms_norm(s->xb, x, layer->ffn_norm, D, model->eps);
+            for (int b = 0; b < batch; b++) {
+                float *xr = x + (size_t)b * D;
+                for (int i = 0; i < D; i++) xr[i] += s->proj[(size_t)b * D + i];
+                rms_norm(s->xb + (size_t)b * D, xr, layer->ffn_norm, D, model->eps);
             }
-            matvec(&layer->w13, s->xb, s->gate_up);                 /* [gate (F) | up (F)] */
+            matvec(&layer->w13, s->xb, s->gate_up, batch);          /* [B, gate (F) | up (F)] */
             #pragma omp for schedule(static)
-            for (int i = 0; i < F; i++) {
-                const float gate = s->gate_up[i];
-                s->gate_up[i] = gate / (1.f + expf(-gate)) * s->gate_up[F + i];
+            for (int i = 0; i < batch * F; i++) {                   /* silu(gate) * up, packed into [B, F] */
+                const float *row = s->gate_up + (size_t)(i / F) * 2 * F;
+                const float gate = row[i % F];
+                s->hidden[i] = gate / (1.f + expf(-gate)) * row[F + i % F];
             }
-            matvec(&layer->w2, s->gate_up, s->proj);
+            matvec(&layer->w2, s->hidden, s->proj, batch);
             #pragma omp single
-            for (int i = 0; i < D; i++) x[i] += s->proj[i];
+            for (int i = 0; i < batch * D; i++) x[i] += s->proj[i];
         }
         #pragma omp single
-        rms_norm(s->xb, x, model->norm, D, model->eps);
-        matvec(&model->head, s->xb, logits);
+        for (int b = 0; b < batch; b++)
+            rms_norm(s->xb + (size_t)b * D, x + (size_t)b * D, model->norm, D, model->eps);
+        matvec(&model->head, s->xb, logits, batch);
     }
 }
 
 /* One matrix-vector product on its own (for tests and benchmarks of the kernels). */
-void llama3_matvec(const Matrix *m, const float *x, float *y, int threads) {
+void llama3_matvec(const Matrix *m, const float *x, float *y, int batch, int threads) {
     #pragma omp parallel num_threads(threads)
-    matvec(m, x, y);
+    matvec(m, x, y, batch);
 }
 
 /* An INT4 matrix as bfloat16 [N, K] (w = (q - 8) * scale + zero, rounded once), for prefill:

@@ -1,4 +1,4 @@
-"""The one-token decoding step in C (`native.c`), for batch 1 on the CPU.
+"""The one-token decoding step in C (`native.c`), on the CPU.
 
 Why: on a 2-core CPU, PyTorch spends ~8 ms of a SmolLM2-135M token on the ~25 small
 operations around each block's four matrix products (norms, RoPE, cache writes,
@@ -11,7 +11,9 @@ region, reading the weights where the Python model already holds them:
     the int4 model's bfloat16 head.
 
 It computes the same thing as `decode_step` (`decode.py`), which stays the readable
-reference and the path for everything else: batches, masks, CUDA, packed bfloat16.
+reference and the path for everything else: prompts, training, CUDA, packed bfloat16.
+Batches are taken whole (each block of weights read once for all rows), with the
+per-row positions and padding mask of a left-padded batch.
 
 The C file is compiled on first use with the machine's C compiler (`cc -O3
 -march=native -fopenmp`, ~2 s) into ~/.cache/llama3 (or $LLAMA3_CACHE), keyed by the
@@ -57,8 +59,7 @@ class Model(ctypes.Structure):
 
 
 class Scratch(ctypes.Structure):
-    _fields_ = [("xb", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("proj", ctypes.c_void_p),
-                ("gate_up", ctypes.c_void_p), ("scores", ctypes.c_void_p)]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("xb", "att", "qkv", "proj", "gate_up", "hidden", "scores")]
 
 
 # --------------------------------------------------------------------------- building
@@ -130,11 +131,13 @@ def _build(plain: bool):
     lib.llama3_decode_step.restype = None
     lib.llama3_decode_step.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-                                       ctypes.POINTER(Scratch), ctypes.c_void_p]
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(Scratch),
+                                       ctypes.c_void_p]
     lib.llama3_dequantize_int4.restype = None
     lib.llama3_dequantize_int4.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_int]
     lib.llama3_matvec.restype = None
-    lib.llama3_matvec.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.llama3_matvec.argtypes = [ctypes.POINTER(Matrix), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                  ctypes.c_int]
     return lib
 
 
@@ -216,47 +219,59 @@ class NativeStep:
         self.struct = Model(config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
                             config.hidden_dim, config.vocab_size, 1, config.norm_eps,
                             self.layers, norm.data_ptr(), head)
-        width = max(config.dim, config.n_heads * config.head_dim)
-        self.buffers = {"xb": width, "qkv": (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
-                        "proj": config.dim, "gate_up": 2 * config.hidden_dim}
-        self.scratch_len = 0
+        self.row_sizes = {"xb": config.dim, "att": config.n_heads * config.head_dim,  # floats per batch row
+                          "qkv": (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
+                          "proj": config.dim, "gate_up": 2 * config.hidden_dim, "hidden": config.hidden_dim}
+        self.scratch_for = (0, 0)
 
-    def _scratch(self, max_len: int) -> Scratch:
-        if max_len > self.scratch_len:  # scores grow with the cache
-            sizes = dict(self.buffers, scores=self.model.config.n_heads * max_len)
-            self.tensors = {name: torch.empty(size, dtype=torch.float32) for name, size in sizes.items()}
+    def _scratch(self, batch: int, max_len: int) -> Scratch:
+        if batch > self.scratch_for[0] or max_len > self.scratch_for[1]:  # grown for bigger batches / caches
+            batch, max_len = max(batch, self.scratch_for[0]), max(max_len, self.scratch_for[1])
+            sizes = {name: batch * size for name, size in self.row_sizes.items()}
+            sizes["scores"] = self.model.config.n_heads * max_len
+            self.tensors = {name: torch.empty(sizes[name], dtype=torch.float32) for name, _ in Scratch._fields_}
             self.scratch = Scratch(*(t.data_ptr() for t in self.tensors.values()))
-            self.scratch_len = max_len
+            self.scratch_for = (batch, max_len)
         return self.scratch
 
     def __reduce_ex__(self, protocol):  # the pointers are only good for this model's tensors
         return (_no_native_step, ())
 
-    def supports(self, tokens: torch.Tensor, cache, mask) -> bool:
-        """Batch 1, no mask, a CPU cache of float32/bfloat16 laid out as KVCache makes it,
-        and the model's parameters still the tensors this step points into."""
+    def supports(self, tokens: torch.Tensor, start_pos: int, cache, mask) -> bool:
+        """One new token per row on the CPU, a float32/bfloat16 cache laid out as KVCache makes
+        it, a mask (if any) of one query row per sequence, [B or 1, 1, 1, >= start_pos + 1], and
+        the model's parameters still the tensors this step points into."""
         k = cache.k
-        return (tokens.shape[0] == 1 and mask is None and k.shape[1] == 1 and tokens.device.type == k.device.type == "cpu"
+        return (tokens.dim() == 2 and tokens.shape[1] == 1 and tokens.shape[0] <= k.shape[1]
+                and tokens.device.type == k.device.type == "cpu"
                 and k.dtype in (torch.float32, torch.bfloat16) and k.is_contiguous() and cache.v.is_contiguous()
+                and (mask is None or (mask.dim() == 4 and mask.shape[0] in (1, tokens.shape[0])
+                                      and mask.shape[1:3] == (1, 1) and mask.shape[3] > start_pos))
                 and _fingerprint(self.model) == self.fingerprint)
 
-    def __call__(self, tokens: torch.Tensor, start_pos: int, cache, positions: torch.Tensor | None = None):
-        """tokens [1, 1] at cache slot start_pos -> logits [1, 1, V] float32 (as `decode_step`)."""
+    def __call__(self, tokens: torch.Tensor, start_pos: int, cache, positions: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None):
+        """tokens [B, 1] at cache slot start_pos -> logits [B, 1, V] float32 (as `decode_step`).
+        positions: None or [B, 1]; mask: None or bool [B or 1, 1, 1, S >= start_pos + 1]."""
         if start_pos >= cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; asked to write up to {start_pos + 1}")
-        model = self.model
+        model, batch = self.model, tokens.shape[0]
         if positions is None:
-            positions = torch.tensor([start_pos])
-        cos, sin = model.rope(positions.reshape(1, 1))                       # [1, 1, Dh/2]
+            positions = torch.full((batch, 1), start_pos)
+        cos, sin = model.rope(positions.reshape(-1, 1).expand(batch, 1))    # [B, 1, Dh/2]
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
-        x = model.tok_embeddings(tokens).float().contiguous()               # [1, 1, D], overwritten by C
-        logits = torch.empty(1, 1, model.config.vocab_size)
+        x = model.tok_embeddings(tokens).float().contiguous()               # [B, 1, D], overwritten by C
+        visible = None
+        if mask is not None:                                                # [B, S]: 1 = may attend
+            visible = mask[:, 0, 0, :start_pos + 1].expand(batch, -1).to(torch.uint8).contiguous()
+        logits = torch.empty(batch, 1, model.config.vocab_size)
         with self.lock:
             self.struct.threads = torch.get_num_threads()
             self.lib.llama3_decode_step(ctypes.byref(self.struct), x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                         start_pos, cache.k.data_ptr(), cache.v.data_ptr(),
-                                        int(cache.k.dtype == torch.bfloat16), cache.max_len,
-                                        ctypes.byref(self._scratch(cache.max_len)), logits.data_ptr())
+                                        int(cache.k.dtype == torch.bfloat16), cache.max_len, batch, cache.k.shape[1],
+                                        None if visible is None else visible.data_ptr(),
+                                        ctypes.byref(self._scratch(batch, cache.max_len)), logits.data_ptr())
         return logits
 
 
