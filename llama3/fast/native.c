@@ -17,8 +17,9 @@
  *         row 64b + d (low half) and row 64b + d + 32 (high half); bfloat16 scale and
  *         zero per 32 columns, [K/32, N, 2]:                 w = (q - 8) * scale + zero
  *
- * Compiled at first use with the machine's C compiler (`-O3 -march=native -fopenmp`);
- * the loops are written so that the compiler vectorises them.
+ * Compiled at first use with the machine's C compiler (`-O3 -march=native -fopenmp`):
+ * AVX-512 intrinsics for the matrix-vector products where the CPU has them, plain loops
+ * the compiler vectorises elsewhere (and for everything else).
  */
 #include <math.h>
 #include <stdint.h>
