@@ -95,11 +95,9 @@ class DecodingTransformer(Transformer):
 
 def use_decoding_step(model: Transformer) -> Transformer:
     """Switch `model` (fused projections required) to `DecodingTransformer` in place; returns it."""
-    from llama3.fast.fuse import FusedAttention, FusedFeedForward
+    from llama3.fast.fuse import is_fused
 
-    fused = all(isinstance(b.attention, FusedAttention) and isinstance(b.feed_forward, FusedFeedForward)
-                for b in model.layers)
-    if not fused:
+    if not is_fused(model):
         raise ValueError("the lean decoding step needs fused projections: call fuse_projections(model) first")
     if type(model) is Transformer:
         model.__class__ = DecodingTransformer

@@ -77,6 +77,12 @@ def fuse_norms(model: nn.Module) -> nn.Module:
     return model
 
 
+def is_fused(model: nn.Module) -> bool:
+    """Whether every block of `model` has its q/k/v and gate/up projections fused."""
+    return all(isinstance(b.attention, FusedAttention) and isinstance(b.feed_forward, FusedFeedForward)
+               for b in model.layers)
+
+
 @torch.no_grad()
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Fuse q/k/v and gate/up in every block of `model` (in place, for inference); returns it."""

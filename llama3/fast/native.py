@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -102,8 +101,14 @@ def build_error(plain: bool = False) -> str | None:
     return _build_errors.get(plain)
 
 
+class _CompileFailed(Exception):
+    pass
+
+
 def _build(plain: bool):
     """Compile (unless already in the cache) and load; a string says what went wrong."""
+    from llama3.checkpoint.files import atomic_file
+
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return "no C compiler (cc) on PATH"
@@ -112,20 +117,15 @@ def _build(plain: bool):
     target = _cache_dir() / f"native-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)  # built aside, then renamed in
-            os.close(fd)
-            try:
-                run = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"],
+            with atomic_file(target) as tmp:  # built aside, renamed in only if the compiler succeeded
+                run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"],
                                      capture_output=True, text=True, timeout=300)
                 if run.returncode != 0:
                     last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
-                    return f"{compiler} could not compile {SOURCE.name}: {last}"
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+                    raise _CompileFailed(f"{compiler} could not compile {SOURCE.name}: {last}")
         lib = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+    except _CompileFailed as e:
+        return str(e)
     except (OSError, subprocess.SubprocessError) as e:
         return f"could not build or load {SOURCE.name}: {e}"
     lib.llama3_decode_step.restype = None
@@ -208,17 +208,16 @@ class NativeStep:
     Python step decodes; copies and pickles of the model carry no C step (`copy.deepcopy`
     of a sped-up model decodes in Python until `speed_up` is applied to the copy)."""
 
-    def __init__(self, model: nn.Module, lib, layers: list[Layer], head: Matrix, keep: list[torch.Tensor]):
+    def __init__(self, model: nn.Module, lib, layers: list[Layer], final_norm: int, head: Matrix,
+                 keep: list[torch.Tensor]):
         config = model.config
         self.lib, self.model, self.keep = lib, model, keep
         self.fingerprint = _fingerprint(model)
         self.lock = threading.Lock()  # one scratch area: one caller at a time
         self.layers = (Layer * len(layers))(*layers)
-        norm = model.norm.weight.detach().float().contiguous()
-        keep.append(norm)
         self.struct = Model(config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.head_dim,
                             config.hidden_dim, config.vocab_size, 1, config.norm_eps,
-                            self.layers, norm.data_ptr(), head)
+                            self.layers, final_norm, head)
         self.row_sizes = {"xb": config.dim, "att": config.n_heads * config.head_dim,  # floats per batch row
                           "qkv": (config.n_heads + 2 * config.n_kv_heads) * config.head_dim,
                           "proj": config.dim, "gate_up": 2 * config.hidden_dim, "hidden": config.hidden_dim}
@@ -278,12 +277,9 @@ class NativeStep:
 def native_step(model: nn.Module, plain: bool = False) -> NativeStep | None:
     """The C step for `model` (fused projections, CPU weights of kinds `describe` reads),
     or None where it does not apply or the C library cannot be built."""
-    from llama3.fast.fuse import FusedAttention, FusedFeedForward
+    from llama3.fast.fuse import is_fused
 
-    if model.norm.weight.device.type != "cpu":
-        return None
-    if not all(isinstance(b.attention, FusedAttention) and isinstance(b.feed_forward, FusedFeedForward)
-               for b in model.layers):
+    if model.norm.weight.device.type != "cpu" or not is_fused(model):
         return None
     keep: list[torch.Tensor] = []
 
@@ -303,10 +299,10 @@ def native_step(model: nn.Module, plain: bool = False) -> NativeStep | None:
     try:
         layers = [Layer(norm(b.attention_norm), norm(b.ffn_norm), view(b.attention.wqkv), view(b.attention.wo),
                         view(b.feed_forward.w13), view(b.feed_forward.w2)) for b in model.layers]
-        head = view(model.output)
+        final_norm, head = norm(model.norm), view(model.output)
     except LookupError:
         return None
     lib = library(plain)
     if lib is None:
         return None
-    return NativeStep(model, lib, layers, head, keep)
+    return NativeStep(model, lib, layers, final_norm, head, keep)
