@@ -205,6 +205,21 @@ def test_a_missing_compiler_falls_back_with_a_reason(tmp_path):
     assert not any((tmp_path / "cache").glob("*.so"))  # nothing half-written left behind
 
 
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    """A cached .so that does not load (here: truncated to garbage) is replaced by a fresh build."""
+    code = ("from llama3.fast import native; lib = native.library(); print(lib is not None, native.build_error())")
+    env = dict(os.environ, LLAMA3_CACHE=str(tmp_path / "cache"))
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if first.stdout.strip() != "True None":
+        pytest.skip(f"no C step here: {first.stdout.strip() or first.stderr[-200:]}")
+    [cached] = (tmp_path / "cache").glob("native-*.so")
+    cached.write_bytes(b"not a shared library")
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "True None"
+    assert cached.read_bytes()[:4] == b"\x7fELF"
+
+
 def test_int4_dequantized_in_c_equals_the_groups_formula(lib):
     """llama3_dequantize_int4 reads the packed layout back: (q - 8) * scale + zero, in bf16."""
     f32 = nn.Linear(96, 128, bias=False)

@@ -115,15 +115,24 @@ def _build(plain: bool):
     flags = FLAGS + (["-DLLAMA3_PLAIN_C"] if plain else [])
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *flags, _cpu_signature()]).encode())
     target = _cache_dir() / f"native-{key.hexdigest()[:16]}.so"
+
+    def compile_into_cache():
+        with atomic_file(target) as tmp:  # built aside, renamed in only if the compiler succeeded
+            run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"],
+                                 capture_output=True, text=True, timeout=300)
+            if run.returncode != 0:
+                last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
+                raise _CompileFailed(f"{compiler} could not compile {SOURCE.name}: {last}")
+
     try:
         if not target.exists():
-            with atomic_file(target) as tmp:  # built aside, renamed in only if the compiler succeeded
-                run = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(tmp), "-lm"],
-                                     capture_output=True, text=True, timeout=300)
-                if run.returncode != 0:
-                    last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
-                    raise _CompileFailed(f"{compiler} could not compile {SOURCE.name}: {last}")
-        lib = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+            compile_into_cache()
+        try:
+            lib = ctypes.CDLL(str(target))  # CDLL releases the GIL during calls
+        except OSError:  # a cached file that does not load (truncated, damaged): build it again, once
+            target.unlink(missing_ok=True)
+            compile_into_cache()
+            lib = ctypes.CDLL(str(target))
     except _CompileFailed as e:
         return str(e)
     except (OSError, subprocess.SubprocessError) as e:
