@@ -1,12 +1,18 @@
 """Training speed: our Transformer vs transformers' LlamaForCausalLM, same config, optimizer and batch.
 
-    python benchmarks/train_speed.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--threads 2]
+    python benchmarks/train_speed.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--threads 2] [--profile]
 
 Both models are built from the same ModelConfig (ours directly, transformers from
 `config.to_hf()`), both train in float32 with AdamW(lr=3e-4, weight_decay=0.1) on
 the same random token batches: forward, cross-entropy, backward, optimizer step.
 Rounds alternate between the two (ours, theirs, ours, theirs, ...) so machine
 noise hits both alike; each reports its best round in tokens/s.
+
+--profile also runs each eager model's steps under torch.profiler and splits the time into
+the kernels both models call with the same shapes (matrix products, SDPA's flash attention,
+log-softmax and the loss, forward and backward) and everything else. If everything else cost
+nothing, ours would take its shared time: transformers' step / ours' shared time is the most
+ours could gain over it while calling those kernels.
 """
 
 from __future__ import annotations
@@ -55,6 +61,23 @@ def round_seconds(model, logits_of, optimizer, batches) -> float:
     return time.perf_counter() - start
 
 
+SHARED_KERNELS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                  "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::_log_softmax",
+                  "aten::_log_softmax_backward_data", "aten::nll_loss_forward", "aten::nll_loss_backward")
+
+
+def profile_split(model, logits_of, optimizer, batches) -> tuple[float, float]:
+    """(seconds a step, of which in SHARED_KERNELS), from torch.profiler's self CPU times."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        round_seconds(model, logits_of, optimizer, batches)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6 / len(batches)
+    shared = sum(e.self_cpu_time_total for e in events if e.key in SHARED_KERNELS) / 1e6 / len(batches)
+    return total, shared
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -65,6 +88,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd copies of both models (compiling happens in the warm-up)")
+    parser.add_argument("--profile", action="store_true",
+                        help="split each eager model's step into the kernels both call and the rest")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config, models = build(args.preset, args.compile)
@@ -91,6 +116,15 @@ def main() -> int:
     if args.compile:
         print(f"ratio ours-compiled / transformers: {speed['ours-compiled'] / speed['transformers']:.2f}x, "
               f"/ transformers-compiled: {speed['ours-compiled'] / speed['transformers-compiled']:.2f}x")
+    if args.profile:
+        split = {name: profile_split(model, logits_of, optimizers[name], batches)
+                 for name, (model, logits_of) in models.items() if not name.endswith("-compiled")}
+        print("profiled (self CPU time a step): total, in the shared kernels, the rest")
+        for name, (total, shared) in split.items():
+            print(f"{name:22s} {total * 1e3:8.1f} ms {shared * 1e3:8.1f} ms ({shared / total:.0%}) "
+                  f"{(total - shared) * 1e3:8.1f} ms")
+        print(f"if everything but the shared kernels cost nothing: ours at most "
+              f"{split['transformers'][0] / split['ours'][1]:.2f}x transformers")
     return 0
 
 
