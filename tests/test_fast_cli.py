@@ -74,7 +74,7 @@ def test_perplexity_command(tiny_folder, tmp_path, capsys, monkeypatch):
 
 def test_perplexity_command_errors(tiny_folder, tmp_path, capsys):
     assert main(["perplexity", str(tmp_path / "missing.txt")]) == 2
-    assert "missing.txt: cannot read it" in capsys.readouterr().err
+    assert "missing.txt: no such file" in capsys.readouterr().err
     binary = tmp_path / "binary.txt"
     binary.write_bytes(b"\xff\xfe\x00")
     assert main(["perplexity", str(binary), "--model", str(tiny_folder)]) == 2

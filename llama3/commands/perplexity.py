@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
+    except FileNotFoundError:
+        raise Llama3Error(f"{args.file}: no such file; pass the path of a plain text file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise Llama3Error(f"{args.file}: cannot read it as UTF-8 text ({e.__class__.__name__}); "
                           "pass a plain text file") from None
