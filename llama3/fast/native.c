@@ -176,17 +176,18 @@ static void matvec_int4(const Matrix *m, const float *xs, float *ys, int batch) 
             float acc[64] = {0}, xsum = 0.f;             /* acc[d] = sum over the group of q * x */
 #if SIMD
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;     /* rows 0-15, 16-31, 32-47, 48-63 */
-            const __m256i low4 = _mm256_set1_epi8(15);
+            const __m512i low4 = _mm512_set1_epi32(15);
             for (int k = g * 32; k < g * 32 + 32; k++) {
                 if (b == 0 && k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);  /* +~10% */
-                const __m256i bytes = _mm256_loadu_si256((const __m256i *)(block + (size_t)k * 32));
-                const __m256i lo = _mm256_and_si256(bytes, low4), hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+                /* each byte widened to 32 bits straight from memory; the nibbles are split after */
+                const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32)));
+                const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32 + 16)));
                 const __m512 xk = _mm512_set1_ps(x[k]);
                 xsum += x[k];
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(lo))), xk, a0);
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(lo, 1))), xk, a1);
-                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(hi))), xk, a2);
-                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(hi, 1))), xk, a3);
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low4)), xk, a0);   /* rows 0-15 */
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, low4)), xk, a1);   /* rows 16-31 */
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), xk, a2);     /* rows 32-47 */
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), xk, a3);     /* rows 48-63 */
             }
             _mm512_storeu_ps(acc, a0); _mm512_storeu_ps(acc + 16, a1);
             _mm512_storeu_ps(acc + 32, a2); _mm512_storeu_ps(acc + 48, a3);
