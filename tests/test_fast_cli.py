@@ -32,6 +32,20 @@ def test_bench_prints_its_numbers(tiny_folder, capsys, extra):
     for key in ("load_seconds", "prefill_tokens_per_second", "ttft_seconds", "decode_tokens_per_second"):
         assert report[key] > 0
     assert report["peak_rss_bytes"] > 10 * 2**20
+    assert report["weight_bytes_per_token"] > 0 and report["memory_read_bytes_per_second"] > 0
+    assert report["decode_bound_tokens_per_second"] == pytest.approx(
+        report["memory_read_bytes_per_second"] / report["weight_bytes_per_token"])
+
+
+def test_bench_prints_the_decode_bound(tiny_folder, capsys):
+    assert main(["bench", "--model", str(tiny_folder), "--prefill-tokens", "8", "--new-tokens", "3",
+                 "--threads", "1"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("decode bound"))
+    assert "MB of weights a token" in line and "GB/s read here" in line and "% of it" in line
+    from llama3.fast.measure import last_level_cache_bytes
+
+    if last_level_cache_bytes() is not None:  # a tiny model fits in any cache: the bound is no bound there
+        assert "last-level cache" in line
 
 
 def test_bench_compile_failure_is_one_line_error(tiny_folder, capsys, monkeypatch):

@@ -12,8 +12,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "Measure how fast a model runs here: load time, prefill (one forward over a long prompt, "
         "tokens/s), time to first token and decode speed (greedy, one token at a time after a short "
         "prompt, tokens/s), and the peak resident memory of the process. Decoding one token reads "
-        "every weight once, so decode speed is bounded by memory bandwidth / model bytes: 16-bit "
-        "(--dtype bfloat16) and int8 (--quantize int8) weights are fewer bytes. Comparisons with "
+        "every weight once, so decode speed is bounded by memory bandwidth / model bytes: on a CPU, "
+        "bench also reads a matrix 4x the size of the CPU's last-level cache (256 MiB to 2 GiB) to "
+        "measure that bandwidth and prints the bound, and how close the run came to it. 16-bit "
+        "(--dtype bfloat16), int8 and int4 (--quantize) weights are fewer bytes. Comparisons with "
         "transformers and llama.cpp: see benchmarks/ and BENCHMARKS.md."
     )
     add_model_arguments(parser)
@@ -35,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     from llama3.errors import Llama3Error
     from llama3.fast import load_fast
-    from llama3.fast.measure import measure
+    from llama3.fast.measure import decode_bound, measure
 
     if args.prefill_tokens < 1 or args.new_tokens < 2:
         raise Llama3Error("--prefill-tokens must be >= 1 and --new-tokens >= 2")
@@ -55,14 +57,31 @@ def run(args: argparse.Namespace) -> int:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
                           "run without --compile") from None
+    # measured after the report, so its test matrix stays out of the peak RSS
+    bound = decode_bound(llm.model) if next(llm.model.parameters()).device.type == "cpu" else None
     if args.json:
-        print(json.dumps(report.as_dict()))
+        extra = {} if bound is None else {"weight_bytes_per_token": bound.weight_bytes,
+                                          "memory_read_bytes_per_second": bound.read_bytes_per_second,
+                                          "decode_bound_tokens_per_second": bound.tokens_per_second}
+        print(json.dumps(report.as_dict() | extra))
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
         print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
         print(f"decode step: {decode_step_name(llm.model)}")
         print("\n".join(report.lines()))
+        if bound is not None:
+            print(bound_line(bound, report.decode_tokens_per_second))
     return 0
+
+
+def bound_line(bound, decode_tokens_per_second: float) -> str:
+    """The decode speed memory allows, and how close this run came to it."""
+    line = (f"decode bound         {bound.tokens_per_second:8.1f} tokens/s  ({bound.weight_bytes / 1e6:.0f} MB "
+            f"of weights a token / {bound.read_bytes_per_second / 1e9:.1f} GB/s read here); this run: "
+            f"{decode_tokens_per_second / bound.tokens_per_second:.0%} of it")
+    if bound.fits_in_cache:
+        line += " (the weights fit in the CPU's last-level cache, so it can run faster than this)"
+    return line
 
 
 def decode_step_name(model) -> str:

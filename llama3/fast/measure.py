@@ -4,6 +4,8 @@
     ttft      time to first token: prefill of a short prompt + picking the first token
     decode    tokens/s of the one-token-at-a-time loop after it (the engine's own timer)
     peak RSS  the most resident memory this process ever held (ru_maxrss)
+    bound     decoding reads every weight once a token, so it cannot beat
+              memory read speed / weight bytes a token (`decode_bound`)
 
 Each timing is the best of a few repeats after a warm-up run: the first call
 pays one-time costs (allocations, kernel selection) that a server pays once.
@@ -103,3 +105,101 @@ def measure(model, load_seconds: float | None = None, prefill_tokens: int = 512,
     ttft, decode, decoded = decode_speed(model, new_tokens=new_tokens)
     return SpeedReport(load_seconds, min(prefill_tokens, model.config.max_seq_len), prefill, ttft,
                        decoded, decode, peak_rss_bytes())
+
+
+# ------------------------------------------------------------ the memory bound
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoding step reads: every matrix the blocks and the head multiply
+    by, quantized ones with their scales (a tied head counted once; the embedding lookup reads
+    one row of its table, not counted)."""
+    from torch import nn
+
+    from llama3.fast.int4 import Bf16Head, Int4Linear
+    from llama3.fast.packed import PackedLinear
+    from llama3.fast.quantize import Int8Linear
+
+    seen, total = set(), 0
+    for module in model.modules():
+        if id(module) in seen:
+            continue
+        if isinstance(module, Int4Linear):
+            total += module.out_features * module.in_features // 2 + _nbytes(module.scales_and_zeros)
+        elif isinstance(module, Int8Linear):
+            total += _nbytes(module.weight) + _nbytes(module.scales)
+        elif isinstance(module, PackedLinear):
+            total += module.out_features * module.in_features * 2
+        elif isinstance(module, Bf16Head):  # its oneDNN copy (`packed`) holds the same matrix: one is read
+            total += _nbytes(module.table)
+            seen.add(id(module.packed))
+        elif type(module) is nn.Linear and module.weight.data_ptr() not in seen:
+            seen.add(module.weight.data_ptr())
+            total += _nbytes(module.weight)
+    return total
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def last_level_cache_bytes() -> int | None:
+    """The size of the CPU's last-level cache (Linux sysfs), or None where it is not known."""
+    import glob
+
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes) if sizes else None
+
+
+def memory_read_bytes_per_second(n_bytes: int | None = None, repeats: int = 3) -> float:
+    """How fast this process reads memory with torch's threads: the best of `repeats` passes of
+    the C decode kernel (or, without it, torch's sum) over a float32 matrix of n_bytes (default:
+    4x the last-level cache, at least 256 MiB and at most 2 GiB, so the cache cannot hold it)."""
+    import ctypes
+
+    from llama3.fast import native
+
+    if n_bytes is None:
+        n_bytes = min(max(4 * (last_level_cache_bytes() or 0), 256 * 2**20), 2 * 2**30)
+    columns = 1024
+    table = torch.ones(max(1, n_bytes // 4 // columns), columns)  # filling it also maps every page
+    n_bytes = table.numel() * 4
+    lib, read = native.library(), table.sum
+    if lib is not None:
+        matrix = native.Matrix(native.F32, table.shape[0], columns, table.data_ptr(), None)
+        x, y = torch.ones(columns), torch.empty(table.shape[0])
+        threads = torch.get_num_threads()
+        def read():
+            lib.llama3_matvec(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), 1, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        read()
+        best = min(best, time.perf_counter() - start)
+    return n_bytes / best
+
+
+@dataclass
+class DecodeBound:
+    weight_bytes: int          # read once a token
+    read_bytes_per_second: float
+    fits_in_cache: bool        # weights smaller than the last-level cache: they may stay there
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.read_bytes_per_second / self.weight_bytes
+
+
+def decode_bound(model) -> DecodeBound:
+    """The fastest a CPU could decode `model` here: memory read speed / weight bytes a token."""
+    cache = last_level_cache_bytes()
+    weights = weight_bytes_per_token(model)
+    return DecodeBound(weights, memory_read_bytes_per_second(), cache is not None and weights < cache)
