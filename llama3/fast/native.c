@@ -171,27 +171,42 @@ static void matvec_int4(const Matrix *m, const float *xs, float *ys, int batch) 
     for (int b = 0; b < batch; b++) {
         const uint8_t *block = w + (size_t)blk * K * 32;
         const float *x = xs + (size_t)b * K;
-        float out[64] = {0};
-        for (int g = 0; g < K / 32; g++) {
-            float acc[64] = {0}, xsum = 0.f;             /* acc[d] = sum over the group of q * x */
+        float *y = ys + (size_t)b * N + (size_t)blk * 64;
+        /* per group of 32 columns: acc[d] = sum q x, then y[d] += scale (acc - 8 sum x) + zero sum x */
 #if SIMD
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;     /* rows 0-15, 16-31, 32-47, 48-63 */
-            const __m512i low4 = _mm512_set1_epi32(15);
+        __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;          /* rows 0-15, 16-31, 32-47, 48-63 */
+        for (int g = 0; g < K / 32; g++) {
+            /* byte = lo + 16 hi: sum byte x and sum hi x are taken, lo's sum is the first minus 16x the second */
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;      /* bytes 0-15, 16-31; hi 0-15, 16-31 */
+            float xsum = 0.f;
             for (int k = g * 32; k < g * 32 + 32; k++) {
                 if (b == 0 && k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);  /* +~10% */
-                /* each byte widened to 32 bits straight from memory; the nibbles are split after */
                 const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32)));
                 const __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32 + 16)));
                 const __m512 xk = _mm512_set1_ps(x[k]);
                 xsum += x[k];
-                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b0, low4)), xk, a0);   /* rows 0-15 */
-                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b1, low4)), xk, a1);   /* rows 16-31 */
-                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), xk, a2);     /* rows 32-47 */
-                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), xk, a3);     /* rows 48-63 */
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b0), xk, a0);
+                a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b1), xk, a1);
+                a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), xk, a2);
+                a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), xk, a3);
             }
-            _mm512_storeu_ps(acc, a0); _mm512_storeu_ps(acc + 16, a1);
-            _mm512_storeu_ps(acc + 32, a2); _mm512_storeu_ps(acc + 48, a3);
+            const __m512 sixteen = _mm512_set1_ps(16.f), eight_xsum = _mm512_set1_ps(8.f * xsum),
+                         xsum_v = _mm512_set1_ps(xsum);
+            const __m512 acc[4] = {_mm512_fnmadd_ps(sixteen, a2, a0), _mm512_fnmadd_ps(sixteen, a3, a1), a2, a3};
+            __m512 *out[4] = {&y0, &y1, &y2, &y3};
+            const uint16_t *s = sz + ((size_t)g * N + (size_t)blk * 64) * 2;   /* 64 (scale, zero) bf16 pairs */
+            for (int i = 0; i < 4; i++) {                /* 16 rows a time: a pair is one 32-bit lane */
+                const __m512i pairs = _mm512_loadu_si512(s + 32 * i);
+                const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xFFFF0000)));
+                *out[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(acc[i], eight_xsum), _mm512_fmadd_ps(zero, xsum_v, *out[i]));
+            }
+        }
+        _mm512_storeu_ps(y, y0); _mm512_storeu_ps(y + 16, y1); _mm512_storeu_ps(y + 32, y2); _mm512_storeu_ps(y + 48, y3);
 #else
+        float out[64] = {0};
+        for (int g = 0; g < K / 32; g++) {
+            float acc[64] = {0}, xsum = 0.f;
             for (int k = g * 32; k < g * 32 + 32; k++) {
                 const uint8_t *bytes = block + (size_t)k * 32;
                 const float xk = x[k];
@@ -201,15 +216,15 @@ static void matvec_int4(const Matrix *m, const float *xs, float *ys, int batch) 
                 #pragma omp simd
                 for (int d = 0; d < 32; d++) acc[d + 32] += (float)(bytes[d] >> 4) * xk;  /* row d + 32 */
             }
-#endif
             const uint16_t *s = sz + ((size_t)g * N + (size_t)blk * 64) * 2;
             #pragma omp simd
-            for (int d = 0; d < 64; d++) {          /* sum (q - 8) s x + z x = s (acc - 8 xsum) + z xsum */
+            for (int d = 0; d < 64; d++) {
                 const float scale = bf16_to_f32(s[2 * d]), zero = bf16_to_f32(s[2 * d + 1]);
                 out[d] += scale * (acc[d] - 8.f * xsum) + zero * xsum;
             }
         }
-        memcpy(ys + (size_t)b * N + (size_t)blk * 64, out, sizeof out);
+        memcpy(y, out, sizeof out);
+#endif
     }
 }
 
