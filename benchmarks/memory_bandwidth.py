@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's llama3, however it is installed
@@ -36,13 +35,10 @@ PEER = {"fp32": "hf-fp32", "bf16": "hf-bf16", "int8": "hf-fp32", "int4": "hf-fp3
 
 def torch_sum_bytes_per_second(n_bytes: int, repeats: int = 5) -> float:
     """An independent reader: PyTorch's own sum over a float32 matrix of n_bytes."""
+    from llama3.fast.measure import best_seconds
+
     table = torch.ones(n_bytes // 4 // 1024, 1024)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        table.sum()
-        best = min(best, time.perf_counter() - start)
-    return table.numel() * 4 / best
+    return table.numel() * 4 / best_seconds(table.sum, repeats)
 
 
 def load(precision: str):

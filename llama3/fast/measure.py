@@ -118,9 +118,9 @@ def weight_bytes_per_token(model) -> int:
     from llama3.fast.packed import PackedLinear
     from llama3.fast.quantize import Int8Linear
 
-    seen, total = set(), 0
+    skipped, counted, total = set(), set(), 0   # modules not read (copies), tensors already counted
     for module in model.modules():
-        if id(module) in seen:
+        if id(module) in skipped:
             continue
         if isinstance(module, Int4Linear):
             total += module.out_features * module.in_features // 2 + _nbytes(module.scales_and_zeros)
@@ -130,9 +130,9 @@ def weight_bytes_per_token(model) -> int:
             total += module.out_features * module.in_features * 2
         elif isinstance(module, Bf16Head):  # its oneDNN copy (`packed`) holds the same matrix: one is read
             total += _nbytes(module.table)
-            seen.add(id(module.packed))
-        elif type(module) is nn.Linear and module.weight.data_ptr() not in seen:
-            seen.add(module.weight.data_ptr())
+            skipped.add(id(module.packed))
+        elif type(module) is nn.Linear and module.weight.data_ptr() not in counted:
+            counted.add(module.weight.data_ptr())
             total += _nbytes(module.weight)
     return total
 
@@ -159,16 +159,21 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes) if sizes else None
 
 
+def uncacheable_bytes(cache_bytes: int | None) -> int:
+    """A test matrix the cache cannot hold: 4x the last-level cache, 256 MiB to 2 GiB."""
+    return min(max(4 * (cache_bytes or 0), 256 * 2**20), 2 * 2**30)
+
+
 def memory_read_bytes_per_second(n_bytes: int | None = None, repeats: int = 3) -> float:
     """How fast this process reads memory with torch's threads: the best of `repeats` passes of
     the C decode kernel (or, without it, torch's sum) over a float32 matrix of n_bytes (default:
-    4x the last-level cache, at least 256 MiB and at most 2 GiB, so the cache cannot hold it)."""
+    `uncacheable_bytes` of this CPU's last-level cache)."""
     import ctypes
 
     from llama3.fast import native
 
     if n_bytes is None:
-        n_bytes = min(max(4 * (last_level_cache_bytes() or 0), 256 * 2**20), 2 * 2**30)
+        n_bytes = uncacheable_bytes(last_level_cache_bytes())
     columns = 1024
     table = torch.ones(max(1, n_bytes // 4 // columns), columns)  # filling it also maps every page
     n_bytes = table.numel() * 4
@@ -179,12 +184,17 @@ def memory_read_bytes_per_second(n_bytes: int | None = None, repeats: int = 3) -
         threads = torch.get_num_threads()
         def read():
             lib.llama3_matvec(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), 1, threads)
+    return n_bytes / best_seconds(read, repeats)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of fn()."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        read()
+        fn()
         best = min(best, time.perf_counter() - start)
-    return n_bytes / best
+    return best
 
 
 @dataclass
@@ -202,4 +212,5 @@ def decode_bound(model) -> DecodeBound:
     """The fastest a CPU could decode `model` here: memory read speed / weight bytes a token."""
     cache = last_level_cache_bytes()
     weights = weight_bytes_per_token(model)
-    return DecodeBound(weights, memory_read_bytes_per_second(), cache is not None and weights < cache)
+    return DecodeBound(weights, memory_read_bytes_per_second(uncacheable_bytes(cache)),
+                       cache is not None and weights < cache)

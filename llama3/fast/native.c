@@ -174,7 +174,8 @@ static void matvec_int4(const Matrix *m, const float *xs, float *ys, int batch) 
         float *y = ys + (size_t)b * N + (size_t)blk * 64;
         /* per group of 32 columns: acc[d] = sum q x, then y[d] += scale (acc - 8 sum x) + zero sum x */
 #if SIMD
-        __m512 y0 = _mm512_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;          /* rows 0-15, 16-31, 32-47, 48-63 */
+        __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+                                                                             /* rows 0-15, 16-31, 32-47, 48-63 */
         for (int g = 0; g < K / 32; g++) {
             /* byte = lo + 16 hi: sum byte x and sum hi x are taken, lo's sum is the first minus 16x the second */
             __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;      /* bytes 0-15, 16-31; hi 0-15, 16-31 */
@@ -193,16 +194,15 @@ static void matvec_int4(const Matrix *m, const float *xs, float *ys, int batch) 
             const __m512 sixteen = _mm512_set1_ps(16.f), eight_xsum = _mm512_set1_ps(8.f * xsum),
                          xsum_v = _mm512_set1_ps(xsum);
             const __m512 acc[4] = {_mm512_fnmadd_ps(sixteen, a2, a0), _mm512_fnmadd_ps(sixteen, a3, a1), a2, a3};
-            __m512 *out[4] = {&y0, &y1, &y2, &y3};
             const uint16_t *s = sz + ((size_t)g * N + (size_t)blk * 64) * 2;   /* 64 (scale, zero) bf16 pairs */
             for (int i = 0; i < 4; i++) {                /* 16 rows a time: a pair is one 32-bit lane */
                 const __m512i pairs = _mm512_loadu_si512(s + 32 * i);
                 const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
                 const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xFFFF0000)));
-                *out[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(acc[i], eight_xsum), _mm512_fmadd_ps(zero, xsum_v, *out[i]));
+                out[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(acc[i], eight_xsum), _mm512_fmadd_ps(zero, xsum_v, out[i]));
             }
         }
-        _mm512_storeu_ps(y, y0); _mm512_storeu_ps(y + 16, y1); _mm512_storeu_ps(y + 32, y2); _mm512_storeu_ps(y + 48, y3);
+        for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, out[i]);
 #else
         float out[64] = {0};
         for (int g = 0; g < K / 32; g++) {
