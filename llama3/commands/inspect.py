@@ -5,6 +5,7 @@
     llama3 inspect logit-lens "The capital of France is" --out lens.png
     llama3 inspect rope --out rope.png
     llama3 inspect walkthrough --out docs/
+    llama3 inspect patch | attribute | ablate ...   (causal experiments: commands/experiments.py)
 """
 
 from __future__ import annotations
@@ -79,6 +80,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="docs", help="folder to write into (default docs/)")
     add_model_arguments(p)
 
+    from llama3.commands import experiments
+
+    experiments.configure(sub)
+
 
 def _load(args):
     import llama3
@@ -87,6 +92,10 @@ def _load(args):
 
 
 def run(args) -> int:
+    from llama3.commands import experiments
+
+    if args.view in experiments.NAMES:
+        return experiments.run(args)
     if args.view == "trace":
         import json
 

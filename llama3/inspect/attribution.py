@@ -14,8 +14,10 @@ Its inputs, for this purpose, are the T embedding vectors x [T, D] the model loo
     starts where RMSNorm is steepest: a vector a*x grows from nothing to full size within
     a ~ sqrt(eps) / rms(x).  For it the points are a_k = u_k^2 (u evenly spaced, weight
     da = 2u du), crowding near a = 0 (measured on a tiny random model: 64 even points recovered
-    17% of f(x) - f(x0), squared points within 2%; on SmolLM2's 30 blocks the zero baseline is
-    still far off at 64 points, the token baseline is not).
+    17% of f(x) - f(x0), squared points within 2%).  Check the error before trusting the
+    scores: on SmolLM2's 30 blocks ("The capital of France is" -> " Paris", pad-token baseline,
+    f(x) - f(x0) = 10.3) it was 171 at 16 points and 0.75 at 32; with zero vectors it was
+    still over 50 at 64 points.
 
 Attention is not attribution: a head can look hard at a token whose value changes nothing,
 and a token can matter through a head that barely looks at it.  These scores measure effect
