@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenize": ("llama3.commands.tokenize", "show how text becomes token ids"),
     "params": ("llama3.commands.params", "parameter breakdown of a preset or checkpoint"),
     "inspect": ("llama3.commands.inspect", "look inside: trace, attention maps, logit lens, rope"),
+    "lab": ("llama3.commands.lab", "a local web page that shows the model working, with experiments"),
     "doctor": ("llama3.commands.doctor", "identify a checkpoint and check it against a reference"),
     "prepare": ("llama3.commands.prepare", "tokenize text into training shards"),
     "train-tokenizer": ("llama3.commands.train_tokenizer", "train a small byte-level BPE vocabulary"),

@@ -216,6 +216,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
             raise APIError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
+    app.state.check_key = check_key  # the same key rule for routes mounted later (llama3.lab)
+
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
         """Key, then JSON, then fields, then model name: the first problem found is answered."""
         check_key(request)

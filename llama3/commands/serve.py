@@ -47,6 +47,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 requests "
                              "(default: $LLAMA3_API_KEY; unset = no key needed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+    parser.add_argument("--lab", action="store_true",
+                        help="also serve the Lab page at /lab (llama3 lab), with the same API key rule")
 
 
 def model_name(source: str | None) -> str:
@@ -88,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
     llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     app = create_app(llm, name, api_key=args.api_key)
+    if args.lab:  # the page's views hook the served (fast) model's modules, on their own thread
+        from llama3.lab import mount_lab
+
+        mount_lab(app, llm, source=args.model, name=name)
+        print(f"the lab is on http://{args.host}:{args.port}/lab", file=sys.stderr)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)
     print(f"serving {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}; Ctrl-C stops", file=sys.stderr)

@@ -16,6 +16,7 @@ attention.  Shapes use the legend of llama3/model.py.
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -57,11 +58,15 @@ def explicit_attention(model: Transformer, layers):
 def recording(modules: dict[str, torch.nn.Module], record: str = "output"):
     """Hook each named module; yields a dict name -> its last output (or first input), detached.
 
-    Hooks are removed on exit, also when the forward pass raises."""
+    Hooks are removed on exit, also when the forward pass raises.  They record only forward passes
+    on the calling thread, so a server generating on another thread meanwhile is not recorded."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
+    owner = threading.get_ident()
     for name, module in modules.items():
         def hook(mod, args, output, name=name):
+            if threading.get_ident() != owner:
+                return
             value = args[0] if record == "input" else output
             seen[name] = (value[0] if isinstance(value, tuple) else value).detach()
         handles.append(module.register_forward_hook(hook))

@@ -1,0 +1,75 @@
+"""`llama3 lab`: the Lab, a local web page that shows the loaded model working (llama3/lab).
+
+    llama3 lab                                # the embedded model on http://127.0.0.1:8001/lab
+    llama3 lab --model path/to/model --port 9000 --api-key secret
+
+The readable model (llama3/model.py) runs as written, with no fast paths, so every view sees
+the code the page quotes.  The OpenAI API of `llama3 serve` is served beside it at /v1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llama3.commands.common import add_model_arguments
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Open a local web page on the loaded model: chat or complete text, click a generated token to see "
+        "its candidates, its attention per head and layer, the logit lens and the residual stream; walk one "
+        "forward pass step by step with the code and the walkthrough's text (English/中文); run activation "
+        "patching, attribution and ablation; compare the logits with transformers. Views are computed on "
+        "request. Ctrl-C stops it.")
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; anything else "
+                             "exposes the model to your network, so set --api-key)")
+    parser.add_argument("--port", type=int, default=8001, help="TCP port (default 8001)")
+    parser.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on the page's API calls and /v1 "
+                             "(default: $LLAMA3_API_KEY; the page asks for it)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+    parser.add_argument("--open", action="store_true", help="open the page in the default browser")
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+    import socket
+
+    import uvicorn
+
+    import llama3
+    from llama3.commands.serve import model_name
+    from llama3.errors import Llama3Error
+    from llama3.lab import mount_lab
+    from llama3.llm import parse_device
+    from llama3.server import Server, create_app
+
+    if not 0 < args.port < 65536:
+        raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
+    device = parse_device(args.device)
+    try:  # bind first: a busy port is a one-line error before the model loads
+        sock = socket.create_server((args.host, args.port))
+    except OSError as e:
+        reason = (e.strerror or str(e)).split(" (while attempting")[0]
+        raise Llama3Error(f"cannot listen on {args.host}:{args.port} ({reason}); pick another --port") from None
+    name = model_name(args.model)
+    print(f"loading {args.model or name}...", file=sys.stderr)
+    llm = llama3.load(args.model, dtype=args.dtype, device=device)
+    app = mount_lab(create_app(llm, name, api_key=args.api_key), llm, source=args.model, name=name)
+    url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}/lab"
+    print(f"the lab is on {url}{' (API key required)' if args.api_key else ''}; Ctrl-C stops", file=sys.stderr)
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(url)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)).run(sockets=[sock])
+    except KeyboardInterrupt:
+        pass
+    print("lab stopped", file=sys.stderr)
+    return 0
