@@ -155,8 +155,6 @@ def walk(llm, ids: list[int], layer: int, texts: Walkthrough) -> dict:
     sections = texts.sections(llm)
     steps = []
     for node, depth, parent in _flatten(result.root):
-        if node.tensor is None and not node.shape:
-            continue
         match = next((entry for entry in STEPS if node.name.startswith(entry[0])), None)
         if match is None and parent is not None:  # "q" under "split into heads": its parent's code and text
             match = next((entry for entry in STEPS if parent.startswith(entry[0])), None)
