@@ -258,7 +258,7 @@ function drawAttention() {
   const sink = views.attention.map((heads) => heads.map((row) => row[0]));
   Plotly.react("sink-plot", [{ type: "heatmap", z: sink, colorscale: "Viridis", zmin: 0, zmax: 1 }],
                { title: { text: t("sink"), font: { size: 12 } }, margin: { t: 30 },
-                 xaxis: { title: { text: t("head") } }, yaxis: { title: { text: "layer" } } }, { responsive: true });
+                 xaxis: { title: { text: t("head") }, dtick: 1 }, yaxis: { title: { text: "layer" }, dtick: 1 } }, { responsive: true });
 }
 
 function drawLens() {
@@ -308,7 +308,7 @@ function markdown(text) {
   // enough Markdown for the walkthrough: paragraphs, lists, tables and code blocks as preformatted text,
   // **bold**, `code`, [links] as their text
   const inline = (s) => escapeHtml(s).replace(/`([^`]+)`/g, "<code>$1</code>").replace(/\*\*([^*]+)\*\*/g, "<b>$1</b>")
-    .replace(/\[([^\]]+)\]\([^)]*\)/g, "$1").replace(/!\[[^\]]*\]\([^)]*\)/g, "");
+    .replace(/!\[[^\]]*\]\([^)]*\)/g, "").replace(/\[([^\]]+)\]\([^)]*\)/g, "$1");
   return text.split(/\n\s*\n/).map((block) => {
     if (/^(\||```|    )/.test(block)) return `<pre>${escapeHtml(block.replace(/^```.*$/gm, ""))}</pre>`;
     if (/^#+ /.test(block)) return `<h4>${inline(block.replace(/^#+ /, ""))}</h4>`;
