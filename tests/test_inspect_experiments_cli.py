@@ -2,21 +2,9 @@
 
 import json
 
-import pytest
-
-import llama3
-from conftest import make_model
 from llama3.cli import main
-from llama3.llm import LLM
-from test_inspect import CharTokenizer, picture_ok
-
-
-@pytest.fixture
-def tiny_llm(monkeypatch):
-    model = make_model()
-    llm = LLM(model, model.config, tokenizer=CharTokenizer(), source="tiny")
-    monkeypatch.setattr(llama3, "load", lambda source=None, **kw: llm)
-    return llm
+from test_inspect import picture_ok
+from test_inspect_cli import tiny_llm  # noqa: F401  (the fixture: llama3.load returns a tiny model)
 
 
 def test_patch_attribute_ablate_write_pictures_and_json(tiny_llm, tmp_path, capsys):

@@ -173,3 +173,17 @@ def test_fidelity_against_transformers(tmp_path, llm):
         got = c.post("/lab/api/fidelity", json={"prompt": "Hello"}).json()
     assert got["reference"] == "transformers" and got["first_divergence"] is None
     assert got["max_abs_logits_diff"] < 1e-4 and [s["stage"] for s in got["stages"]][-1] == "logits"
+
+
+def test_lab_command_bad_port_and_busy_port_are_one_line_errors(capsys):
+    import socket
+
+    from llama3.cli import main
+
+    assert main(["lab", "--port", "70000"]) == 2
+    assert "not a TCP port" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        assert main(["lab", "--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen" in capsys.readouterr().err
+    assert main(["serve", "--lab", "--port", "70000"]) == 2        # serve knows --lab
+    assert "not a TCP port" in capsys.readouterr().err
