@@ -187,3 +187,24 @@ def test_lab_command_bad_port_and_busy_port_are_one_line_errors(capsys):
     assert "cannot listen" in capsys.readouterr().err
     assert main(["serve", "--lab", "--port", "70000"]) == 2        # serve knows --lab
     assert "not a TCP port" in capsys.readouterr().err
+
+
+def test_on_the_served_fast_model_the_views_hook_the_same_modules(llm):
+    """`llama3 serve --lab`: the page on the fused (sped-up) model gives the readable model's numbers;
+    the walk, which needs the separate q/k/v matrices, says what to do instead."""
+    import copy
+
+    from llama3.fast import speed_up
+
+    fast_model = speed_up(copy.deepcopy(llm.model), fuse=True, native=False)
+    fast = LLM(fast_model, fast_model.config, tokenizer=llm.tokenizer)
+    with TestClient(mount_lab(create_app(fast, "fast"), fast, source=False)) as c:
+        ids = list(b"Hello")
+        got = c.post("/lab/api/token", json={"ids": ids}).json()
+        plain = views.token_views(llm, ids)
+        assert torch.tensor(got["attention"]) == pytest.approx(torch.tensor(plain["attention"]), abs=1e-5)
+        assert got["residual"]["ffn_adds"] == pytest.approx(plain["residual"]["ffn_adds"], rel=1e-4)
+        patched = c.post("/lab/api/patch", json={"clean": "abcd", "corrupted": "abxd"}).json()
+        assert torch.tensor(patched["restored"]) == pytest.approx(patch(llm, "abcd", "abxd").restored, abs=1e-4)
+        walked = c.post("/lab/api/walk", json={"prompt": "abc"})
+        assert walked.status_code == 400 and "--plain" in walked.json()["error"]["message"]

@@ -19,6 +19,8 @@ import threading
 import torch
 
 import llama3.model as model_module
+from llama3.errors import Llama3Error
+from llama3.inspect.capture import resolve_layers
 from llama3.inspect.trace import trace
 
 HEAT_ROWS, HEAT_COLS = 24, 48
@@ -151,6 +153,13 @@ def _flatten(step, depth=0, parent=None):
 @torch.no_grad()
 def walk(llm, ids: list[int], layer: int, texts: Walkthrough) -> dict:
     """The forward pass of ids with block `layer` unrolled, as page steps."""
+    (index,) = resolve_layers(llm.model, layer)
+    block = llm.model.layers[index]
+    if not all(hasattr(m, name) for m, names in ((block.attention, ("wq", "wk", "wv")),
+                                                  (block.feed_forward, ("w1", "w3"))) for name in names):
+        raise Llama3Error("the walk redoes a block with the readable model's own wq/wk/wv and w1/w3, and this "
+                          "server runs the fast model with them fused into one matrix each; use `llama3 lab`, "
+                          "or `llama3 serve --lab --plain`")
     result = trace(llm, ids, layer=layer)
     sections = texts.sections(llm)
     steps = []
