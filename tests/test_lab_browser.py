@@ -9,6 +9,7 @@ Skipped only where no browser is installed (`apt-get install chromium`, `pip ins
 the browser is never downloaded by Playwright)."""
 
 import json
+import os
 import shutil
 
 import httpx
@@ -21,7 +22,7 @@ from llama3.server import create_app
 from test_server import ByteTokenizer, LiveServer
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and shutil.os.path.exists(p)), None)
+                 if p and os.path.exists(p)), None)
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (pip install playwright)")
 if CHROMIUM is None:
     pytest.skip("no chromium installed (apt-get install chromium)", allow_module_level=True)
@@ -40,18 +41,24 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
-        page = browser.new_page()
-        errors = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(server.url + "/lab")
-        page.wait_for_function("window.lab && window.lab.ready")
-        page.errors = errors
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, browser):
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(server.url + "/lab")
+    page.wait_for_function("window.lab && window.lab.ready")
+    page.errors = errors
+    yield page
+    page.close()
 
 
 def flat(nested):
@@ -150,3 +157,25 @@ def test_chat_stream_token_views_patching_and_language(server, page):
     page.click("#lang")
     assert page.text_content("button[data-tab=chat]") == "Chat"
     assert page.errors == []
+
+
+def test_with_an_api_key_the_page_asks_for_it_once(browser):
+    model = make_model(make_config(vocab_size=259, n_layers=1))
+    llm = LLM(model, model.config, tokenizer=ByteTokenizer())
+    live = LiveServer(mount_lab(create_app(llm, "keyed", api_key="s3cret"), llm, source=False, name="keyed"))
+    try:
+        asked = []
+        page = browser.new_page()
+        page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("s3cret")))
+        page.goto(live.url + "/lab")
+        page.wait_for_function("window.lab.ready && window.lab.info !== null")
+        assert page.text_content("#model-info").startswith("keyed: 1 blocks") and len(asked) == 1
+        page.select_option("#mode", "completion")
+        page.fill("#max-tokens", "2")
+        page.click("#send")
+        page.wait_for_function("document.querySelectorAll('#conversation .tok').length === 2")
+        assert len(asked) == 1 and page.text_content("#error") == ""    # the key is kept for the tab
+        page.close()
+    finally:
+        live.server.should_exit = True
+        live.thread.join(10)
