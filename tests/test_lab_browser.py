@@ -2,7 +2,8 @@
 
 A tiny random model with a byte tokenizer is served on 127.0.0.1; the page is loaded, a prompt
 sent, the streamed text compared with the API's own answer, a token clicked and its attention
-and logit-lens views compared with what /lab/api/token returns, a patching experiment run and
+and logit-lens views compared with what /lab/api/token returns, the token attributed to its
+context, a patching experiment run and
 one of its cells clicked, the forward walk opened and the language switched to Chinese.
 
 Skipped only where no browser is installed (`apt-get install chromium`, `pip install playwright`;
@@ -123,8 +124,14 @@ def test_chat_stream_token_views_patching_and_language(server, page):
     z0 = page.evaluate("document.getElementById('attn-plot').data[0].z")
     assert same([r for r in z0 if any(v is not None for v in r)], views["attention"][0])
 
+    # ---- attribute the clicked token to the tokens before it (integrated gradients, in the experiments tab)
+    page.click("#token-attribute")
+    page.wait_for_function("window.lab.attribution !== undefined")
+    expected = api(server, "/lab/api/attribute", {"ids": ids, "target": f"#{tokens[2]['id']}", "steps": 32}).json()
+    assert page.evaluate("document.getElementById('attr-plot').data[0].y") == pytest.approx(expected["scores"], abs=1e-6)
+    assert page.is_visible("#tab-experiments") and "completeness error" in page.text_content("#attr-summary")
+
     # ---- a patching experiment, then a click on one of its cells opens that layer's head
-    page.click("button[data-tab=experiments]")
     page.fill("#patch-clean", "abcd")
     page.fill("#patch-corrupted", "abxd")
     page.select_option("#patch-site", "heads")

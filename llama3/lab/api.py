@@ -78,7 +78,8 @@ class PatchBody(_Body):
 
 
 class AttributeBody(_Body):
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
+    ids: list[int] | None = Field(None, min_length=1)   # instead of prompt: a context from the chat
     target: str | None = None
     method: Literal["integrated_gradients", "gradient_x_input"] = "integrated_gradients"
     steps: int = Field(32, ge=1, le=128)
@@ -233,9 +234,9 @@ def mount_lab(app: FastAPI, llm, *, source: str | None | bool = None, name: str 
         from llama3.inspect.attribution import attribute
 
         body: AttributeBody = await parse(request, AttributeBody)
-        n = len(encode_prompt(llm, body.prompt))
-        views.check_fits(llm, 3 * views.forward_bytes(llm, n, batch=8), "attribution of this prompt")
-        result = await compute(attribute, llm, body.prompt, target=body.target, method=body.method,
+        ids = ids_of(body)
+        views.check_fits(llm, 3 * views.forward_bytes(llm, len(ids), batch=8), "attribution of this prompt")
+        result = await compute(attribute, llm, ids, target=body.target, method=body.method,
                                steps=body.steps, baseline=body.baseline)
         return result.to_dict()
 

@@ -37,7 +37,7 @@ const LABELS = {
         patching_hint: "把干净运行中的一个激活复制到被破坏的运行中，看答案的 logit 差恢复了多少（1 = 全部）。点击格子查看该层的注意力（heads 时为该头）。",
         run: "运行", attribution: "词元归因",
         attention_not_attribution: "注意力不等于归因：一个头可能紧盯着一个对结果毫无影响的词元。这里的得分衡量的是每个词元对所选 logit 的影响。",
-        steps: "步数", ablation: "消融", before: "之前", after: "之后",
+        steps: "步数", attribute_token: "把这个词元归因到它之前的词元", ablation: "消融", before: "之前", after: "之后",
         fidelity_hint: "运行 `llama3 doctor --reference transformers`：同一提示词分别经过本模型和 transformers 的 LlamaForCausalLM，逐块比较。",
         stage: "阶段", relative: "相对", busy: "计算中…", prompt_placeholder: "提示词",
         answer_placeholder: "答案（默认：干净运行的首选）", wrong_placeholder: "错误答案（默认：被破坏运行的首选）",

@@ -333,9 +333,13 @@ async function openHead(point) {
                  yaxis: { autorange: "reversed" } }, { responsive: true });
 }
 
-async function runAttribution() {
-  const body = { prompt: $("attr-prompt").value, method: $("attr-method").value, steps: +$("attr-steps").value };
-  if ($("attr-target").value) body.target = $("attr-target").value;
+async function runAttribution(context) {
+  const body = { method: $("attr-method").value, steps: +$("attr-steps").value };
+  if (context) { body.ids = context.ids; body.target = context.target; }     // from a clicked chat token
+  else {
+    body.prompt = $("attr-prompt").value;
+    if ($("attr-target").value) body.target = $("attr-target").value;
+  }
   const r = lab.attribution = await api("/lab/api/attribute", body);
   $("attr-summary").textContent = t("attr_summary")(r);
   Plotly.react("attr-plot", [{ type: "bar", x: r.tokens.map((x, i) => `${i}:${x}`), y: r.scores,
@@ -391,7 +395,12 @@ async function start() {
   $("walk-prev").onclick = () => showStep(lab.step - 1);
   $("walk-next").onclick = () => showStep(lab.step + 1);
   $("patch-run").onclick = runPatch;
-  $("attr-run").onclick = runAttribution;
+  $("attr-run").onclick = () => runAttribution();
+  $("token-attribute").onclick = () => {
+    showTab("experiments");
+    $("attr-target").value = `#${lab.token.chosen.id}`;
+    runAttribution({ ids: lab.token.ids, target: `#${lab.token.chosen.id}` });
+  };
   $("abl-run").onclick = runAblation;
   $("fid-run").onclick = runFidelity;
   applyLanguage();
