@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("llama3.commands.serve", "serve an OpenAI-compatible HTTP API"),
     "tokenize": ("llama3.commands.tokenize", "show how text becomes token ids"),
     "params": ("llama3.commands.params", "parameter breakdown of a preset or checkpoint"),
-    "inspect": ("llama3.commands.inspect", "look inside: trace, attention maps, logit lens, rope"),
+    "inspect": ("llama3.commands.inspect", "look inside: trace, attention maps, logit lens, rope, patching, attribution"),
     "lab": ("llama3.commands.lab", "a local web page that shows the model working, with experiments"),
     "doctor": ("llama3.commands.doctor", "identify a checkpoint and check it against a reference"),
     "prepare": ("llama3.commands.prepare", "tokenize text into training shards"),
