@@ -163,6 +163,11 @@ def test_a_view_too_large_for_memory_is_refused_before_it_runs(client, monkeypat
     r = post(client, "/lab/api/token", {"ids": [1, 2, 3]})
     assert r.status_code == 413 and r.json()["error"]["code"] == "view_too_large"
     assert "shorter prompt" in r.json()["error"]["message"]
+    monkeypatch.undo()
+    monkeypatch.setattr(views, "MAX_CELLS", 100)                     # 2 layers x 4 heads x 20 tokens = 160
+    r = post(client, "/lab/api/token", {"ids": [1] * 20})
+    assert r.status_code == 413 and "160 numbers" in r.json()["error"]["message"]
+    assert post(client, "/lab/api/token", {"ids": [1] * 10}).status_code == 200
 
 
 def test_fidelity_against_transformers(tmp_path, llm):

@@ -25,6 +25,7 @@ from llama3.inspect.tokens import as_batch, token_label, token_labels
 from llama3.sampling import apply_min_p, apply_top_k, apply_top_p
 
 TOP = 10  # candidates per generated token
+MAX_CELLS = 2_000_000  # numbers in one view's JSON (~40 MB): more is refused rather than sent
 
 
 class TooLarge(Llama3Error):
@@ -51,6 +52,13 @@ def check_fits(llm, needed: int, what: str) -> None:
     if free is not None and 2 * needed > free:
         raise TooLarge(f"{what} needs about {needed / 2**30:.1f} GiB and {free / 2**30:.1f} GiB are free; "
                        "use a shorter prompt (or a smaller model)")
+
+
+def check_cells(cells: int, what: str) -> None:
+    """Refuse a view whose answer would hold more than MAX_CELLS numbers."""
+    if cells > MAX_CELLS:
+        raise TooLarge(f"{what} is {cells:,} numbers, more than the page takes ({MAX_CELLS:,}); "
+                       "use a shorter prompt")
 
 
 def forward_bytes(llm, t: int, batch: int = 1, attention: bool = False) -> int:
@@ -119,6 +127,7 @@ def token_views(llm, ids: list[int], top: int = 5) -> dict:
                feed-forward add at this position; the stream's norm after the last block
     """
     model, c = llm.model, llm.config
+    check_cells(c.n_layers * c.n_heads * len(ids), "the attention of the last token in every layer and head")
     check_fits(llm, forward_bytes(llm, len(ids), attention=True), "the attention of this many tokens")
     n = len(model.layers)
     rows: dict[int, torch.Tensor] = {}
@@ -173,6 +182,7 @@ def head_map(llm, ids: list[int], layer: int) -> dict:
     """Every head's full attention map [H][T][T] of one layer."""
     from llama3.inspect.attention import attention_maps
 
+    check_cells(llm.config.n_heads * len(ids) ** 2, "one layer's attention maps")
     check_fits(llm, forward_bytes(llm, len(ids), attention=True), "these attention maps")
     maps = attention_maps(llm, ids, layer=layer)
     return {"layer": maps.layer, "tokens": maps.labels, "n_rep": maps.n_rep, "weights": maps.weights.tolist()}
