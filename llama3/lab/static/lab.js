@@ -201,6 +201,9 @@ function groupedRows(weights, nRep) {
   return { z, y };
 }
 
+// a plot's height in pixels: room for every row's label (at least 300)
+const tall = (rows, perRow) => Math.max(300, rows * perRow + 140);
+
 function tokenAxis(tokens) {
   return { tickmode: "array", tickvals: tokens.map((_, i) => i), ticktext: tokens.map((x, i) => `${i}:${x}`) };
 }
@@ -211,11 +214,12 @@ function drawAttention() {
   const { z, y } = groupedRows(views.attention[layer], views.n_rep);
   Plotly.react("attn-plot", [{ type: "heatmap", z, y, x: views.tokens.map((_, i) => i), colorscale: "Viridis",
                                zmin: 0, zmax: 1, hoverongaps: false }],
-               { margin: { l: 120, t: 10, b: 90 }, xaxis: tokenAxis(views.tokens), yaxis: { autorange: "reversed" } },
+               { margin: { l: 120, t: 10, b: 90 }, height: tall(z.length, 22), xaxis: tokenAxis(views.tokens),
+                 yaxis: { autorange: "reversed", dtick: 1 } },
                { responsive: true });
   const sink = views.attention.map((heads) => heads.map((row) => row[0]));
   Plotly.react("sink-plot", [{ type: "heatmap", z: sink, colorscale: "Viridis", zmin: 0, zmax: 1 }],
-               { title: { text: t("sink"), font: { size: 12 } }, margin: { t: 30 },
+               { title: { text: t("sink"), font: { size: 12 } }, margin: { t: 30 }, height: tall(sink.length, 14),
                  xaxis: { title: { text: t("head") }, dtick: 1 }, yaxis: { title: { text: "layer" }, dtick: 1 } }, { responsive: true });
 }
 
@@ -223,7 +227,8 @@ function drawLens() {
   const lens = lab.token.views.lens;
   Plotly.react("lens-plot", [{ type: "bar", orientation: "h", y: lens.map((r) => r.layer), x: lens.map((r) => r.top[0].prob),
                                text: lens.map((r) => r.top[0].token), textposition: "auto" }],
-               { margin: { l: 80, t: 10 }, xaxis: { range: [0, 1], title: { text: "p" } } }, { responsive: true });
+               { margin: { l: 80, t: 10 }, height: tall(lens.length, 16), yaxis: { dtick: 1 },
+                 xaxis: { range: [0, 1], title: { text: "p" } } }, { responsive: true });
   const body = $("lens-table").tBodies[0];
   body.textContent = "";
   for (const r of lens) {
@@ -308,7 +313,7 @@ async function runPatch() {
   $("patch-summary").textContent = t("patch_summary")(r);
   Plotly.react("patch-plot", [{ type: "heatmap", z: r.restored, y: r.rows, x: r.columns, colorscale: "RdBu",
                                 zmid: 0, zmin: -1, zmax: 1 }],
-               { margin: { l: 80, b: 100, t: 10 } }, { responsive: true });
+               { margin: { l: 80, b: 100, t: 10 }, height: tall(r.rows.length, 16) }, { responsive: true });
   $("patch-plot").removeAllListeners("plotly_click");
   $("patch-plot").on("plotly_click", (event) => openHead(event.points[0]));
 }
@@ -329,8 +334,8 @@ async function openHead(point) {
   }
   lab.head = { layer: data.layer, column, z };
   Plotly.react("head-plot", [{ type: "heatmap", z, y, x: data.tokens.map((_, i) => i), colorscale: "Viridis", zmin: 0, zmax: 1 }],
-               { title: { text: title, font: { size: 12 } }, margin: { l: 120, b: 90 }, xaxis: tokenAxis(data.tokens),
-                 yaxis: { autorange: "reversed" } }, { responsive: true });
+               { title: { text: title, font: { size: 12 } }, margin: { l: 120, b: 90 }, height: tall(z.length, 22),
+                 xaxis: tokenAxis(data.tokens), yaxis: { autorange: "reversed", dtick: 1 } }, { responsive: true });
 }
 
 async function runAttribution(context) {
