@@ -236,3 +236,25 @@ def test_ablation_equals_editing_the_weights(llm):
         ablate(llm, CLEAN)
     with pytest.raises(Llama3Error, match="head 9"):
         ablate(llm, CLEAN, heads=[(0, 9)])
+
+
+def test_hooks_act_only_on_their_own_thread(llm):
+    """A server generating on another thread while the lab patches must not see the patch."""
+    import threading
+
+    from llama3.inspect.capture import recording
+    from llama3.inspect.patching import hooked
+
+    model, tokens = llm.model, torch.tensor([CLEAN])
+    with torch.no_grad():
+        plain = model(tokens)
+    seen_elsewhere = {}
+    with hooked(model.layers[0], lambda m, a, o: torch.zeros_like(o)), recording({"b": model.layers[1]}) as seen:
+        worker = threading.Thread(target=lambda: seen_elsewhere.update(out=model(tokens).detach()))
+        worker.start()
+        worker.join()
+        assert not seen                                          # the other thread's pass was not recorded
+        with torch.no_grad():
+            here = model(tokens)
+    assert torch.equal(seen_elsewhere["out"], plain)
+    assert not torch.allclose(here, plain) and "b" in seen
