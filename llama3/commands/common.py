@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 
@@ -31,3 +32,37 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
                              "to float rounding). LLAMA3_NATIVE=0 turns off only the C step, which is compiled "
                              "with the machine's C compiler on first use and cached in ~/.cache/llama3 (or $LLAMA3_CACHE)")
 
+
+
+def add_listen_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    """--host, --port, --api-key and --device, for the commands that serve HTTP (serve, lab)."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1: this machine only; "
+                             "0.0.0.0 exposes the server to your network, so set --api-key)")
+    parser.add_argument("--port", type=int, default=port, help=f"TCP port (default {port})")
+    parser.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 requests (and the Lab's) "
+                             "(default: $LLAMA3_API_KEY; unset = no key needed)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+
+
+def check_port(port: int) -> None:
+    from llama3.errors import Llama3Error
+
+    if not 0 < port < 65536:
+        raise Llama3Error(f"--port {port} is not a TCP port; use 1..65535")
+
+
+def listen(host: str, port: int):
+    """Bind host:port now, so a bad or busy port is a one-line error before the model loads -> the socket."""
+    import socket
+
+    from llama3.errors import Llama3Error
+
+    check_port(port)
+    try:
+        return socket.create_server((host, port))
+    except OSError as e:
+        reason = (e.strerror or str(e)).split(" (while attempting")[0]
+        raise Llama3Error(f"cannot listen on {host}:{port} ({reason}); check --host, or pick "
+                          "another --port (or stop the program using this one)") from None

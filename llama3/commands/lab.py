@@ -10,10 +10,9 @@ the code the page quotes.  The OpenAI API of `llama3 serve` is served beside it 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from llama3.commands.common import add_model_arguments
+from llama3.commands.common import add_listen_arguments, add_model_arguments, check_port, listen
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,38 +23,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "patching, attribution and ablation; compare the logits with transformers. Views are computed on "
         "request. Ctrl-C stops it.")
     add_model_arguments(parser)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; anything else "
-                             "exposes the model to your network, so set --api-key)")
-    parser.add_argument("--port", type=int, default=8001, help="TCP port (default 8001)")
-    parser.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on the page's API calls and /v1 "
-                             "(default: $LLAMA3_API_KEY; the page asks for it)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+    add_listen_arguments(parser, port=8001)
     parser.add_argument("--open", action="store_true", help="open the page in the default browser")
 
 
 def run(args: argparse.Namespace) -> int:
     import signal
-    import socket
 
     import uvicorn
 
     import llama3
     from llama3.commands.serve import model_name
-    from llama3.errors import Llama3Error
     from llama3.lab import mount_lab
     from llama3.llm import parse_device
     from llama3.server import Server, create_app
 
-    if not 0 < args.port < 65536:
-        raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
+    check_port(args.port)
     device = parse_device(args.device)
-    try:  # bind first: a busy port is a one-line error before the model loads
-        sock = socket.create_server((args.host, args.port))
-    except OSError as e:
-        reason = (e.strerror or str(e)).split(" (while attempting")[0]
-        raise Llama3Error(f"cannot listen on {args.host}:{args.port} ({reason}); pick another --port") from None
+    sock = listen(args.host, args.port)  # before loading: a busy port is a one-line error at once
     name = model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
     llm = llama3.load(args.model, dtype=args.dtype, device=device)

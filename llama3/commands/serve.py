@@ -14,11 +14,10 @@ Then point any OpenAI client at it:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from llama3.commands.common import add_model_arguments, add_speed_arguments
+from llama3.commands.common import add_listen_arguments, add_model_arguments, add_speed_arguments, check_port, listen
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,14 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None,
                         help="the model name clients must send in \"model\" (default: the folder or "
                              "file name of --model, or smollm2-135m-instruct)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; "
-                             "0.0.0.0 exposes the server to your network, so set --api-key)")
-    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    parser.add_argument("--api-key", default=os.environ.get("LLAMA3_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on /v1 requests "
-                             "(default: $LLAMA3_API_KEY; unset = no key needed)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default cpu)")
+    add_listen_arguments(parser, port=8000)
     parser.add_argument("--lab", action="store_true",
                         help="also serve the Lab page at /lab (llama3 lab), with the same API key rule")
 
@@ -63,26 +55,18 @@ def model_name(source: str | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import signal
-    import socket
     import time
 
     import uvicorn
 
-    from llama3.errors import Llama3Error
     from llama3.fast import load_fast
     from llama3.server import Server, create_app
 
-    if not 0 < args.port < 65536:
-        raise Llama3Error(f"--port {args.port} is not a TCP port; use 1..65535")
+    check_port(args.port)
     from llama3.llm import parse_device
 
     device = parse_device(args.device)  # a bad --device is a one-line error before binding or loading
-    try:  # bind first, so a busy port is a one-line error before the model loads
-        sock = socket.create_server((args.host, args.port))
-    except OSError as e:
-        reason = (e.strerror or str(e)).split(" (while attempting")[0]
-        raise Llama3Error(f"cannot listen on {args.host}:{args.port} ({reason}); check --host, or pick "
-                          "another --port (or stop the program using this one)") from None
+    sock = listen(args.host, args.port)
     name = args.name or model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
     start = time.perf_counter()
