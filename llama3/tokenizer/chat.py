@@ -141,10 +141,12 @@ _MARK_START, _MARK_END = "\U000F0000", "\U000F0001"
 
 @lru_cache(maxsize=16)
 def compile_template(source: str):
-    """A Jinja2 chat template compiled in transformers' environment (chat_template_utils.py)."""
+    """A Jinja2 chat template compiled in transformers' environment (chat_template_utils.py),
+    with a time and size limit on rendering (template_sandbox.py)."""
     import jinja2
     from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from llama3.tokenizer.template_sandbox import LimitedSandbox
 
     class GenerationTag(Extension):
         """`{% generation %}...{% endgeneration %}` marks assistant text for training masks;
@@ -165,7 +167,7 @@ def compile_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    env = LimitedSandbox(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[GenerationTag, loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
@@ -190,14 +192,18 @@ class JinjaChatFormat:
     def _render(self, messages, add_generation_prompt: bool) -> str:
         import jinja2
 
+        from llama3.tokenizer.template_sandbox import render
+
         try:
-            return compile_template(self.template).render(
+            return render(compile_template(self.template), dict(
                 messages=messages, tools=None, documents=None,
-                add_generation_prompt=add_generation_prompt, **self.variables)
+                add_generation_prompt=add_generation_prompt, **self.variables))
+        except TokenizerError:  # a time or size limit
+            raise
         except jinja2.TemplateError as e:
             raise TokenizerError(f"the chat template rejected these messages: {e}") from None
-        except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. `str + list` inside the template
-            raise TokenizerError(f"the chat template failed on these messages ({type(e).__name__}: {e}); "
+        except Exception as e:  # `str + list`, a RecursionError, ... inside the template: its fault
+            raise TokenizerError(f"the chat template failed on these messages ({type(e).__name__}: {str(e)[:200]}); "
                                  "check the messages' fields, or fix the template") from None
 
     def render(self, messages, add_generation_prompt: bool = True) -> str:
