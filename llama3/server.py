@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, TextGeneration, fit_prompt
 from llama3.llm import LLM
+from llama3.server_limits import ServerLimits, install as install_limits, off_loop, parse_json
 from llama3.server_queue import Cancelled, GenerationQueue, Job
 
 log = logging.getLogger("llama3.server")
@@ -166,16 +167,19 @@ def _refuse_unsupported(body: dict) -> None:
 
 # ------------------------------------------------------------------------ app
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
-               queue: GenerationQueue | None = None) -> FastAPI:
+               queue: GenerationQueue | None = None, limits: ServerLimits | None = None) -> FastAPI:
     """A FastAPI app serving `llm` under the name `model_name`.
 
     api_key: when set, every /v1 request must send `Authorization: Bearer <api_key>`.
     queue: the worker thread that runs the generations (default: a new one); its
     counters are reported by /health and it is closed when the app shuts down.
+    limits: body size, max_tokens cap, prompts and characters per request, and (without
+    api_key) the Host/Origin/Content-Type checks; see server_limits.py.
     """
     if llm.tokenizer is None:
         raise Llama3Error("this model has no tokenizer; load a model folder or .gguf that includes one")
     queue = queue or GenerationQueue()
+    limits = limits or ServerLimits()
     created = int(time.time())
 
     @asynccontextmanager
@@ -186,6 +190,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     app = FastAPI(title="llama3", description="OpenAI-compatible API for a llama3 model",
                   lifespan=lifespan)
     app.state.queue = queue
+    install_limits(app, limits, api_key)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -221,10 +226,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     async def parse(request: Request, schema: type[BaseModel]) -> Any:
         """Key, then JSON, then fields, then model name: the first problem found is answered."""
         check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON ({e})", code="json_invalid") from None
+        body = await off_loop(parse_json, await request.body(), limits)  # 400 for hostile JSON too
         if not isinstance(body, dict):
             raise APIError(400, "the request body must be a JSON object", code="json_invalid")
         body = {name: value for name, value in body.items() if value is not None}  # null = not given
@@ -261,20 +263,26 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        ids = [llm.tokenizer.encode(p) for p in prompts]
+        limits.check_prompts(prompts, llm.config.max_seq_len, param="prompt", one_prompt=False)
+        ids = await off_loop(lambda: [llm.tokenizer.encode(p) for p in prompts])
         return await _answer(request, req, ids, req.max_tokens, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         messages = [m.as_dict(i) for i, m in enumerate(req.messages)]
-        ids = [llm.tokenizer.encode_chat(messages, add_generation_prompt=True)]
+        chars = limits.prompt_chars(llm.config.max_seq_len)
+        limits.check_prompts([m["content"] for m in messages], llm.config.max_seq_len, param="messages",
+                             one_prompt=True)
+        ids = [await off_loop(llm.tokenizer.encode_chat, messages, True, limits=limits,
+                              max_chars=2 * chars + 65536)]  # the template's output limit
         return await _answer(request, req, ids, req.max_completion_tokens or req.max_tokens, chat=True)
 
     async def _answer(request: Request, req: _GenerationRequest, prompt_ids: list[list[int]],
                       max_tokens: int | None, chat: bool):
         context = llm.config.max_seq_len
-        settings = GenerationSettings(max_new_tokens=max_tokens or context, temperature=req.temperature,
+        settings = GenerationSettings(max_new_tokens=limits.max_new_tokens(max_tokens, chat, context),
+                                      temperature=req.temperature,
                                       top_p=req.top_p, seed=req.seed, stop=req.stop_strings())
         for ids in prompt_ids:
             try:

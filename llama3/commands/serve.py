@@ -41,6 +41,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_listen_arguments(parser, port=8000)
     parser.add_argument("--lab", action="store_true",
                         help="also serve the Lab page at /lab (llama3 lab), with the same API key rule")
+    add_limit_arguments(parser)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one request may ask for, and who may send requests (llama3/server_limits.py)."""
+    from llama3.server_limits import ServerLimits
+
+    d = ServerLimits()
+    group = parser.add_argument_group("limits")
+    group.add_argument("--max-body-bytes", type=_positive, default=d.max_body_bytes,
+                       help=f"largest request body; larger ones get 413 (default {d.max_body_bytes})")
+    group.add_argument("--max-tokens-cap", type=_positive, default=d.max_tokens_cap,
+                       help=f"largest max_tokens a request may ask for; more is a 400 (default "
+                            f"{d.max_tokens_cap}); chat's default is {d.default_chat_max_tokens} or this cap")
+    group.add_argument("--max-prompts", type=_positive, default=d.max_prompts,
+                       help=f"prompts in one /v1/completions request (default {d.max_prompts})")
+    group.add_argument("--max-prompt-chars", type=_positive, default=None,
+                       help="longest prompt in characters, checked before tokenizing "
+                            "(default 32 per token of the model's context)")
+    group.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a web page origin (e.g. http://localhost:3000, or *) allowed to call the "
+                            "server from a browser; repeatable (default: none)")
+    group.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                       help="without --api-key, a Host name to serve besides 127.0.0.1, localhost, [::1] "
+                            "and --host (e.g. the machine's name behind --host 0.0.0.0); repeatable")
+
+
+def server_limits(args: argparse.Namespace):
+    from llama3.server_limits import ServerLimits
+
+    return ServerLimits(max_body_bytes=args.max_body_bytes, max_tokens_cap=args.max_tokens_cap,
+                        max_prompts=args.max_prompts, max_prompt_chars=args.max_prompt_chars,
+                        allowed_hosts=(args.host, *args.allow_host), cors_origins=tuple(args.cors_origin))
 
 
 def model_name(source: str | None) -> str:
@@ -73,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     # llama3.load, then llama3.fast's inference speed-ups unless --plain (same tokens up to float rounding)
     llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    app = create_app(llm, name, api_key=args.api_key)
+    app = create_app(llm, name, api_key=args.api_key, limits=server_limits(args))
     if args.lab:  # the page's views hook the served (fast) model's modules, on their own thread
         from llama3.lab import mount_lab
 
