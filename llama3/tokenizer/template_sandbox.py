@@ -224,9 +224,13 @@ def render(template, variables: dict) -> str:
     deadline = time.monotonic() + limits.seconds
 
     def trace(frame, event, arg):
+        # Only in the template's own frames: code that merely runs on this thread meanwhile
+        # (a garbage collector's __del__) must not get the exception, or it would be lost.
+        if frame.f_code.co_filename != "<template>":
+            return None
         if time.monotonic() > deadline:
             raise _Deadline
-        return trace if frame.f_code.co_filename == "<template>" else None
+        return trace
 
     previous = sys.gettrace()
     sys.settrace(trace)
