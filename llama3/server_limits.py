@@ -174,7 +174,7 @@ class RequestGuard:
         self.app, self.limits, self.open = app, limits, api_key is None
         self.origins = {o.rstrip("/").lower() for o in limits.cors_origins}
 
-    def _host_allowed(self, scope, host: str) -> bool:
+    def _allowed_hosts(self, scope) -> set[str]:
         """Host is name:port for the server's port (just the name on port 80), the name one of
         loopback, the address this connection reached, or an --allow-host name (which may
         carry its own port)."""
@@ -192,19 +192,21 @@ class RequestGuard:
             allowed.add(f"{name}:{port}")
             if port == 80:
                 allowed.add(name)
-        return host.lower() in allowed
+        return allowed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.open:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         host, origin = headers.get("host", ""), headers.get("origin")
-        error = None
-        if not self._host_allowed(scope, host):
+        error, hosts = None, self._allowed_hosts(scope)
+        same_origin = origin is not None and origin.lower().removeprefix("http://") in hosts  # e.g. /docs
+        if host.lower() not in hosts:
             error = LimitError(403, f"Host {host!r} is not this server's address; without --api-key only "
                                "requests to 127.0.0.1, localhost or the --host/--allow-host names are served",
                                code="host_not_allowed", param=None)
-        elif origin is not None and "*" not in self.origins and origin.rstrip("/").lower() not in self.origins:
+        elif origin is not None and not same_origin and "*" not in self.origins and \
+                origin.rstrip("/").lower() not in self.origins:
             error = LimitError(403, f"requests from the web page {origin!r} are refused; allow it with "
                                "llama3 serve --cors-origin ORIGIN (or set --api-key)", code="origin_not_allowed")
         if error is not None:

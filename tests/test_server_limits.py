@@ -182,6 +182,9 @@ def test_foreign_host_origin_and_content_type_are_refused_without_a_key(server):
         assert post(server, "/v1/completions", body, {"Host": host}).status_code == 200
     assert_error(post(server, "/v1/completions", body, {"Origin": "https://evil.example"}), 403,
                  code="origin_not_allowed")
+    assert_error(post(server, "/v1/completions", body, {"Origin": f"http://evil.example:{port}"}), 403)
+    same_origin = post(server, "/v1/completions", body, {"Origin": f"http://localhost:{port}"})  # its /docs page
+    assert same_origin.status_code == 200
     text_plain = httpx.post(server.url + "/v1/completions", content=json.dumps(body),
                             headers={"Content-Type": "text/plain"})
     assert_error(text_plain, 415, code="unsupported_media_type")
