@@ -1,10 +1,12 @@
 """An HTTP fuzzer that stays in the suite: random JSON shapes and values, broken bytes and odd
 headers against every endpoint of a live server (no API key, so the Host/Origin/Content-Type
-guards are in the path too).
+guards are in the path too).  The server (the tiny random model with a byte tokenizer) runs
+in its own process under a 4 GB address-space limit, so a request that makes it allocate
+without bound kills it (and fails the test) instead of the machine.
 
 Every case must get an answer within 30 s (never a hang), never a 5xx, a 4xx always in
 OpenAI's error shape, a 200 stream made only of JSON events and [DONE] with no error event,
-and the server must keep answering /health.  A fixed seed and 300 cases by default (well
+and the server must stay alive and keep answering /health.  A fixed seed and 300 cases by default (well
 under a minute); `LLAMA3_FUZZ_CASES=5000 pytest tests/test_fuzz_http.py` for a longer run
 (`LLAMA3_FUZZ_SEED` picks another corpus).  All failures are reported together, each with
 the request that caused it.
@@ -15,15 +17,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
 import httpx
 import pytest
-
-from conftest import make_config, make_model
-from llama3.llm import LLM
-from llama3.server import create_app
-from llama3.server_limits import ServerLimits
-from test_server import ByteTokenizer, LiveServer
 
 CASES = int(os.environ.get("LLAMA3_FUZZ_CASES", "300"))
 SEED = int(os.environ.get("LLAMA3_FUZZ_SEED", "1234"))
@@ -124,12 +125,58 @@ def check_answer(response: httpx.Response, streamed_text: str | None) -> str | N
     return None
 
 
-@pytest.fixture(scope="module")
-def server():
+def serve(fd: int) -> None:
+    """The server process: the tiny model behind the app, on the listening socket `fd`."""
+    import resource
+
+    import uvicorn
+
+    from conftest import make_config, make_model
+    from llama3.llm import LLM
+    from llama3.server import Server, create_app
+    from llama3.server_limits import ServerLimits
+    from test_server import ByteTokenizer
+
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     config = make_config(vocab_size=259, max_seq_len=256)
     limits = ServerLimits(max_body_bytes=64 * 1024, max_tokens_cap=8, max_prompts=4, max_prompt_chars=2000)
-    live = LiveServer(create_app(LLM(make_model(config), config, ByteTokenizer(), source="tiny"), "tiny",
-                                 limits=limits))
+    app = create_app(LLM(make_model(config), config, ByteTokenizer(), source="tiny"), "tiny", limits=limits)
+    Server(uvicorn.Config(app, log_level="error")).run(sockets=[socket.socket(fileno=fd)])
+
+
+class ServerProcess:
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.log = tempfile.TemporaryFile("w+")  # not a pipe: a full pipe would block the server
+        self.proc = subprocess.Popen([sys.executable, __file__, str(self.sock.fileno())], pass_fds=[self.sock.fileno()],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        for _ in range(1200):
+            assert self.proc.poll() is None, self.output()
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError("the fuzz server did not start")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.sock.close()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    live = ServerProcess()
     yield live
     live.stop()
 
@@ -153,6 +200,10 @@ def test_random_requests_never_break_the_server(server):
                 failures.append(f"case {case}: {problem}; {request['method']} {request['path']} "
                                 f"{request['headers']} {request['content'][:300]!r}")
             if case % 25 == 0 or problem:
-                assert server.thread.is_alive(), "the server thread died"
+                assert server.alive(), f"the server died at case {case}:\n{failures[-3:]}\n{server.output()}"
                 assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     assert not failures, f"{len(failures)} of {CASES} cases failed:\n" + "\n".join(failures[:20])
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
