@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from conftest import make_config, make_model
+from llama3.cli import main
 from llama3.llm import LLM
 from llama3.server import create_app
 from llama3.server_limits import ServerLimits
@@ -255,7 +256,7 @@ def test_hostile_template_in_the_server(model, template):
         live.stop()
 
 
-def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path):
+def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path, capsys):
     from tokenizer_refs import smollm2_gguf
 
     from llama3.tokenizer import load_tokenizer
@@ -270,7 +271,7 @@ def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path):
     errors = [line for line in chat.stderr.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in chat.stderr and len(errors) == 1 and "chat template" in errors[0], chat.stderr
     assert chat.returncode == 0  # the conversation goes on after the error; stdin ended it
-    tokenize = subprocess.run([sys.executable, "-m", "llama3", "tokenize", "--tokenizer", str(tmp_path / "m"),
-                               "--chat", "hello"], capture_output=True, text=True, timeout=300)
-    assert tokenize.returncode == 2 and tokenize.stderr.startswith("error: the chat template")
-    assert len(tokenize.stderr.strip().splitlines()) == 1, tokenize.stderr
+    capsys.readouterr()
+    assert main(["tokenize", "--tokenizer", str(tmp_path / "m"), "--chat", "hello"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: the chat template") and len(stderr.strip().splitlines()) == 1, stderr
