@@ -165,6 +165,10 @@ async def off_loop(fn: Callable, *args, limits: ServerLimits | None = None, max_
 
 
 # ------------------------------------------------------------------ middleware
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
 class RequestGuard:
     """Without an API key: refuse a Host that is not this server and a browser Origin not allowed."""
 
@@ -197,14 +201,14 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not self.open:
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _headers(scope)
         host, origin = headers.get("host", ""), headers.get("origin")
         error, hosts = None, self._allowed_hosts(scope)
         same_origin = origin is not None and origin.lower().removeprefix("http://") in hosts  # e.g. /docs
         if host.lower() not in hosts:
             error = LimitError(403, f"Host {host!r} is not this server's address; without --api-key only "
                                "requests to 127.0.0.1, localhost or the --host/--allow-host names are served",
-                               code="host_not_allowed", param=None)
+                               code="host_not_allowed")
         elif origin is not None and not same_origin and "*" not in self.origins and \
                 origin.rstrip("/").lower() not in self.origins:
             error = LimitError(403, f"requests from the web page {origin!r} are refused; allow it with "
@@ -228,7 +232,7 @@ class BodyGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = _headers(scope)
         if self.open and scope["method"] == "POST":
             kind = headers.get("content-type", "").split(";")[0].strip().lower()
             if kind != "application/json":
