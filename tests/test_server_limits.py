@@ -226,6 +226,8 @@ def test_hostile_templates_are_one_line_errors():
     messages = [{"role": "user", "content": "hi"}]
     for template, match in [(NESTED_LOOPS, "ran for more than 0.3 s"), (HUGE_OUTPUT, "over its limit"),
                             ("{{ 'x'|center(10**10) }}", "over its limit"),
+                            ("{{ lipsum(n=100000) }}", "over its limit"),
+                            ("{{ range(1000)|list|tojson(indent=100000) }}", "over its limit"),
                             ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError")]:
         with render_limits(seconds=0.3), pytest.raises(TokenizerError, match=match):
             JinjaChatFormat(template).render(messages)

@@ -3,13 +3,15 @@
 A GGUF file or tokenizer_config.json carries its chat template as Jinja2 source, and
 rendering runs it.  jinja2's `ImmutableSandboxedEnvironment` (what transformers uses, and
 our base) stops a template from reaching Python internals or mutating its inputs, but it
-has no limit on time or memory.  Measured with the sandbox alone (Python 3.11, jinja2 3.1):
+has no limit on time or memory.  With the sandbox alone (Python 3.11, jinja2 3.1):
 
     {% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}
-        ~1e10 loop steps: hours of CPU; a server rendering it never answers again
-    {{ 'x' * 10000000000 }}      a 10 GB string: MemoryError, or the OOM killer
-    {{ 'x'|center(10**10) }}     the same through a filter (even at compile time:
-                                 jinja2 folds constant filter calls when it compiles)
+        1e10 loop steps at 0.1 s per million (measured): ~17 minutes of a frozen thread,
+        and a template can nest deeper
+    {{ 'x' * 10000000000 }}      a 10 GB string: a MemoryError traceback (issue 14), or the
+                                 OOM killer on a machine with that much memory to overcommit
+    {{ 'x'|center(10**10) }}     the same through a filter, even at load time: jinja2 folds
+                                 constant filter calls when it compiles a template
 
 `LimitedSandbox` adds the missing limits without changing what a normal template renders
 (the text stays byte-identical to transformers' `apply_chat_template`):
@@ -17,10 +19,12 @@ has no limit on time or memory.  Measured with the sandbox alone (Python 3.11, j
 * time: a trace function (`sys.settrace`, in the rendering thread only) checks a deadline
   at every line the template's compiled code runs (a filter it calls runs to its end, but
   its input is size-limited, so that is bounded; other code that happens to run on the
-  thread, a garbage collector's `__del__`, is never interrupted).  Measured: a
-  41-message chat through Llama 3.1's template renders in 3.8 ms instead of 0.8 ms (a busy
-  2-core machine), small next to tokenizing it; it is the only way to stop a pure-Python
-  loop that makes no calls, as a thread cannot be killed and a process per render costs more;
+  thread, a garbage collector's `__del__`, is never interrupted).  Measured on a
+  41-message chat through Llama 3.1's template (a busy 2-core machine): 0.33 ms in the bare
+  sandbox, 0.78 ms with the size checks below, 3.3 ms with the deadline too; a few ms per
+  request, small next to tokenizing and prefill.  Tracing is the only way to stop a pure-
+  Python loop that makes no calls: a thread cannot be killed, and a process per render
+  costs more than the render;
 * size: every operation that can make a value much bigger than its inputs is checked
   before it runs (`*`, `**`, `%` formatting, `~` and `+` results, str methods and filters
   that take a width or a count, joins, replaces), and so is the total output; a value over
@@ -33,6 +37,7 @@ A limit hit raises `TemplateLimitError` (a `TokenizerError`: one line, exit 2 / 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -135,6 +140,10 @@ def _check_call(func, args, kwargs) -> None:
             _check_replace(owner, *args[:3])
         elif name == "expandtabs":
             _check_count(len(owner) * (args[0] if args else kwargs.get("tabsize", 8)), "an expanded string")
+    elif name == "generate_lorem_ipsum":  # jinja2's lipsum(n=5, html=True, min=20, max=100)
+        n, longest = (args[0] if args else kwargs.get("n", 5)), (args[3] if len(args) > 3 else kwargs.get("max", 100))
+        if isinstance(n, int) and isinstance(longest, int):
+            _check_count(n * max(longest, 1) * 12, "a lorem ipsum text")
 
 
 def _check_filter(name: str, args: tuple, kwargs: dict) -> tuple:
@@ -149,10 +158,27 @@ def _check_filter(name: str, args: tuple, kwargs: dict) -> tuple:
         _check_replace(str(value), *rest[:3])
     if name == "format" and isinstance(value, str):
         _check_format_string(value)
+    if name == "tojson":
+        _check_json_indent(value, rest[1] if len(rest) > 1 else kwargs.get("indent"))
     if name == "indent" and isinstance(value, str):
         width = rest[0] if rest else kwargs.get("width", 4)
         _check_count((value.count("\n") + 1) * (len(width) if isinstance(width, str) else width), "an indent")
     return args
+
+
+def _check_json_indent(value, indent) -> None:
+    """`x|tojson(indent=N)`: N spaces per nesting level on every line.  The size at indent 1
+    and its leading spaces give the size at any indent exactly."""
+    if indent is None or not isinstance(indent, (int, str)) or isinstance(indent, bool):
+        return
+    width = len(indent) if isinstance(indent, str) else indent
+    if width > 1:
+        try:
+            text = json.dumps(value, indent=1, ensure_ascii=False)
+        except (TypeError, ValueError):
+            return  # the filter itself will fail on it
+        spaces = sum(len(line) - len(line.lstrip(" ")) for line in text.split("\n"))
+        _check_count(len(text) + (width - 1) * spaces, "an indented JSON text")
 
 
 def _limited_filter(name: str, func):
@@ -163,6 +189,13 @@ def _limited_filter(name: str, func):
         args = (*args[:skip], *_check_filter(name, args[skip:], kwargs))
         return _check_size(func(*args, **kwargs))
     return filter_
+
+
+class _LimitedFilters(dict):
+    """env.filters that checks every filter, including ones added later (transformers' tojson)."""
+
+    def __setitem__(self, name, func):
+        super().__setitem__(name, _limited_filter(name, func))
 
 
 class _LimitedCodeGenerator(CodeGenerator):
@@ -183,7 +216,9 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self.filters = {name: _limited_filter(name, f) for name, f in self.filters.items()}
+        filters, self.filters = self.filters, _LimitedFilters()
+        for name, func in filters.items():
+            self.filters[name] = func
 
     def call_binop(self, context, operator, left, right):
         if operator == "*":
