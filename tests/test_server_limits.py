@@ -277,3 +277,19 @@ def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path, capsys):
     assert main(["tokenize", "--tokenizer", str(tmp_path / "m"), "--chat", "hello"]) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: the chat template") and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_serve_flags_become_limits():
+    from llama3.cli import build_parser
+    from llama3.commands.serve import server_limits
+
+    args = build_parser("serve").parse_args(["serve", "--host", "box.lan", "--max-body-bytes", "1000",
+                                             "--max-tokens-cap", "64", "--max-prompts", "2", "--max-prompt-chars",
+                                             "500", "--cors-origin", "http://localhost:3000", "--allow-host", "box"])
+    limits = server_limits(args)
+    assert (limits.max_body_bytes, limits.max_tokens_cap, limits.max_prompts, limits.prompt_chars(8192)) == \
+        (1000, 64, 2, 500)
+    assert limits.allowed_hosts == ("box.lan", "box") and limits.cors_origins == ("http://localhost:3000",)
+    assert server_limits(build_parser("serve").parse_args(["serve"])).prompt_chars(8192) == 32 * 8192
+    with pytest.raises(SystemExit):
+        build_parser("serve").parse_args(["serve", "--max-tokens-cap", "0"])
