@@ -233,6 +233,23 @@ def test_hostile_templates_are_one_line_errors():
             JinjaChatFormat(template).render(messages)
 
 
+def test_template_deadline_never_fires_after_the_render():
+    """Deadlines around a render's own length: each render ends with its text or the limit error,
+    and no exception is left pending for whatever the thread runs next."""
+    chat_format = JinjaChatFormat("{% for i in range(300) %}{% for j in range(1000) %}{% endfor %}{% endfor %}ok")
+    outcomes = set()
+    for i in range(60):
+        with render_limits(seconds=0.001 * (i % 30)):
+            try:
+                outcomes.add(chat_format.render([{"role": "user", "content": "x"}]))
+            except TokenizerError as e:
+                outcomes.add("ran for more than" in str(e))
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # a stray exception would be raised in this loop
+        sum(range(1000))
+    assert outcomes <= {"ok", True} and True in outcomes
+
+
 @pytest.mark.parametrize("template", [NESTED_LOOPS, HUGE_OUTPUT])
 def test_hostile_template_in_the_server(model, template):
     live = LiveServer(create_app(LLM(*model, tokenizer_with_template(template), source="tiny"), "tiny",
@@ -254,6 +271,8 @@ def test_hostile_template_in_the_server(model, template):
         if template == NESTED_LOOPS:  # a 2 s render: /health answered while it ran
             assert health_at < done["at"]
         health_answers(live)
+        for _ in range(4):  # the pool's threads (2) still parse and tokenize: nothing was left pending
+            assert post(live, "/v1/completions", {"prompt": "hi", "max_tokens": 1}).status_code == 200
     finally:
         live.stop()
 
