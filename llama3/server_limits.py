@@ -79,7 +79,7 @@ class ServerLimits:
                              param="max_tokens", code="invalid_value")
         return requested
 
-    def check_prompts(self, texts: list[str], context: int, *, param: str, one_prompt: bool) -> None:
+    def check_prompts(self, texts: list, context: int, *, param: str, one_prompt: bool) -> None:
         """Before tokenizing: the number of prompts, and their length in characters
         (chat: all messages together are one prompt)."""
         if not one_prompt and len(texts) > self.max_prompts:
@@ -87,7 +87,8 @@ class ServerLimits:
                              f"{self.max_prompts} (llama3 serve --max-prompts); send several requests",
                              param=param, code="invalid_value")
         limit = self.prompt_chars(context)
-        sizes = [sum(map(len, texts))] if one_prompt else [len(t) for t in texts]
+        lengths = [len(t) if isinstance(t, str) else 0 for t in texts]  # token-id prompts: fit_prompt counts them
+        sizes = [sum(lengths)] if one_prompt else lengths
         if max(sizes, default=0) > limit:
             raise LimitError(400, f"the prompt is {max(sizes):,} characters; this server takes at most {limit:,} "
                              "(llama3 serve --max-prompt-chars) before tokenizing; shorten it",
