@@ -233,6 +233,27 @@ def test_hostile_templates_are_one_line_errors():
             JinjaChatFormat(template).render(messages)
 
 
+def test_limited_sandbox_renders_what_transformers_renders():
+    """Every operation the limits look at, at normal sizes: the same text as transformers' own
+    compiled template (its sandbox, its tojson)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    from llama3.tokenizer.chat import compile_template
+    from llama3.tokenizer.template_sandbox import render
+
+    template = ("{{ ', '.join(messages|map(attribute='content')) }}|{{ messages|map(attribute='role')|join('/') }}|"
+                "{{ 'ab' * 3 }}{{ 2 ** 10 }}{{ '%05d|%-6s|' % (42, 'x') }}{{ '{:>8}|{}'.format('r', 1) }}|"
+                "{{ 'a-b-c'.replace('-', '+') }}{{ 'a\tb'.expandtabs(4) }}{{ 'x'.center(7, '*') }}{{ 'y'.zfill(3) }}|"
+                "{{ ('l1\nl2')|indent(3, first=True) }}|{{ messages|tojson(indent=2) }}|{{ 'z'|center(5) }}|"
+                "{{ '%s=%d'|format('k', 7) }}|{{ 'abc'|replace('b', 'BB') }}|{{ [1, 2] + [3] }}{{ 'p' ~ 1 ~ 'q' }}|"
+                "{% set ns = namespace(s='') %}{% for m in messages %}{% set ns.s = ns.s + m.role[0] %}{% endfor %}"
+                "{{ ns.s }}|{{ range(3)|list }}{{ messages|length }}|{{ 'T'|wordwrap(5) }}{{ 'w x'|title }}")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi {{ there }}"}]
+    want = _compile_jinja_template(template).render(messages=messages)
+    assert render(compile_template(template), {"messages": messages}) == want
+    assert "be brief, hi {{ there }}|system/user|ababab1024" in want
+
+
 def test_template_deadline_never_fires_after_the_render():
     """Deadlines around a render's own length: each render ends with its text or the limit error,
     and no exception is left pending for whatever the thread runs next."""

@@ -125,15 +125,16 @@ def _check_replace(text, old, new, count=-1) -> None:
         _check_count(len(text) + hits * len(new), "a replaced string")
 
 
-def _check_call(func, args, kwargs) -> None:
-    """Before a method or global is called: widths, counts and sizes of the result."""
+def _check_call(func, args: tuple, kwargs: dict) -> tuple:
+    """Before a method or global is called: widths, counts and sizes of the result.  Returns
+    the arguments to call with (an iterator given to str.join is read once, here)."""
     for value in (*args, *kwargs.values()):
         _check_count(value, "a width or count")
     owner = getattr(func, "__self__", None)
     name = getattr(func, "__name__", "")
     if isinstance(owner, str):
         if name == "join" and args:
-            _check_join(owner, args[0])
+            return (_check_join(owner, args[0]), *args[1:])
         elif name == "replace" and len(args) >= 2:
             _check_replace(owner, *args[:3])
         elif name == "expandtabs":
@@ -142,6 +143,7 @@ def _check_call(func, args, kwargs) -> None:
         n, longest = (args[0] if args else kwargs.get("n", 5)), (args[3] if len(args) > 3 else kwargs.get("max", 100))
         if isinstance(n, int) and isinstance(longest, int):
             _check_count(n * max(longest, 1) * 12, "a lorem ipsum text")
+    return args
 
 
 def _check_filter(name: str, args: tuple, kwargs: dict) -> tuple:
@@ -236,7 +238,7 @@ class LimitedSandbox(ImmutableSandboxedEnvironment):
         return _check_size(super().call_binop(context, operator, left, right))
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
-        _check_call(__obj, args, kwargs)
+        args = _check_call(__obj, args, kwargs)
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def wrap_str_format(self, value):
