@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     import signal
     import time
 
+    from llama3.extras import require
+
+    require("serve", "llama3 serve")  # fastapi and uvicorn come with llama3[serve]
     import uvicorn
 
     from llama3.fast import load_fast

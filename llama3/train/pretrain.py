@@ -112,6 +112,9 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     """Run a whole pretraining job (every process of a torchrun job calls this)."""
     if cfg.model and not cfg.tokenizer:  # continued pretraining: the model's own tokenizer
         cfg = dataclasses.replace(cfg, tokenizer=cfg.model)
+    from llama3.extras import require
+
+    require("train", "training", None if cfg.data is None else ["matplotlib"])  # loss.png (and the default corpus)
     d = init_distributed(cfg.device)
     try:
         out = Path(cfg.out)

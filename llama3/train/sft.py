@@ -164,6 +164,9 @@ def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None)
     from llama3.train.pretrain import save_model_folder
     from llama3.train.trainer import train_loop
 
+    from llama3.extras import require
+
+    require("train", "fine-tuning", ["matplotlib"])  # loss.png
     if epochs is not None and not epochs > 0:
         raise Llama3Error(f"--epochs {epochs}: give a positive number of passes over the data")
     if cfg.data is None:
