@@ -116,11 +116,11 @@ def test_stream_decoder_sentencepiece_spaces(tmp_path):
 
 # ------------------------------------------------------------------ CLI
 def test_cli_tokenize(capsys):
-    assert main(["tokenize", "This is a test sentence.\n\tx"]) == 0
+    assert main(["tokenize", "This is a test sentence.\n\tx", "-t", "llama3"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["128000", "<|begin_of_text|>"]
-    assert out[2].split() == ["374", "·is"] and out[-3].split() == ["627", ".↵"] and out[-2].split() == ["10436", "→x"]
-    assert out[-1] == "8 tokens, 27 characters"
+    assert out[2].split() == ["374", "␣is"] and out[-3].split() == ["627", ".↵"] and out[-2].split() == ["10436", "→x"]
+    assert out[-1] == "8 tokens, 27 characters; tokenizer: llama3"
 
 
 def test_cli_tokenize_chat_stdin_and_ids(capsys, monkeypatch):
@@ -130,7 +130,7 @@ def test_cli_tokenize_chat_stdin_and_ids(capsys, monkeypatch):
     assert main(["tokenize", "-", "--chat", "--ids", "--tokenizer", "smollm2-135m-instruct"]) == 0
     ids = json.loads(capsys.readouterr().out)
     assert ids == load_tokenizer("smollm2-135m-instruct").encode_chat([{"role": "user", "content": "Hi"}])
-    assert main(["tokenize", "🙂", "--no-bos"]) == 0
+    assert main(["tokenize", "🙂", "--no-bos", "-t", "llama3"]) == 0
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[:-1]] == ["\\xf0\\x9f", "\\x99\\x82"]
 
 

@@ -14,6 +14,7 @@ import sys
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
 from llama3.commands.generate import add_sampling_arguments, load_model, settings_from_args
+from llama3.commands.text_input import argument_text
 
 HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
         "Ctrl-C stops an answer")
@@ -41,15 +42,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "with probabilities, the newest token's attention per head, and what ended it")
 
 
-def answer(llm, messages: list[dict], settings, out=sys.stdout, record: dict | None = None) -> str:
+def answer(llm, messages: list[dict], settings, out=None, record: dict | None = None) -> str:
     """Stream the assistant's reply to `messages` to `out`; return its text.
     Ctrl-C stops the reply early and returns what was said so far.
-    `record`, if given, receives prompt_ids, answer_ids and finish_reason (for /explain)."""
+    `record`, if given, receives prompt_ids, answer_ids and finish_reason (for /explain): exactly what
+    ended it, "stop token", "stop string", "length" or "interrupted" (Ctrl-C)."""
     import signal
     import threading
 
     from llama3.generate import TextGeneration
 
+    out = out or sys.stdout  # looked up now, not when the module was imported
     prompt_ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
     generation = TextGeneration(llm.model, llm.tokenizer, [prompt_ids], settings)
     pieces = []
@@ -75,15 +78,30 @@ def answer(llm, messages: list[dict], settings, out=sys.stdout, record: dict | N
     out.write("\n")
     out.flush()
     if record is not None:
-        record.update(prompt_ids=prompt_ids, answer_ids=list(generation.tokens.tokens[0]),
-                      finish_reason=generation.tokens.finish_reasons[0])
+        answer_ids = list(generation.tokens.tokens[0])
+        record.update(prompt_ids=prompt_ids, answer_ids=answer_ids,
+                      finish_reason=ending(llm.tokenizer, answer_ids, generation.tokens.finish_reasons[0],
+                                           settings.stop, bool(interrupted)))
     return "".join(pieces)
 
 
-def explain(llm, record: dict, out=sys.stdout) -> None:
+def ending(tokenizer, answer_ids: list[int], finish_reason: str | None, stops, interrupted: bool) -> str:
+    """What ended an answer, exactly: "interrupted", "length", "stop string" or "stop token".
+    The generator says "stop" for both of the last two; a stop string is in the decoded answer
+    (the stop token, never appended to the answer's ids, is not)."""
+    if interrupted:
+        return "interrupted"
+    if finish_reason == "stop":
+        text = tokenizer.decode(answer_ids)
+        return "stop string" if any(s and s in text for s in stops) else "stop token"
+    return finish_reason or "length"
+
+
+def explain(llm, record: dict, out=None) -> None:
     """Print llama3.inspect.explain's account of the answer in `record`."""
     from llama3.inspect.explain import explain_answer
 
+    out = out or sys.stdout
     if not record:
         print("(nothing to explain yet: ask something first)", file=sys.stderr)
         return
@@ -95,6 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from llama3.errors import Llama3Error
 
     settings = settings_from_args(args)  # check the values before the slow load
+    if sys.stdin is None:
+        raise Llama3Error("standard input is closed, so chat has no messages to read; run it in a terminal "
+                          "or pipe the messages in, one per line")
     llm = load_model(args)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -112,7 +133,10 @@ def run(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, keep chatting
             print(file=sys.stderr)
             continue
-        text = line.strip()
+        except UnicodeDecodeError as e:  # a strict stdin decoder met bytes that are not UTF-8
+            raise Llama3Error(f"standard input is not valid UTF-8 ({e.reason} at byte {e.start} of a line); "
+                              "send UTF-8 text") from None
+        text = argument_text(line, "standard input").strip()
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":

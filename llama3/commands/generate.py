@@ -7,11 +7,16 @@ into GenerationSettings, and loading a model with a note on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
+import threading
 import time
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
+from llama3.commands.text_input import add_errors_argument, text_or_stdin
+
+PREFILL_NOTICE_S = 2.0  # a prefill still running after this long gets a progress line on stderr
 
 EXAMPLES = """\
 examples:
@@ -78,6 +83,44 @@ def load_model(args: argparse.Namespace):
     return llm
 
 
+@contextlib.contextmanager
+def prefill_progress(tokens, stream=None, after: float | None = None):
+    """While the body runs, report on stderr a prefill of `tokens.prompt_lengths` that takes longer than
+    `after` seconds (a --truncate'd 8K prompt takes minutes on a CPU and would otherwise show nothing):
+    one line when it starts to take long, a ticking count of seconds on a terminal, a closing line when done.
+    The body ends it by iterating: the notice stops once `tokens.prefill_seconds` is set or the body exits."""
+    stream = stream or sys.stderr
+    after = PREFILL_NOTICE_S if after is None else after
+    done = threading.Event()
+    n = sum(tokens.prompt_lengths)
+
+    def watch():
+        if done.wait(after) or tokens.prefill_seconds:
+            return
+        start = time.perf_counter() - after
+        tty = stream.isatty()
+        print(f"prefill: reading the prompt's {n:,} tokens ...", end="" if tty else "\n", file=stream, flush=True)
+        while not done.wait(1.0) and not tokens.prefill_seconds:
+            if tty:
+                print(f"\rprefill: reading the prompt's {n:,} tokens ... {time.perf_counter() - start:.0f} s",
+                      end="", file=stream, flush=True)
+        print(("\r" if tty else "") + f"prefill: {n:,} tokens in {time.perf_counter() - start:.1f} s" + " " * 8,
+              file=stream, flush=True)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def cli_wording(error: Exception) -> str:
+    """A library message in the CLI's words: the Python keyword truncate=True is the flag --truncate."""
+    return str(error).replace("pass truncate=True", "pass --truncate")
+
+
 def speed_report(tokens) -> str:
     """One line on how fast a finished llama3.generate.TokenGeneration went."""
     prompt = sum(tokens.prompt_lengths)
@@ -100,18 +143,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser, temperature=0.0, top_p=1.0, max_new_tokens=256)
     parser.add_argument("--truncate", action="store_true",
                         help="if the prompt is longer than the context, keep its last tokens instead of failing")
+    add_errors_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama3.errors import Llama3Error
     from llama3.generate import TextGeneration
 
     settings = settings_from_args(args, truncate=args.truncate)  # check the values before the slow load
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = text_or_stdin(args.prompt, "PROMPT", args.errors)
+    if not prompt:
+        raise Llama3Error("the prompt is empty; give the text to continue (or '-' to read it from stdin)")
     llm = load_model(args)
-    generation = TextGeneration(llm.model, llm.tokenizer, [llm.tokenizer.encode(prompt)], settings)
-    for _, piece in generation:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+    try:
+        generation = TextGeneration(llm.model, llm.tokenizer, [llm.tokenizer.encode(prompt)], settings)
+    except Llama3Error as e:  # e.g. a prompt longer than the context
+        raise Llama3Error(cli_wording(e)) from None
+    with prefill_progress(generation.tokens):
+        for _, piece in generation:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     print(speed_report(generation.tokens), file=sys.stderr)

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
+from llama3.commands.text_input import add_errors_argument, argument_text, text_or_stdin
+
+# the same symbols as llama3.inspect's token labels (␣ space, ↵ newline)
+VISIBLE = {" ": "␣", "\n": "↵", "\t": "→", "\r": "␍"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.description = (
         "Show how text becomes token ids: each token's id and its text, with whitespace made visible\n"
-        "(· space, ↵ newline, → tab). A token that is only part of a UTF-8 character (Chinese, emoji)\n"
+        "(␣ space, ↵ newline, → tab). A token that is only part of a UTF-8 character (Chinese, emoji)\n"
         "shows its raw bytes, e.g. \\xe4\\xbd.\n\n"
         "examples:\n"
         "  llama3 tokenize 'This is a test sentence.'\n"
-        "  llama3 tokenize --tokenizer smollm2-135m-instruct --chat 'Hi there'\n"
+        "  llama3 tokenize --tokenizer llama3 --chat 'Hi there'      # Meta's Llama 3 tokenizer\n"
         "  echo 'def f(x): return x' | llama3 tokenize -\n")
     parser.add_argument("text", help="the text to tokenize; '-' reads it from stdin")
     parser.add_argument("--tokenizer", "--model", "-t", dest="tokenizer", default=None, metavar="SOURCE",
-                        help="a model folder, .gguf file, tokenizer.json/tokenizer.model, or a built-in name "
-                             "(smollm2-135m-instruct); default: Meta's Llama 3 tokenizer")
+                        help="a model folder, .gguf file, tokenizer.json/tokenizer.model, a built-in name "
+                             "(smollm2-135m-instruct), or llama3 for Meta's Llama 3 tokenizer; default: the default "
+                             "model's (smollm2-135m-instruct), so the ids are the ones `llama3 generate` feeds it")
     parser.add_argument("--chat", action="store_true",
                         help="encode TEXT as a user message in the tokenizer's chat format (with the assistant "
                              "prompt after it); TEXT may also be a JSON list of {role, content} messages")
@@ -32,6 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-special", action="store_true",
                         help="let text like <|eot_id|> become the special token (by default it is plain text)")
     parser.add_argument("--ids", action="store_true", help="print only the ids, as one JSON list")
+    add_errors_argument(parser)
 
 
 def visible(text: str) -> str:
@@ -62,12 +66,15 @@ def read_messages(text: str, system: str | None) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama3.llm import DEFAULT_MODEL
     from llama3.tokenizer import load_tokenizer
 
-    text = sys.stdin.read() if args.text == "-" else args.text
-    tokenizer = load_tokenizer(args.tokenizer)
+    text = text_or_stdin(args.text, "TEXT", args.errors)
+    system = None if args.system is None else argument_text(args.system, "--system", args.errors)
+    source = args.tokenizer or DEFAULT_MODEL
+    tokenizer = load_tokenizer(source)
     if args.chat:
-        ids = tokenizer.encode_chat(read_messages(text, args.system))
+        ids = tokenizer.encode_chat(read_messages(text, system))
     else:
         ids = tokenizer.encode(text, bos=False if args.no_bos else None, eos=args.eos,
                                allow_special=args.allow_special)
@@ -77,5 +84,5 @@ def run(args: argparse.Namespace) -> int:
     width = len(str(max(ids, default=0)))
     for i in ids:
         print(f"{i:>{width}}  {show_piece(tokenizer, i)}")
-    print(f"{len(ids)} tokens, {len(text)} characters")
+    print(f"{len(ids)} tokens, {len(text)} characters; tokenizer: {source}")
     return 0

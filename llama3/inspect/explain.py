@@ -63,8 +63,8 @@ def explain_answer(llm, prompt_ids: list[int], generated_ids: list[int], stop_re
                    top_k: int = 5, layer: int = -1, top_keys: int = 3) -> Explanation:
     """Explain how `generated_ids` followed `prompt_ids`.
 
-    stop_reason: what the generator reported ("stop", "length", a stop string...), used when the
-    last token is not a stop token.  layer: whose attention to show (-1: the last block).
+    stop_reason: what ended it, used when the last token is not a stop token: "stop token" (or the
+    generator's "stop"), "stop string", "length" or "interrupted" (`llama3 chat` tells them apart).  layer: whose attention to show (-1: the last block).
     """
     if not prompt_ids:
         raise Llama3Error("nothing to explain: the prompt is empty")
@@ -100,18 +100,21 @@ def explain_answer(llm, prompt_ids: list[int], generated_ids: list[int], stop_re
 
     if stop_kept:
         ended_by = f"the stop token {token_labels(tok, [generated_ids[-1]])[0]} (id {generated_ids[-1]})"
+    elif stop_reason == "interrupted":
+        ended_by = "you interrupted it (Ctrl-C): no stop token, stop string or length limit was reached"
     elif stop_reason == "length":
         ended_by = "the length limit (max_new_tokens), not a stop token"
-    elif stop_reason == "stop" and stop_ids:
+    elif stop_reason == "stop string":
+        ended_by = "a stop string (--stop): the text stopped where it appeared, not at a stop token"
+    elif stop_reason in ("stop", "stop token") and stop_ids:
         last = probs[-1]                                              # [V] the step after the last token
         best = max(stop_ids, key=lambda i: float(last[i]) if i < last.numel() else -1.0)
         ended_by = (f"a stop token (the answer leaves it out); at that step the model gave "
-                    f"{token_labels(tok, [best])[0]} (id {best}) p = {float(last[best]):.2f}, "
-                    f"or a stop string")
+                    f"{token_labels(tok, [best])[0]} (id {best}) p = {float(last[best]):.2f}")
     elif stop_reason:
         ended_by = f"{stop_reason} (no stop token)"
     else:
-        ended_by = "no stop token: the answer was cut off (length limit or a stop string)"
+        ended_by = "no stop token (the caller did not say what ended it)"
     rendered = tok.decode(list(prompt_ids)) if tok is not None else ""
     return Explanation([{"id": i, "token": t} for i, t in zip(prompt_ids, token_labels(tok, list(prompt_ids)))],
                        steps, layer, labels[-1], attention, ended_by, rendered)
