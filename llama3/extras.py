@@ -15,7 +15,7 @@ and exit status 2, not an ImportError traceback minutes in.
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 
 from llama3.errors import Llama3Error
 
@@ -36,9 +36,11 @@ def missing(extra: str, modules: list[str] | None = None) -> list[str]:
     wanted = EXTRAS[extra] if modules is None else {m: EXTRAS[extra][m] for m in modules}
     absent = []
     for module, distribution in wanted.items():
-        try:
-            importlib.import_module(module)
-        except ImportError:
+        try:  # found, not imported: `bible` imports pkg_resources, which new setuptools no longer has
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
             absent.append(distribution)
     return absent
 

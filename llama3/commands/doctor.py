@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
+@contextlib.contextmanager
+def quiet_progress_bars():
+    """No progress bars while transformers loads the reference: its 'Loading weights' and 'Converting and
+    de-quantizing GGUF tensors' bars would land in the middle of doctor's report.  transformers' own switch
+    covers the bars it makes through its logging module; the GGUF converter calls tqdm.auto directly, so
+    tqdm itself is told `disable=True` for the duration (and restored after)."""
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__init__
+
+    def disabled(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "disable": True})
+
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        hf_logging = None
+    was_active = hf_logging is not None and hf_logging.is_progress_bar_enabled()
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+    tqdm.std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = original
+        if was_active:
+            hf_logging.enable_progress_bar()
+
+
 def run(args) -> int:
     import json
 
@@ -37,7 +67,8 @@ def run(args) -> int:
 
         # The reference first: a Meta folder or a missing transformers is a one-line error
         # before our own copy of the model is loaded.
-        reference = load_transformers_reference(resolve_source(args.source))
+        with quiet_progress_bars():
+            reference = load_transformers_reference(resolve_source(args.source))
         llm = llama3.load(args.source, dtype="float32")
         ids = (llm.tokenizer.encode(args.prompt) if llm.tokenizer is not None
                else list(range(min(8, llm.config.vocab_size))))

@@ -32,9 +32,15 @@ def run(args: argparse.Namespace) -> int:
     if args.source.lower() in PRESETS:
         config = get_preset(args.source)
     else:
-        from llama3.checkpoint import read_config
-        from llama3.llm import resolve_source
+        import os
 
+        from llama3.checkpoint import read_config
+        from llama3.errors import Llama3Error
+        from llama3.llm import BUILTIN_MODELS, resolve_source
+
+        if not os.path.exists(args.source) and args.source.lower() not in BUILTIN_MODELS:
+            raise Llama3Error(f"{args.source}: no such file or folder, and not a preset ({', '.join(PRESETS)}) "
+                              f"or a built-in model ({', '.join(BUILTIN_MODELS)})")
         config = read_config(resolve_source(args.source))
     counts = count_params(config)
     print(f"{args.source}: D={config.dim} layers={config.n_layers} heads={config.n_heads} "

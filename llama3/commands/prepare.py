@@ -37,7 +37,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="tokens per shard file (default 67,108,864)")
 
 
+def readable_dtype(dtype: str) -> str:
+    """numpy's '<u2' as 'uint16 (2 bytes a token)'."""
+    import numpy as np
+
+    dt = np.dtype(dtype)
+    return f"{dt.name} ({dt.itemsize} bytes a token)"
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
     import sys
 
     from llama3.tokenizer import load_tokenizer
@@ -46,10 +55,13 @@ def run(args: argparse.Namespace) -> int:
     if args.shard_tokens is not None and args.shard_tokens < 1:  # fail before the slow tokenizer load
         raise DataError(f"--shard-tokens {args.shard_tokens}: give a positive number of tokens per shard file")
     data_files(args.data)  # a missing path fails before the tokenizer loads
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"--out {args.out} is a file, not a folder; give a new or existing folder for the shards")
     tokenizer = load_tokenizer(args.tokenizer)
     manifest = prepare(args.data, args.out, tokenizer, args.tokenizer or "llama3", args.val_fraction,
                        args.shard_tokens)  # None: the default
     splits = manifest["splits"]
     print(f"{args.out}: {splits['train']['tokens']:,} training tokens ({splits['train']['documents']:,} documents), "
-          f"{splits['val']['tokens']:,} validation tokens, {manifest['dtype']}", file=sys.stderr)
+          f"{splits['val']['tokens']:,} validation tokens, stored as {readable_dtype(manifest['dtype'])}",
+          file=sys.stderr)
     return 0

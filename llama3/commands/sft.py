@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 EXAMPLES = """\
 data: one conversation per line,
@@ -25,7 +26,8 @@ examples:
 FIELDS = ["model", "data", "steps", "batch_size", "grad_accum", "seq_len", "lr", "min_lr", "warmup_steps",
           "weight_decay", "grad_clip", "seed", "eval_interval", "eval_batches", "log_interval",
           "checkpoint_interval", "keep_checkpoints", "val_fraction", "lora_rank", "lora_alpha", "lora_dropout",
-          "lora_targets", "pack", "device", "amp_dtype", "compile", "strategy", "peak_flops", "resume", "progress"]
+          "lora_targets", "pack", "device", "amp_dtype", "compile", "strategy", "peak_flops", "resume",
+          "allow_changes", "overwrite", "progress"]
 SFT_DEFAULTS = dict(lr=1e-4, min_lr=1e-5, warmup_steps=10, batch_size=4, seq_len=512, eval_interval=50,
                     checkpoint_interval=100, log_interval=1, weight_decay=0.0, sample_prompt=None)
 
@@ -42,6 +44,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--merge", action="store_true", help="with LoRA: also write the merged model folder")
     add_arguments(parser, FIELDS)
     parser.set_defaults(model=None)
+    for action in parser._actions:  # --help shows sft's own defaults, not train's
+        if action.dest == "steps":   # not train's 700: it follows --epochs
+            action.help = "optimizer steps (default: one pass over the data, see --epochs)"
+        elif SFT_DEFAULTS.get(action.dest) is not None and action.help:
+            action.help = re.sub(r"\(default: [^)]*\)", f"(default: {SFT_DEFAULTS[action.dest]})", action.help)
     parser.epilog += ("\nsft defaults that differ from train: "
                       + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in SFT_DEFAULTS.items() if v is not None)
                       + "; LoRA default --lr 1e-3")

@@ -29,7 +29,8 @@ global batch = batch-size x grad-accum x processes windows of seq-len tokens per
 FIELDS = ["data", "tokenizer", "vocab_size", "preset", "steps", "batch_size", "grad_accum", "seq_len", "lr",
           "min_lr", "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "seed", "eval_interval",
           "eval_batches", "log_interval", "checkpoint_interval", "keep_checkpoints", "val_fraction",
-          "sample_prompt", "device", "amp_dtype", "compile", "strategy", "peak_flops", "resume", "progress"]
+          "sample_prompt", "device", "amp_dtype", "compile", "strategy", "peak_flops", "resume",
+          "allow_changes", "overwrite", "progress"]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

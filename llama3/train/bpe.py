@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -56,7 +57,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | os.PathLike, pro
     ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=progress)
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  # tokenizers' bars print bare blank lines where stderr is not a terminal
+                                  show_progress=progress and sys.stderr.isatty())
     seen = [0]
 
     def counted(texts):

@@ -52,7 +52,7 @@ class TrainConfig:
     checkpoint_interval: int = 100         # steps between training checkpoints (0: only at the end)
     keep_checkpoints: int = 2              # how many training checkpoints to keep
     val_fraction: float = 0.05             # share of documents held out for validation
-    sample_prompt: str | None = ""         # text sampled from the model at the end ("" = just <bos>; None = skip)
+    sample_prompt: str | None = ""         # text sampled from the model at the end ("" = just <bos>; none = no sample)
     # fine-tuning (llama3 sft)
     lora_rank: int = 0                     # LoRA rank r: train r x (in + out) adapter numbers per matrix; 0 = full
     lora_alpha: float = 16.0               # LoRA scale numerator: the detour is multiplied by alpha / r
@@ -66,11 +66,15 @@ class TrainConfig:
     strategy: str = "auto"                 # auto: ddp when launched by torchrun with >1 process; none; ddp; fsdp
     peak_flops: float | None = None        # hardware peak FLOP/s for the MFU estimate (known GPUs are looked up)
     resume: bool = False                   # continue from out/checkpoints/latest
+    allow_changes: bool = False            # with --resume: continue even if settings that change the run differ
+    overwrite: bool = False                # replace an earlier run in --out (its checkpoints, metrics, loss curve)
     progress: bool = True                  # tqdm progress bar
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             setattr(self, field.name, _checked_type(field, getattr(self, field.name)))
+        if isinstance(self.sample_prompt, str) and self.sample_prompt.strip().lower() in ("none", "null"):
+            self.sample_prompt = None  # what a user means by --sample-prompt None: no sample, not the text "None"
         if self.min_lr is None:
             self.min_lr = min(DEFAULT_MIN_LR, self.lr / 10) if self.lr > 0 else DEFAULT_MIN_LR
         positive = ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "eval_batches",

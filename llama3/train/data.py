@@ -68,8 +68,13 @@ def read_jsonl(path: Path, field: str | None = None) -> Iterator[tuple[int, obje
 
     field: when given, every object must have it and its value is yielded instead.
     """
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {e.start} of the line: "
+                                f"{raw[e.start:e.start + 4]!r}); convert the file to UTF-8 or remove that line") from None
             if not line.strip():
                 continue
             try:
@@ -215,6 +220,8 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike, tokenizer, tokenize
         raise DataError(f"shard_tokens={shard_tokens!r} must be a positive number of tokens per shard "
                         f"(default {DEFAULT_SHARD_TOKENS:,})")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a folder; give a new or existing folder for the shards")
     settings = {"source": source_id or fingerprint(data), "tokenizer": tokenizer_source,
                 "vocab_size": tokenizer.vocab_size, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
     old = read_manifest(out)

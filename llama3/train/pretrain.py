@@ -30,6 +30,7 @@ from llama3.train.corpus import CORPUS_NAME, default_corpus_documents
 from llama3.train.data import (TokenShards, TokenWindows, fingerprint, is_prepared, iter_documents, prepare,
                                read_manifest)
 from llama3.train.distributed import Dist, barrier, broadcast_object, init_distributed, shutdown
+from llama3.train.run_folder import prepare_out_folder
 from llama3.train.trainer import TrainResult, train_loop
 
 
@@ -118,8 +119,8 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     d = init_distributed(cfg.device)
     try:
         out = Path(cfg.out)
-        if out.exists() and not out.is_dir():
-            raise Llama3Error(f"--out {out} is a file; give a folder")
+        prepare_out_folder(out, cfg.resume, cfg.overwrite, d.is_main)  # never silently replace an earlier run
+        barrier(d)
         if d.is_main:
             out.mkdir(parents=True, exist_ok=True)
             with atomic_file(out / "train_config.json") as tmp:

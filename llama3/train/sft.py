@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -162,6 +163,7 @@ def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None)
     from llama3.train.checkpointing import full_model_state
     from llama3.train.distributed import barrier, broadcast_object, init_distributed, shutdown
     from llama3.train.pretrain import save_model_folder
+    from llama3.train.run_folder import prepare_out_folder
     from llama3.train.trainer import train_loop
 
     from llama3.extras import require
@@ -173,13 +175,21 @@ def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None)
         raise DataError("--data is required: a .jsonl file with one {\"messages\": [...]} conversation per line")
     d = init_distributed(cfg.device)
     try:
+        prepare_out_folder(cfg.out, cfg.resume, cfg.overwrite, d.is_main)  # never silently replace an earlier run
+        barrier(d)
+        chats = read_chats(cfg.data)  # bad data fails before the slow model load
         llm = load(cfg.model)
         if llm.tokenizer is None:
             raise Llama3Error(f"{cfg.model}: has no tokenizer, so its chat format is unknown")
         seq_len = min(cfg.seq_len, llm.config.max_seq_len)
-        train_set, val_set = build_chat_sets(read_chats(cfg.data), llm.tokenizer, seq_len, cfg.val_fraction, cfg.pack)
+        train_set, val_set = build_chat_sets(chats, llm.tokenizer, seq_len, cfg.val_fraction, cfg.pack)
         if epochs is not None:
             cfg = replace(cfg, steps=steps_for_epochs(epochs, len(train_set), cfg, d.world_size))
+        per_step = cfg.batch_size * cfg.grad_accum * d.world_size
+        if len(train_set) < per_step and d.is_main:
+            print(f"warning: {cfg.data} packs into {len(train_set)} training row(s) of {seq_len} tokens, fewer than "
+                  f"one batch of {per_step}: each step repeats them, and one epoch is {cfg.steps} step(s); add "
+                  "examples, or pass --epochs N or --steps N to train longer", file=sys.stderr, flush=True)
         lora = lora_config(cfg)
         model = llm.model.to(device=d.device, dtype=torch.float32)
         if lora:

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama3.train.checkpointing import find_latest, load_training_checkpoint, save_training_checkpoint
+from llama3.train.checkpointing import save_training_checkpoint
 from llama3.train.config import TrainConfig
 from llama3.train.data import Batch, SampleOrder
 from llama3.train.distributed import Dist, gradient_sync, mean_across, resolve_strategy, wrap_model
 from llama3.train.metrics import MetricsLog, flops_per_token, peak_flops, perplexity, plot_loss
+from llama3.train.resume import resume_run
 
 
 # --------------------------------------------------------------- the pieces
@@ -132,6 +133,91 @@ def describe(result: "TrainResult", val: bool = True) -> str:
     return ", ".join(parts)
 
 
+# --------------------------------------------------------------- one step
+@dataclass
+class StepStats:
+    """What one optimizer step did (on this process)."""
+
+    loss: float        # mean training loss over the step's micro-batches
+    grad_norm: float   # global gradient norm before clipping
+    tokens: int        # input tokens this process read
+    seconds: float     # wall time of the step
+    lr: float          # the learning rate it used
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: list[Batch], *, lr: float,
+               grad_clip: float = 0.0, amp: torch.dtype = torch.float32, forward: nn.Module | None = None) -> StepStats:
+    """One optimizer step over k micro-batches: the gradients of loss/k add up over them (so k micro-batches
+    of B windows step like one batch of k*B), the global norm is clipped to grad_clip (0: not clipped), then
+    AdamW steps at `lr`.  model: the (DDP/FSDP-wrapped) module whose gradients sync on the last micro-batch;
+    forward: what computes the logits, when that differs (torch.compile of model)."""
+    started = time.perf_counter()
+    forward = forward or model
+    device = next(model.parameters()).device
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    k, loss, tokens = len(micro_batches), 0.0, 0
+    for m, batch in enumerate(micro_batches):
+        batch = batch.to(device)
+        with gradient_sync(model, enabled=m == k - 1):
+            with autocast(device, amp):
+                logits = forward(batch.tokens, positions=batch.positions, mask=batch.mask)  # [B, T, V]
+            micro_loss = loss_fn(logits, batch.targets)
+            (micro_loss / k).backward()
+        loss += micro_loss.item() / k
+        tokens += batch.tokens.numel()
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepStats(loss=loss, grad_norm=grad_norm, tokens=tokens, seconds=time.perf_counter() - started, lr=lr)
+
+
+def step_batches(dataset, order: SampleOrder, samples_seen: int, cfg: TrainConfig, d: Dist) -> list[Batch]:
+    """This process's grad_accum micro-batches of the step that starts at global sample `samples_seen`."""
+    return [micro_batch(dataset, order, samples_seen + m * cfg.batch_size * d.world_size, cfg, d)
+            for m in range(cfg.grad_accum)]
+
+
+# --------------------------------------------------------------- reporting
+class Reporter:
+    """The progress bar, metrics.jsonl and loss.png of a run (rank 0 writes; every rank calls)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, d: Dist, amp: torch.dtype, step: int):
+        from tqdm import tqdm
+
+        self.cfg, self.d, self.out = cfg, d, Path(cfg.out)
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step, enabled=d.is_main)
+        self.flops_per_token = flops_per_token(model.config, cfg.seq_len, sum(p.numel() for p in model.parameters()))
+        self.peak = peak_flops(d.device, amp, cfg.peak_flops)  # None on CPUs: then no MFU anywhere
+        self.bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                        disable=not (d.is_main and cfg.progress))
+
+    def step(self, step: int, loss: float, stats: StepStats, tokens: int, elapsed: float) -> None:
+        tokens_per_s = tokens / stats.seconds
+        mfu = tokens_per_s * self.flops_per_token / self.peak if self.peak else None
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
+                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+        if step % self.cfg.log_interval == 0 or step == self.cfg.steps:
+            record = {"step": step, "loss": loss, "lr": stats.lr, "grad_norm": round(stats.grad_norm, 4),
+                      "tokens_per_s": round(tokens_per_s, 1),
+                      "tflops": round(tokens_per_s * self.flops_per_token / 1e12, 4), "elapsed_s": round(elapsed, 2)}
+            self.metrics.write(record if mfu is None else {**record, "mfu": mfu})
+
+    def validation(self, step: int, loss: float, val_loss: float) -> None:
+        self.metrics.write({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(perplexity(val_loss), 3)})
+        if self.d.is_main:
+            self.bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f} "
+                           f"(perplexity {perplexity(val_loss):.2f})")
+            self.plot()
+
+    def plot(self) -> None:
+        if self.d.is_main and self.metrics.path.is_file():
+            plot_loss(self.metrics.read(), self.out / "loss.png")
+
+
 # --------------------------------------------------------------- the loop
 @dataclass
 class TrainResult:
@@ -144,98 +230,47 @@ class TrainResult:
 
 
 def train_loop(model: nn.Module, cfg: TrainConfig, train_set, val_set, d: Dist, extra_state: dict | None = None):
-    """Train `model` (already on d.device) for cfg.steps optimizer steps, writing metrics, the loss curve
-    and training checkpoints under cfg.out; resume first when cfg.resume.  Returns (wrapped model, result):
-    the wrapped model (DDP/FSDP) is what `full_model_state` gathers from."""
-    out = Path(cfg.out)
-    strategy = resolve_strategy(cfg.strategy, d)
+    """Train `model` (already on d.device) for cfg.steps optimizer steps: train_step, then reporting,
+    evaluation every eval_interval steps and a checkpoint every checkpoint_interval steps (and both at
+    the end); resume first when cfg.resume.  Returns (wrapped model, result): the wrapped model
+    (DDP/FSDP) is what `full_model_state` gathers from."""
     torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per process, reproducibly
-    wrapped = wrap_model(model, strategy, d)
+    wrapped = wrap_model(model, resolve_strategy(cfg.strategy, d), d)
     optimizer = make_optimizer(wrapped, cfg, d.device)
-    runner = torch.compile(wrapped) if cfg.compile else wrapped
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     amp = amp_dtype_for(cfg, d.device)
-    step, samples_seen, tokens_seen, elapsed = 0, 0, 0, 0.0
-    latest = find_latest(out) if cfg.resume else None
-    if latest is not None:
-        state = load_training_checkpoint(latest, wrapped, optimizer, d)
-        step, samples_seen = state["step"], state["samples_seen"]
-        tokens_seen, elapsed = state["tokens_seen"], state["elapsed_s"]
-        if d.is_main:
-            print(f"resuming from {latest} (step {step})", file=sys.stderr, flush=True)
-    elif cfg.resume and d.is_main:
-        print(f"no checkpoint in {out / 'checkpoints'}; starting from step 0", file=sys.stderr, flush=True)
-    global_batch = cfg.batch_size * cfg.grad_accum * d.world_size
+    saved = resume_run(cfg, wrapped, optimizer, d) if cfg.resume else None
+    step, samples_seen, tokens_seen, elapsed = ((saved["step"], saved["samples_seen"], saved["tokens_seen"],
+                                                 saved["elapsed_s"]) if saved else (0, 0, 0, 0.0))
     order = SampleOrder(len(train_set), cfg.seed)
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step, enabled=d.is_main)
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_tok = flops_per_token(model.config, cfg.seq_len, n_params)
-    peak = peak_flops(d.device, amp, cfg.peak_flops)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
+    report = Reporter(model, cfg, d, amp, step)
     losses, loss, val_loss = [], float("nan"), float("nan")
-
-    def checkpoint():
-        save_training_checkpoint(out, wrapped, optimizer, {
-            "step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
-            "config": cfg.to_dict(), "model_config": model.config.to_dict(), **(extra_state or {})},
-            d, keep=cfg.keep_checkpoints)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", disable=not (d.is_main and cfg.progress),
-               dynamic_ncols=True)
     wrapped.train()
     while step < cfg.steps:
-        started = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss, step_tokens = 0.0, 0
-        for m in range(cfg.grad_accum):
-            batch = micro_batch(train_set, order, samples_seen + m * cfg.batch_size * d.world_size, cfg, d)
-            batch = batch.to(d.device)
-            with gradient_sync(wrapped, enabled=m == cfg.grad_accum - 1):
-                with autocast(d.device, amp):
-                    logits = runner(batch.tokens, positions=batch.positions, mask=batch.mask)  # [B, T, V]
-                micro_loss = loss_fn(logits, batch.targets)
-                (micro_loss / cfg.grad_accum).backward()
-            step_loss += micro_loss.item() / cfg.grad_accum
-            step_tokens += batch.tokens.numel() * d.world_size
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step, samples_seen, tokens_seen = step + 1, samples_seen + global_batch, tokens_seen + step_tokens
-        (loss,) = mean_across([step_loss], d)
+        stats = train_step(wrapped, optimizer, step_batches(train_set, order, samples_seen, cfg, d),
+                           lr=lr_at(step, cfg), grad_clip=cfg.grad_clip, amp=amp, forward=forward)
+        step, samples_seen = step + 1, samples_seen + cfg.batch_size * cfg.grad_accum * d.world_size
+        tokens_seen, elapsed = tokens_seen + stats.tokens * d.world_size, elapsed + stats.seconds
+        (loss,) = mean_across([stats.loss], d)
         losses.append(loss)
-        seconds = time.perf_counter() - started
-        elapsed += seconds
-        tokens_per_s = step_tokens / seconds
-        mfu = tokens_per_s * flops_tok / peak if peak else None
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", **({"mfu": f"{mfu:.1%}"} if mfu else {}))
-        if step % cfg.log_interval == 0 or step == cfg.steps:
-            metrics.write({"step": step, "loss": loss, "lr": lr, "grad_norm": round(grad_norm, 4),
-                           "tokens_per_s": round(tokens_per_s, 1), "tflops": round(tokens_per_s * flops_tok / 1e12, 4),
-                           "mfu": mfu, "elapsed_s": round(elapsed, 2)})
-        is_last = step == cfg.steps
-        if val_set is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or is_last):
-            val_loss = evaluate(runner, val_set, cfg, d, amp)
-            metrics.write({"step": step, "val_loss": round(val_loss, 5), "val_ppl": round(perplexity(val_loss), 3)})
-            if d.is_main:
-                bar.write(f"step {step}: train loss {loss:.4f}, val loss {val_loss:.4f} "
-                          f"(perplexity {perplexity(val_loss):.2f})")
-                plot_loss(metrics.read(), out / "loss.png")
-        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or is_last:
-            checkpoint()
-    bar.close()
+        report.step(step, loss, stats, stats.tokens * d.world_size, elapsed)
+        if val_set is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.steps):
+            val_loss = evaluate(forward, val_set, cfg, d, amp)
+            report.validation(step, loss, val_loss)
+        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.steps:
+            save_training_checkpoint(cfg.out, wrapped, optimizer, {
+                "step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
+                "config": cfg.to_dict(), "model_config": model.config.to_dict(), **(extra_state or {})},
+                d, keep=cfg.keep_checkpoints)
+    report.bar.close()
     if not losses:  # resumed a finished run: nothing trained, so report what the run ended with
-        loss = last_logged_loss(metrics, step)
+        loss = last_logged_loss(report.metrics, step)
         if val_set is not None:
-            val_loss = evaluate(runner, val_set, cfg, d, amp)
+            val_loss = evaluate(forward, val_set, cfg, d, amp)
         if d.is_main:
             print(f"already at step {step} (--steps {cfg.steps}); nothing to train: raise --steps to train further",
                   file=sys.stderr, flush=True)
-    if d.is_main and val_set is None and metrics.path.is_file():
-        plot_loss(metrics.read(), out / "loss.png")
+    if val_set is None:
+        report.plot()
     return wrapped, TrainResult(step=step, loss=loss, val_loss=val_loss, tokens=tokens_seen,
                                 elapsed_s=elapsed, losses=losses)
