@@ -301,7 +301,7 @@ def train_on_device(model, tmp_path, monkeypatch, steps: int, **overrides):
     cfg = TrainConfig(**{**dict(out=str(tmp_path), steps=steps, batch_size=4, seq_len=32, lr=1e-2, min_lr=1e-3,
                                 warmup_steps=3, weight_decay=0.0, eval_interval=0, checkpoint_interval=0,
                                 progress=False, device=str(DEVICE)), **overrides})
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.parallel.device)
     assert device.type == DEVICE.type
     model = model.to(device)
     made = []

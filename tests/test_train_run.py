@@ -162,3 +162,34 @@ def test_sft_refuses_non_utf8_data_and_warns_when_the_data_is_under_a_batch(tmp_
                  "--seq-len", "64", "--no-progress"]) == 0
     err = capsys.readouterr().err
     assert "warning: " in err and "fewer than one batch of 4" in err and "one epoch is 1 step(s)" in err
+
+
+def test_train_config_is_grouped_and_keeps_its_flat_names(tmp_path):
+    from llama3.train.config import DataSettings, OptimizerSettings, config_from_args
+
+    cfg = TrainConfig(out="o", batch_size=8, weight_decay=0.0, lr=1e-3, lora_rank=4, strategy="ddp", data="books/")
+    assert cfg.data == DataSettings(source="books/", batch_size=8)
+    assert cfg.optimizer == OptimizerSettings(weight_decay=0.0) and cfg.schedule.lr == 1e-3
+    assert (cfg.lora.rank, cfg.parallel.strategy, cfg.out) == (4, "ddp", "o")
+    flat = cfg.to_dict()
+    assert flat["lora_rank"] == 4 and flat["data"] == "books/" and TrainConfig.from_dict(flat) == cfg
+    assert TrainConfig(optimizer=OptimizerSettings(weight_decay=0.0), out="o").optimizer.weight_decay == 0.0
+    (tmp_path / "run.toml").write_text('steps = 3\n[data]\nbatch_size = 2\n[lora]\nrank = 8\n[optimizer]\nbeta2 = 0.99\n')
+    from_file = TrainConfig.from_file(tmp_path / "run.toml")
+    assert (from_file.schedule.steps, from_file.data.batch_size, from_file.lora.rank, from_file.optimizer.beta2) == \
+        (3, 2, 8, 0.99)
+    with pytest.raises(Llama3Error, match="unknown training settings"):
+        TrainConfig(stepz=3)
+    # the flags are the same flat names as before, shown in one --help section per group
+    import argparse
+
+    from llama3.commands import train
+
+    parser = argparse.ArgumentParser()
+    train.configure(parser)
+    flags = {a.option_strings[0] for a in parser._actions if a.option_strings}
+    assert {"--data", "--batch-size", "--lr", "--weight-decay", "--strategy", "--resume", "--seq-len"} <= flags
+    assert {"data settings", "optimizer settings", "schedule settings", "parallel settings"} <= \
+        {g.title for g in parser._action_groups}
+    args = parser.parse_args(["--out", "o", "--batch-size", "3", "--config", str(tmp_path / "run.toml")])
+    assert config_from_args(args, train.FIELDS, out="o").data.batch_size == 3  # flags win over the file

@@ -152,8 +152,8 @@ def test_exact_resume_after_kill_minus_9(prepared, tmp_path):
 def test_config_files_and_unknown_keys(tmp_path):
     (tmp_path / "run.toml").write_text('steps = 3\nlr = 0.01\npreset = "tiny"\n')
     (tmp_path / "run.json").write_text(json.dumps({"steps": 3, "batch_size": 2}))
-    assert TrainConfig.from_file(tmp_path / "run.toml", out="x").lr == 0.01
-    assert TrainConfig.from_file(tmp_path / "run.json").batch_size == 2
+    assert TrainConfig.from_file(tmp_path / "run.toml", out="x").schedule.lr == 0.01
+    assert TrainConfig.from_file(tmp_path / "run.json").data.batch_size == 2
     (tmp_path / "bad.json").write_text(json.dumps({"stepz": 3}))
     with pytest.raises(Llama3Error, match="unknown training settings.*stepz"):
         TrainConfig.from_file(tmp_path / "bad.json")
@@ -163,7 +163,7 @@ def test_config_files_and_unknown_keys(tmp_path):
         TrainConfig(batch_size=0)
     with pytest.raises(Llama3Error, match="strategy"):
         TrainConfig(strategy="zero3")
-    assert math.isclose(TrainConfig().lr, 3e-3)
+    assert math.isclose(TrainConfig().schedule.lr, 3e-3)
 
 
 def _parse(command, argv):
@@ -179,15 +179,15 @@ def _parse(command, argv):
 def test_a_low_lr_alone_lowers_the_default_min_lr():
     from llama3.train.config import config_from_args
 
-    assert TrainConfig().min_lr == 3e-4 and math.isclose(TrainConfig(lr=1e-4).min_lr, 1e-5)
+    assert TrainConfig().schedule.min_lr == 3e-4 and math.isclose(TrainConfig(lr=1e-4).schedule.min_lr, 1e-5)
     train, args = _parse("train", ["--out", "o", "--lr", "1e-4"])
     cfg = config_from_args(args, train.FIELDS, out="o")
-    assert cfg.lr == 1e-4 and math.isclose(cfg.min_lr, 1e-5)
+    assert cfg.schedule.lr == 1e-4 and math.isclose(cfg.schedule.min_lr, 1e-5)
     sft, args = _parse("sft", ["--out", "o", "--lora-rank", "8", "--lr", "5e-5"])
     cfg = config_from_args(args, sft.FIELDS, defaults=dict(sft.SFT_DEFAULTS, lr=1e-3, min_lr=1e-4), out="o")
-    assert cfg.lr == 5e-5 and math.isclose(cfg.min_lr, 5e-6)
+    assert cfg.schedule.lr == 5e-5 and math.isclose(cfg.schedule.min_lr, 5e-6)
     _, args = _parse("sft", ["--out", "o", "--lora-rank", "8"])  # the default floor when lr allows it
-    assert config_from_args(args, sft.FIELDS, defaults=dict(sft.SFT_DEFAULTS, lr=1e-3, min_lr=1e-4)).min_lr == 1e-4
+    assert config_from_args(args, sft.FIELDS, defaults=dict(sft.SFT_DEFAULTS, lr=1e-3, min_lr=1e-4)).schedule.min_lr == 1e-4
     _, args = _parse("train", ["--out", "o", "--lr", "1e-4", "--min-lr", "2e-4"])  # an explicit one is checked
     with pytest.raises(Llama3Error, match="min_lr <= lr"):
         config_from_args(args, train.FIELDS)
@@ -196,7 +196,8 @@ def test_a_low_lr_alone_lowers_the_default_min_lr():
 def test_config_file_values_of_the_wrong_type(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"lr": "3e-3", "steps": "5", "warmup_steps": 2.0}))
     cfg = TrainConfig.from_file(tmp_path / "run.json")
-    assert (cfg.lr, cfg.steps, cfg.warmup_steps) == (3e-3, 5, 2) and type(cfg.warmup_steps) is int
+    assert (cfg.schedule.lr, cfg.schedule.steps, cfg.schedule.warmup_steps) == (3e-3, 5, 2)
+    assert type(cfg.schedule.warmup_steps) is int
     for bad, key in [({"lr": "fast"}, "lr"), ({"eval_interval": "often"}, "eval_interval"),
                      ({"compile": "yes"}, "compile"), ({"out": 3}, "out"), ({"steps": 2.5}, "steps"),
                      ({"min_lr": [1]}, "min_lr")]:

@@ -13,12 +13,14 @@ what happens:
   2. model: the --preset shape (default tiny-cpu: 6 layers, width 192, ~3M parameters), random init.
   3. training: AdamW (decay on matrices only), linear warmup then cosine decay, gradient accumulation
      and clipping; validation loss every --eval-interval steps; OUT/metrics.jsonl and OUT/loss.png;
-     checkpoints in OUT/checkpoints/ every --checkpoint-interval steps (--resume continues exactly).
+     checkpoints in OUT/checkpoints/ every --checkpoint-interval steps (--resume continues exactly,
+     and refuses settings that would change the run unless --allow-changes).
   4. OUT becomes a model folder: `llama3 generate --model OUT "..."` works on it.
 
 examples:
   llama3 train --out kjv                         # the default: ~10 minutes on 2 CPU cores
   llama3 train --out kjv --resume                # continue after an interruption, same losses
+  llama3 train --out kjv --overwrite             # start over in a folder that holds an earlier run
   llama3 train --data my_texts/ --out m --steps 5000 --vocab-size 8192
   llama3 train --config run.toml --out m         # settings from a file (flags win)
   torchrun --nproc-per-node 2 -m llama3 train --out m --strategy ddp    # several processes

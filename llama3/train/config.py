@@ -1,8 +1,17 @@
-"""`TrainConfig`: every setting of a training run, from flags or a JSON/TOML file.
+"""`TrainConfig`: every setting of a training run, from flags or a JSON/TOML file, in groups.
 
-One flat dataclass (nanoGPT's knobs, without its `exec`): the command line, a
-config file and the Python API all fill the same fields, and unknown keys
-raise.  Precedence: defaults < --config FILE < explicit flags.
+    cfg.data        what it reads: the text, the tokenizer, the batch and window sizes
+    cfg.optimizer   AdamW: weight decay, betas, gradient clipping
+    cfg.schedule    how long and how fast: steps, peak lr, its floor, warmup
+    cfg.lora        LoRA adapters for `llama3 sft` (rank 0: full fine-tuning)
+    cfg.parallel    where it runs: device, autocast dtype, compile, DDP/FSDP, the peak for MFU
+    cfg.<name>      the run itself: out, preset, model, seed, evaluation, logging, checkpoints
+
+Each setting also has one flat name (nanoGPT's knobs, without its `exec`): the flag (`--batch-size`),
+the key in a config file (`batch_size = 16`, or `[data] batch_size = 16`), the keyword of
+`TrainConfig(batch_size=16)` and of `to_dict()`, which is what train_config.json and checkpoints
+store.  LoRA's are `lora_rank` ...; the data's own source is `data`.  Unknown names raise.
+Precedence: defaults < --config FILE < explicit flags.
 
 Batch sizes: each optimizer step sees
     global batch = batch_size * grad_accum * world_size   windows of seq_len tokens,
@@ -14,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from llama3.errors import Llama3Error
@@ -25,97 +34,181 @@ AMP_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
-class TrainConfig:
-    out: str = "out"                       # the model folder to write (checkpoints/ and metrics inside)
-    data: str | None = None                # text, JSONL or a folder of them, or a `llama3 prepare` folder; none: the built-in corpus
+class DataSettings:
+    source: str | None = None              # text, JSONL or a folder of them, or a `llama3 prepare` folder; none: the built-in corpus
     tokenizer: str | None = None           # tokenizer source (folder, .gguf, name); none: a byte-level BPE learned from the data
     vocab_size: int = 4096                 # vocabulary size of that learned BPE
-    preset: str = "tiny-cpu"               # model shape from llama3.config.PRESETS (its vocab_size follows the tokenizer)
-    model: str | None = None               # start from this model (folder, .gguf, built-in name), not from scratch
-    # optimisation
-    steps: int = 700                       # optimizer steps
     batch_size: int = 16                   # windows per micro-batch, per process
     grad_accum: int = 1                    # micro-batches per optimizer step
     seq_len: int = 256                     # T: tokens per window
-    lr: float = 3e-3                       # peak learning rate (after warmup)
-    min_lr: float | None = None            # floor of the cosine decay (default: 3e-4, or lr/10 when that is lower)
-    warmup_steps: int = 50                 # steps of linear learning-rate warmup from 0
+    val_fraction: float = 0.05             # share of documents held out for validation
+    pack: bool = True                      # pack several chat examples per row (attention stays within each)
+
+
+@dataclass
+class OptimizerSettings:
     weight_decay: float = 0.1              # applied to matrices only, never to norms
     beta1: float = 0.9                     # AdamW momentum of the gradient
     beta2: float = 0.95                    # AdamW momentum of the squared gradient
     grad_clip: float = 1.0                 # max global gradient norm; 0 disables
-    seed: int = 1337                       # decides the initial weights and the data order
-    # evaluation, logging, checkpoints
-    eval_interval: int = 100               # steps between validation runs (0: only at the end)
-    eval_batches: int = 8                  # micro-batches per validation run
-    log_interval: int = 10                 # steps between metric lines in metrics.jsonl
-    checkpoint_interval: int = 100         # steps between training checkpoints (0: only at the end)
-    keep_checkpoints: int = 2              # how many training checkpoints to keep
-    val_fraction: float = 0.05             # share of documents held out for validation
-    sample_prompt: str | None = ""         # text sampled from the model at the end ("" = just <bos>; none = no sample)
-    # fine-tuning (llama3 sft)
-    lora_rank: int = 0                     # LoRA rank r: train r x (in + out) adapter numbers per matrix; 0 = full
-    lora_alpha: float = 16.0               # LoRA scale numerator: the detour is multiplied by alpha / r
-    lora_dropout: float = 0.0              # dropout on the LoRA input during training
-    lora_targets: str = "wq,wk,wv,wo"      # comma-separated block linears to adapt (wq wk wv wo w1 w2 w3)
-    pack: bool = True                      # pack several chat examples per row (attention stays within each)
-    # hardware
+
+
+@dataclass
+class ScheduleSettings:
+    steps: int = 700                       # optimizer steps
+    lr: float = 3e-3                       # peak learning rate (after warmup)
+    min_lr: float | None = None            # floor of the cosine decay (default: 3e-4, or lr/10 when that is lower)
+    warmup_steps: int = 50                 # steps of linear learning-rate warmup from 0
+
+
+@dataclass
+class LoRASettings:
+    rank: int = 0                          # LoRA rank r: train r x (in + out) adapter numbers per matrix; 0 = full
+    alpha: float = 16.0                    # LoRA scale numerator: the detour is multiplied by alpha / r
+    dropout: float = 0.0                   # dropout on the LoRA input during training
+    targets: str = "wq,wk,wv,wo"           # comma-separated block linears to adapt (wq wk wv wo w1 w2 w3)
+
+
+@dataclass
+class ParallelSettings:
     device: str = "auto"                   # auto: cuda when available, else cpu
     amp_dtype: str = "auto"                # bf16 autocast on GPUs that have it; auto means fp32 on CPU
     compile: bool = False                  # torch.compile the model
     strategy: str = "auto"                 # auto: ddp when launched by torchrun with >1 process; none; ddp; fsdp
     peak_flops: float | None = None        # hardware peak FLOP/s for the MFU estimate (known GPUs are looked up)
+
+
+GROUPS = {"data": DataSettings, "optimizer": OptimizerSettings, "schedule": ScheduleSettings,
+          "lora": LoRASettings, "parallel": ParallelSettings}
+
+
+def _flat_name(group: str, name: str) -> str:
+    """The flag / file key of a group's field: lora.rank -> lora_rank, data.source -> data, else its name."""
+    if group == "lora":
+        return f"lora_{name}"
+    return "data" if (group, name) == ("data", "source") else name
+
+
+@dataclass(init=False)
+class TrainConfig:
+    out: str = "out"                       # the model folder to write (checkpoints/ and metrics inside)
+    preset: str = "tiny-cpu"               # model shape from llama3.config.PRESETS (its vocab_size follows the tokenizer)
+    model: str | None = None               # start from this model (folder, .gguf, built-in name), not from scratch
+    seed: int = 1337                       # decides the initial weights and the data order
+    eval_interval: int = 100               # steps between validation runs (0: only at the end)
+    eval_batches: int = 8                  # micro-batches per validation run
+    log_interval: int = 10                 # steps between metrics.jsonl lines
+    checkpoint_interval: int = 100         # steps between training checkpoints (0: only at the end)
+    keep_checkpoints: int = 2              # how many training checkpoints to keep
+    sample_prompt: str | None = ""         # text sampled from the model at the end ("" = just <bos>; none = no sample)
     resume: bool = False                   # continue from out/checkpoints/latest
     allow_changes: bool = False            # with --resume: continue even if settings that change the run differ
     overwrite: bool = False                # replace an earlier run in --out (its checkpoints, metrics, loss curve)
     progress: bool = True                  # tqdm progress bar
+    data: DataSettings = field(default_factory=DataSettings)
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    schedule: ScheduleSettings = field(default_factory=ScheduleSettings)
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    parallel: ParallelSettings = field(default_factory=ParallelSettings)
 
-    def __post_init__(self):
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, _checked_type(field, getattr(self, field.name)))
+    def __init__(self, **settings):
+        """Flat names (`TrainConfig(out="kjv", batch_size=8, lora_rank=4)`, see `flat_fields()`), or whole
+        groups (`optimizer=OptimizerSettings(...)` or a dict of that group's fields)."""
+        known = flat_fields()
+        groups = {name: {} for name in GROUPS}
+        for key, value in settings.items():
+            if key in GROUPS and isinstance(value, (GROUPS[key], dict)):
+                as_dict = dataclasses.asdict(value) if isinstance(value, GROUPS[key]) else value
+                groups[key].update({_field_of(key, k): v for k, v in as_dict.items()})
+            elif key in known and known[key][0] is not None:
+                groups[known[key][0]][known[key][1].name] = value
+            elif key in known:
+                setattr(self, key, value)
+            else:
+                raise Llama3Error(f"unknown training settings {[key]}; known ones are {sorted(known)}")
+        for f in dataclasses.fields(self):
+            if f.name in GROUPS:
+                try:
+                    setattr(self, f.name, GROUPS[f.name](**groups[f.name]))
+                except TypeError:
+                    unknown = sorted(set(groups[f.name]) - {g.name for g in dataclasses.fields(GROUPS[f.name])})
+                    raise Llama3Error(f"unknown {f.name} settings {unknown}") from None
+            elif f.name not in vars(self):
+                setattr(self, f.name, f.default)
+        self._check()
+
+    def _check(self) -> None:
+        for flat, (group, f) in flat_fields().items():
+            owner = self if group is None else getattr(self, group)
+            setattr(owner, f.name, _checked_type(f, getattr(owner, f.name), flat))
+        s, d = self.schedule, self.data
         if isinstance(self.sample_prompt, str) and self.sample_prompt.strip().lower() in ("none", "null"):
             self.sample_prompt = None  # what a user means by --sample-prompt None: no sample, not the text "None"
-        if self.min_lr is None:
-            self.min_lr = min(DEFAULT_MIN_LR, self.lr / 10) if self.lr > 0 else DEFAULT_MIN_LR
-        positive = ("steps", "batch_size", "grad_accum", "seq_len", "vocab_size", "eval_batches",
-                    "log_interval", "keep_checkpoints")
-        for name in positive:
-            value = getattr(self, name)
+        if s.min_lr is None:
+            s.min_lr = min(DEFAULT_MIN_LR, s.lr / 10) if s.lr > 0 else DEFAULT_MIN_LR
+        positive = {"steps": s.steps, "batch_size": d.batch_size, "grad_accum": d.grad_accum, "seq_len": d.seq_len,
+                    "vocab_size": d.vocab_size, "eval_batches": self.eval_batches, "log_interval": self.log_interval,
+                    "keep_checkpoints": self.keep_checkpoints}
+        for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise Llama3Error(f"{name}={value!r} must be a positive integer")
-        for name in ("eval_interval", "checkpoint_interval", "warmup_steps", "lora_rank"):
-            if getattr(self, name) < 0:
-                raise Llama3Error(f"{name}={getattr(self, name)} must be >= 0")
-        if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise Llama3Error(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
-        if not 0 < self.val_fraction < 1:
-            raise Llama3Error(f"val_fraction={self.val_fraction} must be between 0 and 1")
-        if self.strategy not in STRATEGIES:
-            raise Llama3Error(f"strategy={self.strategy!r}; choose one of {', '.join(STRATEGIES)}")
-        if self.amp_dtype not in AMP_DTYPES:
-            raise Llama3Error(f"amp_dtype={self.amp_dtype!r}; choose one of {', '.join(AMP_DTYPES)}")
+        for name, value in {"eval_interval": self.eval_interval, "checkpoint_interval": self.checkpoint_interval,
+                            "warmup_steps": s.warmup_steps, "lora_rank": self.lora.rank}.items():
+            if value < 0:
+                raise Llama3Error(f"{name}={value} must be >= 0")
+        if not s.lr > 0 or s.min_lr < 0 or s.min_lr > s.lr:
+            raise Llama3Error(f"need 0 <= min_lr <= lr and lr > 0, got lr={s.lr}, min_lr={s.min_lr}")
+        if not 0 < d.val_fraction < 1:
+            raise Llama3Error(f"val_fraction={d.val_fraction} must be between 0 and 1")
+        if self.parallel.strategy not in STRATEGIES:
+            raise Llama3Error(f"strategy={self.parallel.strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        if self.parallel.amp_dtype not in AMP_DTYPES:
+            raise Llama3Error(f"amp_dtype={self.parallel.amp_dtype!r}; choose one of {', '.join(AMP_DTYPES)}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every setting under its flat name (what train_config.json and checkpoints store)."""
+        return {flat: getattr(self if group is None else getattr(self, group), f.name)
+                for flat, (group, f) in flat_fields().items()}
+
+    def replace(self, **flat) -> "TrainConfig":
+        """A copy with some settings (flat names) changed."""
+        return TrainConfig(**{**self.to_dict(), **flat})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise Llama3Error(f"unknown training settings {unknown}; known ones are {sorted(known)}")
+        """Flat keys, or a table per group (`{"optimizer": {"weight_decay": 0.1}}`, TOML's `[optimizer]`)."""
         return cls(**d)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":
-        """Read a .json or .toml file (flat keys, names as the fields); `overrides` win."""
+        """Read a .json or .toml file (flat keys or group tables, names as the flags); `overrides` win."""
         return cls.from_dict({**read_config_file(path), **overrides})
+
+
+def _field_of(group: str, key: str) -> str:
+    """A key inside a group's table -> the group's field name (lora_rank or rank, data or source)."""
+    for f in dataclasses.fields(GROUPS[group]):
+        if key in (f.name, _flat_name(group, f.name)):
+            return f.name
+    return key
+
+
+def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """flat name -> (its group, or None for the run's own settings; its dataclass field), in flag order."""
+    table: dict[str, tuple[str | None, dataclasses.Field]] = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in GROUPS:
+            for g in dataclasses.fields(GROUPS[f.name]):
+                table[_flat_name(f.name, g.name)] = (f.name, g)
+        else:
+            table[f.name] = (None, f)
+    return table
 
 
 _KINDS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
-def _checked_type(field: dataclasses.Field, value):
+def _checked_type(field: dataclasses.Field, value, name: str | None = None):
     """`value` as the type the field declares (an int where a float is wanted, "3e-3" for a float, "5" for an
     int are converted); anything else raises Llama3Error naming the setting."""
     declared = str(field.type)
@@ -142,7 +235,7 @@ def _checked_type(field: dataclasses.Field, value):
             except ValueError:
                 pass
     wanted = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
-    raise Llama3Error(f"{field.name}={value!r} must be {wanted}" + (" (or unset)" if optional else "")
+    raise Llama3Error(f"{name or field.name}={value!r} must be {wanted}" + (" (or unset)" if optional else "")
                       + "; fix that setting")
 
 
@@ -170,32 +263,37 @@ def read_config_file(path: str | os.PathLike) -> dict:
 
 
 def add_arguments(parser, fields: list[str]) -> None:
-    """Add `--flag` options for the named TrainConfig fields, defaulting to None (= not given),
-    help text taken from the field comments above; booleans become on/off switches."""
+    """Add `--flag` options for the named flat settings, defaulting to None (= not given), in one argument
+    group per settings group, help text taken from the field comments above; booleans become on/off switches."""
     import argparse
     import inspect
     import re
 
-    comments = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(TrainConfig), re.M))
-    types = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    comments = {}
+    for owner in (TrainConfig, *GROUPS.values()):
+        comments[owner] = dict(re.findall(r"^\s+(\w+):.*?#\s*(.+)$", inspect.getsource(owner), re.M))
+    table = flat_fields()
+    sections = {}
     for name in fields:
-        field = types[name]
+        group, f = table[name]
+        if group not in sections:
+            sections[group] = parser if group is None else parser.add_argument_group(f"{group} settings")
         flag = "--" + name.replace("_", "-")
-        help_text = comments.get(name, "")
-        default = field.default
-        help_text += f" (default: {default})" if default not in (None, "") else ""
-        if field.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        help_text = comments[TrainConfig if group is None else GROUPS[group]].get(f.name, "")
+        help_text += f" (default: {f.default})" if f.default not in (None, "") else ""
+        if f.type in ("bool", bool):
+            sections[group].add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                         help=help_text)
         else:
-            kind = int if "int" in str(field.type) else float if "float" in str(field.type) else str
+            kind = int if "int" in str(f.type) else float if "float" in str(f.type) else str
             metavar = {int: "N", float: "X"}.get(kind, name.split("_")[-1].upper())
-            parser.add_argument(flag, type=kind, default=None, metavar=metavar, help=help_text)
+            sections[group].add_argument(flag, dest=name, type=kind, default=None, metavar=metavar, help=help_text)
 
 
 def config_from_args(args, fields: list[str], defaults: dict | None = None, **fixed) -> TrainConfig:
     """TrainConfig from parsed flags: field defaults < `defaults` < args.config file < flags given < `fixed`."""
     given = {name: getattr(args, name) for name in fields if getattr(args, name, None) is not None}
-    base = read_config_file(args.config) if getattr(args, "config", None) else {}
+    base = _flatten(read_config_file(args.config)) if getattr(args, "config", None) else {}
     explicit = {**base, **given, **fixed}
     settings = {**(defaults or {}), **explicit}
     if explicit.get("min_lr") is None and "min_lr" in settings:
@@ -203,9 +301,19 @@ def config_from_args(args, fields: list[str], defaults: dict | None = None, **fi
         default_min_lr = settings.pop("min_lr")
         cfg = TrainConfig.from_dict(settings)
         if default_min_lr is not None:
-            cfg.min_lr = min(_checked_type(_FIELDS["min_lr"], default_min_lr), cfg.lr / 10)
+            min_lr = _checked_type(flat_fields()["min_lr"][1], default_min_lr, "min_lr")
+            cfg.schedule.min_lr = min(min_lr, cfg.schedule.lr / 10)
         return cfg
     return TrainConfig.from_dict(settings)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def _flatten(settings: dict) -> dict:
+    """A config file's group tables spread into flat names ({"lora": {"rank": 8}} -> {"lora_rank": 8})."""
+    flat = {}
+    for key, value in settings.items():
+        if key in GROUPS and isinstance(value, dict):
+            names = {f.name: _flat_name(key, f.name) for f in dataclasses.fields(GROUPS[key])}
+            flat.update({names.get(_field_of(key, k), k): v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat

@@ -13,7 +13,6 @@ OUT ends up holding:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -35,35 +34,35 @@ from llama3.train.trainer import TrainResult, train_loop
 
 
 def prepare_training_data(cfg: TrainConfig, d: Dist, progress: bool = True):
-    """-> (prepared data folder, tokenizer).  cfg.data may be a prepared folder (used as is), raw
+    """-> (prepared data folder, tokenizer).  cfg.data.source may be a prepared folder (used as is), raw
     text/JSONL/folder, or None (the default corpus); raw data is prepared into OUT/data by rank 0,
-    with cfg.tokenizer or else a byte-level BPE of cfg.vocab_size trained on that data."""
+    with cfg.data.tokenizer or else a byte-level BPE of cfg.data.vocab_size trained on that data."""
     from llama3.tokenizer import load_tokenizer
 
-    if cfg.data is not None and is_prepared(cfg.data):
-        return Path(cfg.data), load_tokenizer(cfg.tokenizer or cfg.data)
+    if cfg.data.source is not None and is_prepared(cfg.data.source):
+        return Path(cfg.data.source), load_tokenizer(cfg.data.tokenizer or cfg.data.source)
     data_dir = Path(cfg.out) / "data"
-    if cfg.data is None:
+    if cfg.data.source is None:
         documents, source_id = default_corpus_documents, CORPUS_NAME
     else:
-        documents, source_id = (lambda: iter_documents(cfg.data)), fingerprint(cfg.data)
+        documents, source_id = (lambda: iter_documents(cfg.data.source)), fingerprint(cfg.data.source)
     if d.is_main:
-        if cfg.tokenizer:
-            tokenizer, tokenizer_id = load_tokenizer(cfg.tokenizer), str(cfg.tokenizer)
+        if cfg.data.tokenizer:
+            tokenizer, tokenizer_id = load_tokenizer(cfg.data.tokenizer), str(cfg.data.tokenizer)
         else:
             from llama3.train.bpe import train_bpe
 
-            tokenizer_id = f"byte-level BPE, {cfg.vocab_size} tokens"
+            tokenizer_id = f"byte-level BPE, {cfg.data.vocab_size} tokens"
             old = read_manifest(data_dir)
             reusable = (old is not None and is_prepared(data_dir) and old["settings"]["source"] == source_id
                         and old["settings"]["tokenizer"] == tokenizer_id)
             if not reusable:
-                train_bpe(documents(), cfg.vocab_size, data_dir, progress=progress)
+                train_bpe(documents(), cfg.data.vocab_size, data_dir, progress=progress)
             tokenizer = load_tokenizer(data_dir)
-        prepare(cfg.data, data_dir, tokenizer, tokenizer_id, cfg.val_fraction, documents=documents(),
+        prepare(cfg.data.source, data_dir, tokenizer, tokenizer_id, cfg.data.val_fraction, documents=documents(),
                 source_id=source_id, progress=progress)
     barrier(d)
-    return data_dir, load_tokenizer(cfg.tokenizer or data_dir)
+    return data_dir, load_tokenizer(cfg.data.tokenizer or data_dir)
 
 
 def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
@@ -78,7 +77,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> Transformer:
                               f"{vocab_size} tokens; prepare the data with that model's tokenizer")
         return model.train()
     preset = get_preset(cfg.preset)
-    config = preset.replace(vocab_size=vocab_size, max_seq_len=max(preset.max_seq_len, cfg.seq_len))
+    config = preset.replace(vocab_size=vocab_size, max_seq_len=max(preset.max_seq_len, cfg.data.seq_len))
     return Transformer(config).init_weights(seed=cfg.seed)
 
 
@@ -111,12 +110,12 @@ def sample_text(folder: Path, prompt: str, max_new_tokens: int = 60, seed: int =
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
     """Run a whole pretraining job (every process of a torchrun job calls this)."""
-    if cfg.model and not cfg.tokenizer:  # continued pretraining: the model's own tokenizer
-        cfg = dataclasses.replace(cfg, tokenizer=cfg.model)
+    if cfg.model and not cfg.data.tokenizer:  # continued pretraining: the model's own tokenizer
+        cfg = cfg.replace(tokenizer=cfg.model)
     from llama3.extras import require
 
-    require("train", "training", None if cfg.data is None else ["matplotlib"])  # loss.png (and the default corpus)
-    d = init_distributed(cfg.device)
+    require("train", "training", None if cfg.data.source is None else ["matplotlib"])  # loss.png (+ the corpus)
+    d = init_distributed(cfg.parallel.device)
     try:
         out = Path(cfg.out)
         prepare_out_folder(out, cfg.resume, cfg.overwrite, d.is_main)  # never silently replace an earlier run
@@ -126,13 +125,13 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
             with atomic_file(out / "train_config.json") as tmp:
                 tmp.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n", encoding="utf-8")
         data_dir, tokenizer = prepare_training_data(cfg, d, progress=cfg.progress and d.is_main)
-        train_set = TokenWindows(TokenShards(data_dir, "train"), cfg.seq_len)
-        val_set = TokenWindows(TokenShards(data_dir, "val"), cfg.seq_len)
+        train_set = TokenWindows(TokenShards(data_dir, "train"), cfg.data.seq_len)
+        val_set = TokenWindows(TokenShards(data_dir, "val"), cfg.data.seq_len)
         model = build_model(cfg, tokenizer.vocab_size).to(d.device)
         if d.is_main:
             n = sum(p.numel() for p in model.parameters())
             print(f"model: {cfg.preset}, {n / 1e6:.2f}M parameters; data: {len(train_set.shards):,} training "
-                  f"tokens in {len(train_set):,} windows of {cfg.seq_len}", flush=True)
+                  f"tokens in {len(train_set):,} windows of {cfg.data.seq_len}", flush=True)
         wrapped, result = train_loop(model, cfg, train_set, val_set, d)
         save_model_folder(wrapped, model.config, tokenizer, out, d)
         if d.is_main and cfg.sample_prompt is not None:

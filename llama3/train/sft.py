@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -142,23 +142,23 @@ def build_chat_sets(chats: list[list[dict]], tokenizer, seq_len: int, val_fracti
 
 # ------------------------------------------------------------ the job
 def lora_config(cfg: TrainConfig) -> LoRAConfig | None:
-    if not cfg.lora_rank:
+    if not cfg.lora.rank:
         return None
-    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
-    return LoRAConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets,
+    targets = [t.strip() for t in cfg.lora.targets.split(",") if t.strip()]
+    return LoRAConfig(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout, targets=targets,
                       base_model=cfg.model)
 
 
 def steps_for_epochs(epochs: float, rows: int, cfg: TrainConfig, world_size: int) -> int:
     """Optimizer steps that make `epochs` passes over `rows` training rows (at least 1)."""
-    per_step = cfg.batch_size * cfg.grad_accum * world_size
+    per_step = cfg.data.batch_size * cfg.data.grad_accum * world_size
     return max(1, math.ceil(epochs * rows / per_step))
 
 
 def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None):
-    """Fine-tune cfg.model on the chats in cfg.data; write OUT (a model folder, or a LoRA adapter folder,
+    """Fine-tune cfg.model on the chats in cfg.data.source; write OUT (a model folder, or a LoRA adapter folder,
     plus the merged model folder when `merge`).  Every process of a torchrun job calls this.
-    epochs: when given, cfg.steps becomes the steps of that many passes over the packed training rows."""
+    epochs: when given, cfg.schedule.steps becomes the steps of that many passes over the packed training rows."""
     from llama3.llm import load
     from llama3.train.checkpointing import full_model_state
     from llama3.train.distributed import barrier, broadcast_object, init_distributed, shutdown
@@ -171,25 +171,26 @@ def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None)
     require("train", "fine-tuning", ["matplotlib"])  # loss.png
     if epochs is not None and not epochs > 0:
         raise Llama3Error(f"--epochs {epochs}: give a positive number of passes over the data")
-    if cfg.data is None:
+    if cfg.data.source is None:
         raise DataError("--data is required: a .jsonl file with one {\"messages\": [...]} conversation per line")
-    d = init_distributed(cfg.device)
+    d = init_distributed(cfg.parallel.device)
     try:
         prepare_out_folder(cfg.out, cfg.resume, cfg.overwrite, d.is_main)  # never silently replace an earlier run
         barrier(d)
-        chats = read_chats(cfg.data)  # bad data fails before the slow model load
+        chats = read_chats(cfg.data.source)  # bad data fails before the slow model load
         llm = load(cfg.model)
         if llm.tokenizer is None:
             raise Llama3Error(f"{cfg.model}: has no tokenizer, so its chat format is unknown")
-        seq_len = min(cfg.seq_len, llm.config.max_seq_len)
-        train_set, val_set = build_chat_sets(chats, llm.tokenizer, seq_len, cfg.val_fraction, cfg.pack)
+        seq_len = min(cfg.data.seq_len, llm.config.max_seq_len)
+        train_set, val_set = build_chat_sets(chats, llm.tokenizer, seq_len, cfg.data.val_fraction, cfg.data.pack)
         if epochs is not None:
-            cfg = replace(cfg, steps=steps_for_epochs(epochs, len(train_set), cfg, d.world_size))
-        per_step = cfg.batch_size * cfg.grad_accum * d.world_size
+            cfg = cfg.replace(steps=steps_for_epochs(epochs, len(train_set), cfg, d.world_size))
+        per_step = cfg.data.batch_size * cfg.data.grad_accum * d.world_size
         if len(train_set) < per_step and d.is_main:
-            print(f"warning: {cfg.data} packs into {len(train_set)} training row(s) of {seq_len} tokens, fewer than "
-                  f"one batch of {per_step}: each step repeats them, and one epoch is {cfg.steps} step(s); add "
-                  "examples, or pass --epochs N or --steps N to train longer", file=sys.stderr, flush=True)
+            print(f"warning: {cfg.data.source} packs into {len(train_set)} training row(s) of {seq_len} tokens, "
+                  f"fewer than one batch of {per_step}: each step repeats them, and one epoch is "
+                  f"{cfg.schedule.steps} step(s); add examples, or pass --epochs N or --steps N to train longer",
+                  file=sys.stderr, flush=True)
         lora = lora_config(cfg)
         model = llm.model.to(device=d.device, dtype=torch.float32)
         if lora:

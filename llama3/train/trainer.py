@@ -1,6 +1,6 @@
 """The training loop, shared by pretraining (`llama3 train`) and fine-tuning (`llama3 sft`).
 
-One optimizer step:
+One optimizer step, `train_step(model, optimizer, micro_batches, lr=...) -> StepStats`:
 
     for each of grad_accum micro-batches:            (gradients add up)
         logits = model(tokens, positions, mask)      [B, T, V]
@@ -14,6 +14,9 @@ samples_seen .. samples_seen + global_batch - 1, mapped through a seeded
 permutation (`SampleOrder`); process r takes its own slice of each micro-batch.
 So the data a step sees depends only on (seed, samples_seen), which is what makes
 resuming exact and a 2-process run train like a 1-process one.
+
+`train_loop` composes the pieces: set-up (wrap, optimizer, compile, resume.py), then per step
+train_step, the Reporter (bar, metrics.jsonl, loss.png), evaluation and checkpoints.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ from llama3.train.resume import resume_run
 
 # --------------------------------------------------------------- the pieces
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup to cfg.lr over warmup_steps,
-    then cosine decay to cfg.min_lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    """Learning rate of optimizer step `step` (0-based): linear warmup to lr over warmup_steps,
+    then cosine decay to min_lr at the last step (cfg.schedule)."""
+    s = cfg.schedule
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    progress = (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps)
+    return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -58,7 +62,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW as one fused kernel on CUDA and CPU: the per-parameter loop's update up to float
     rounding, in 2 ms instead of 14 ms a step for the tiny-cpu preset on one CPU core."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+    o = cfg.optimizer
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=cfg.schedule.lr, betas=(o.beta1, o.beta2),
                              fused=device.type in ("cuda", "cpu"))
 
 
@@ -71,9 +76,9 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def amp_dtype_for(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     """bf16 autocast where the hardware does it well (CUDA with bf16); float32 otherwise."""
-    if cfg.amp_dtype == "bfloat16":
+    if cfg.parallel.amp_dtype == "bfloat16":
         return torch.bfloat16
-    if cfg.amp_dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if cfg.parallel.amp_dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
 
@@ -85,9 +90,9 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def micro_batch(dataset, order: SampleOrder, start: int, cfg: TrainConfig, d: Dist) -> Batch:
-    """The `cfg.batch_size` samples of this process starting at global sample `start`."""
-    first = start + d.rank * cfg.batch_size
-    return dataset.batch([order[g] for g in range(first, first + cfg.batch_size)])
+    """The `cfg.data.batch_size` samples of this process starting at global sample `start`."""
+    first = start + d.rank * cfg.data.batch_size
+    return dataset.batch([order[g] for g in range(first, first + cfg.data.batch_size)])
 
 
 # --------------------------------------------------------------- evaluation
@@ -96,7 +101,7 @@ def evaluate(model: nn.Module, dataset, cfg: TrainConfig, d: Dist, amp: torch.dt
     """Mean validation loss over the first eval_batches micro-batches (every process the same count)."""
     was_training = model.training
     model.eval()
-    per_round = cfg.batch_size * d.world_size
+    per_round = cfg.data.batch_size * d.world_size
     rounds = min(cfg.eval_batches, math.ceil(len(dataset) / per_round))
     order = SampleOrder(len(dataset), cfg.seed, shuffle=False)
     loss_sum, count = 0.0, 0
@@ -176,8 +181,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches
 
 def step_batches(dataset, order: SampleOrder, samples_seen: int, cfg: TrainConfig, d: Dist) -> list[Batch]:
     """This process's grad_accum micro-batches of the step that starts at global sample `samples_seen`."""
-    return [micro_batch(dataset, order, samples_seen + m * cfg.batch_size * d.world_size, cfg, d)
-            for m in range(cfg.grad_accum)]
+    return [micro_batch(dataset, order, samples_seen + m * cfg.data.batch_size * d.world_size, cfg, d)
+            for m in range(cfg.data.grad_accum)]
 
 
 # --------------------------------------------------------------- reporting
@@ -189,9 +194,10 @@ class Reporter:
 
         self.cfg, self.d, self.out = cfg, d, Path(cfg.out)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=step, enabled=d.is_main)
-        self.flops_per_token = flops_per_token(model.config, cfg.seq_len, sum(p.numel() for p in model.parameters()))
-        self.peak = peak_flops(d.device, amp, cfg.peak_flops)  # None on CPUs: then no MFU anywhere
-        self.bar = tqdm(total=cfg.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
+        n_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = flops_per_token(model.config, cfg.data.seq_len, n_params)
+        self.peak = peak_flops(d.device, amp, cfg.parallel.peak_flops)  # None on CPUs: then no MFU anywhere
+        self.bar = tqdm(total=cfg.schedule.steps, initial=step, desc="training", unit="step", dynamic_ncols=True,
                         disable=not (d.is_main and cfg.progress))
 
     def step(self, step: int, loss: float, stats: StepStats, tokens: int, elapsed: float) -> None:
@@ -200,7 +206,7 @@ class Reporter:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}",
                              **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
-        if step % self.cfg.log_interval == 0 or step == self.cfg.steps:
+        if step % self.cfg.log_interval == 0 or step == self.cfg.schedule.steps:
             record = {"step": step, "loss": loss, "lr": stats.lr, "grad_norm": round(stats.grad_norm, 4),
                       "tokens_per_s": round(tokens_per_s, 1),
                       "tflops": round(tokens_per_s * self.flops_per_token / 1e12, 4), "elapsed_s": round(elapsed, 2)}
@@ -230,14 +236,14 @@ class TrainResult:
 
 
 def train_loop(model: nn.Module, cfg: TrainConfig, train_set, val_set, d: Dist, extra_state: dict | None = None):
-    """Train `model` (already on d.device) for cfg.steps optimizer steps: train_step, then reporting,
+    """Train `model` (already on d.device) for cfg.schedule.steps optimizer steps: train_step, then reporting,
     evaluation every eval_interval steps and a checkpoint every checkpoint_interval steps (and both at
     the end); resume first when cfg.resume.  Returns (wrapped model, result): the wrapped model
     (DDP/FSDP) is what `full_model_state` gathers from."""
     torch.manual_seed(cfg.seed + d.rank)  # dropout streams differ per process, reproducibly
-    wrapped = wrap_model(model, resolve_strategy(cfg.strategy, d), d)
+    wrapped = wrap_model(model, resolve_strategy(cfg.parallel.strategy, d), d)
     optimizer = make_optimizer(wrapped, cfg, d.device)
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    forward = torch.compile(wrapped) if cfg.parallel.compile else wrapped
     amp = amp_dtype_for(cfg, d.device)
     saved = resume_run(cfg, wrapped, optimizer, d) if cfg.resume else None
     step, samples_seen, tokens_seen, elapsed = ((saved["step"], saved["samples_seen"], saved["tokens_seen"],
@@ -246,18 +252,19 @@ def train_loop(model: nn.Module, cfg: TrainConfig, train_set, val_set, d: Dist, 
     report = Reporter(model, cfg, d, amp, step)
     losses, loss, val_loss = [], float("nan"), float("nan")
     wrapped.train()
-    while step < cfg.steps:
+    last = cfg.schedule.steps
+    while step < last:
         stats = train_step(wrapped, optimizer, step_batches(train_set, order, samples_seen, cfg, d),
-                           lr=lr_at(step, cfg), grad_clip=cfg.grad_clip, amp=amp, forward=forward)
-        step, samples_seen = step + 1, samples_seen + cfg.batch_size * cfg.grad_accum * d.world_size
+                           lr=lr_at(step, cfg), grad_clip=cfg.optimizer.grad_clip, amp=amp, forward=forward)
+        step, samples_seen = step + 1, samples_seen + cfg.data.batch_size * cfg.data.grad_accum * d.world_size
         tokens_seen, elapsed = tokens_seen + stats.tokens * d.world_size, elapsed + stats.seconds
         (loss,) = mean_across([stats.loss], d)
         losses.append(loss)
         report.step(step, loss, stats, stats.tokens * d.world_size, elapsed)
-        if val_set is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == cfg.steps):
+        if val_set is not None and ((cfg.eval_interval and step % cfg.eval_interval == 0) or step == last):
             val_loss = evaluate(forward, val_set, cfg, d, amp)
             report.validation(step, loss, val_loss)
-        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == cfg.steps:
+        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == last:
             save_training_checkpoint(cfg.out, wrapped, optimizer, {
                 "step": step, "samples_seen": samples_seen, "tokens_seen": tokens_seen, "elapsed_s": elapsed,
                 "config": cfg.to_dict(), "model_config": model.config.to_dict(), **(extra_state or {})},
@@ -268,7 +275,7 @@ def train_loop(model: nn.Module, cfg: TrainConfig, train_set, val_set, d: Dist, 
         if val_set is not None:
             val_loss = evaluate(forward, val_set, cfg, d, amp)
         if d.is_main:
-            print(f"already at step {step} (--steps {cfg.steps}); nothing to train: raise --steps to train further",
+            print(f"already at step {step} (--steps {last}); nothing to train: raise --steps to train further",
                   file=sys.stderr, flush=True)
     if val_set is None:
         report.plot()
