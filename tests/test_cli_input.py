@@ -131,3 +131,11 @@ def test_chat_records_length_then_explain(tiny_chat_model, monkeypatch, capfd):
     assert main(["chat", "--model", str(tiny_chat_model), "--plain", "--temperature", "0",
                  "--max-new-tokens", "3"]) == 0
     assert "ended by: the length limit" in capfd.readouterr().out
+
+
+def test_stop_strings_are_checked_too(monkeypatch, capsys):
+    import os
+
+    bad = os.fsdecode(b"\xff")
+    assert main(["generate", "--model", "/no/such/model", "--stop", bad, "hi"]) == 2
+    assert capsys.readouterr().err.startswith("error: --stop is not valid UTF-8 (byte 0")

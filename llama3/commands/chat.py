@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
-from llama3.commands.generate import add_sampling_arguments, load_model, settings_from_args
+from llama3.commands.generate import add_sampling_arguments, load_model, prefill_progress, settings_from_args
 from llama3.commands.text_input import argument_text
 
 HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
@@ -62,12 +62,13 @@ def answer(llm, messages: list[dict], settings, out=None, record: dict | None = 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if in_main_thread else None
     try:
-        for _, piece in generation:
-            pieces.append(piece)
-            out.write(piece)
-            out.flush()
-            if interrupted:
-                break
+        with prefill_progress(generation.tokens):  # a long conversation's prefill says so on stderr
+            for _, piece in generation:
+                pieces.append(piece)
+                out.write(piece)
+                out.flush()
+                if interrupted:
+                    break
     except KeyboardInterrupt:
         interrupted.append(True)
     finally:
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
 
         print(f"chatting with {args.model or 'smollm2-135m-instruct'}; {HELP}", file=sys.stderr)
-    start = [{"role": "system", "content": args.system}] if args.system else []
+    start = [{"role": "system", "content": argument_text(args.system, "--system")}] if args.system else []
     messages = list(start)
     last: dict = {}
     while True:

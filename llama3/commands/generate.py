@@ -14,7 +14,7 @@ import threading
 import time
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
-from llama3.commands.text_input import add_errors_argument, text_or_stdin
+from llama3.commands.text_input import add_errors_argument, argument_text, text_or_stdin
 
 PREFILL_NOTICE_S = 2.0  # a prefill still running after this long gets a progress line on stderr
 
@@ -59,7 +59,8 @@ def settings_from_args(args: argparse.Namespace, *, truncate: bool = False):
     from llama3.generate import GenerationSettings
 
     escapes = {"\\n": "\n", "\\t": "\t", "\\\\": "\\"}        # so --stop "\n" means a newline
-    stops = [re.sub(r"\\[nt\\]", lambda m: escapes[m.group()], s) for s in args.stop]
+    errors = getattr(args, "errors", "strict")                 # chat has no --errors: strict
+    stops = [re.sub(r"\\[nt\\]", lambda m: escapes[m.group()], argument_text(s, "--stop", errors)) for s in args.stop]
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                               seed=args.seed, stop=stops, truncate=truncate)

@@ -12,6 +12,7 @@ and clean up what a killed run left behind.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -29,8 +30,6 @@ def earlier_run(out: Path) -> str | None:
     if not present:
         return None
     try:
-        import json
-
         return f"checkpoint at step {json.loads((out / CHECKPOINTS / LATEST).read_text())['step']}"
     except (OSError, ValueError, KeyError, TypeError):
         return present[0]
