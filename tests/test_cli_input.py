@@ -133,9 +133,12 @@ def test_chat_records_length_then_explain(tiny_chat_model, monkeypatch, capfd):
     assert "ended by: the length limit" in capfd.readouterr().out
 
 
-def test_stop_strings_are_checked_too(monkeypatch, capsys):
+def test_stop_and_system_arguments_are_checked_too(monkeypatch, capsys):
     import os
 
     bad = os.fsdecode(b"\xff")
     assert main(["generate", "--model", "/no/such/model", "--stop", bad, "hi"]) == 2
     assert capsys.readouterr().err.startswith("error: --stop is not valid UTF-8 (byte 0")
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", "/no/such/model", "--system", bad]) == 2  # before the model is looked for
+    assert capsys.readouterr().err.startswith("error: --system is not valid UTF-8 (byte 0")

@@ -117,13 +117,14 @@ def run(args: argparse.Namespace) -> int:
     if sys.stdin is None:
         raise Llama3Error("standard input is closed, so chat has no messages to read; run it in a terminal "
                           "or pipe the messages in, one per line")
+    system = None if args.system is None else argument_text(args.system, "--system")
     llm = load_model(args)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())
 
         print(f"chatting with {args.model or 'smollm2-135m-instruct'}; {HELP}", file=sys.stderr)
-    start = [{"role": "system", "content": argument_text(args.system, "--system")}] if args.system else []
+    start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
     last: dict = {}
     while True:
