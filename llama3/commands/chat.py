@@ -13,7 +13,8 @@ import argparse
 import sys
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
-from llama3.commands.generate import add_sampling_arguments, load_model, prefill_progress, settings_from_args
+from llama3.commands.generate import (add_sampling_arguments, cli_wording, load_model, prefill_progress,
+                                     settings_from_args)
 from llama3.commands.text_input import argument_text
 
 HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             reply = answer(llm, messages, settings, record=last)
         except Llama3Error as e:  # e.g. the conversation outgrew the context: say so, keep the session
             messages.pop()
-            print(f"error: {e} (/reset starts over)", file=sys.stderr)
+            print(f"error: {cli_wording(e, truncate_flag=False)} (/reset starts over)", file=sys.stderr)
             continue
         messages.append({"role": "assistant", "content": reply})
         if args.explain:

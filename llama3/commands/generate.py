@@ -117,9 +117,12 @@ def prefill_progress(tokens, stream=None, after: float | None = None):
         thread.join()
 
 
-def cli_wording(error: Exception) -> str:
-    """A library message in the CLI's words: the Python keyword truncate=True is the flag --truncate."""
-    return str(error).replace("pass truncate=True", "pass --truncate")
+def cli_wording(error: Exception, truncate_flag: bool = True) -> str:
+    """A library message in the CLI's words: the Python keyword truncate=True is the flag --truncate
+    (a command without that flag, chat, leaves the advice out)."""
+    if truncate_flag:
+        return str(error).replace("pass truncate=True", "pass --truncate")
+    return str(error).replace(", or pass truncate=True to keep its last tokens", "")
 
 
 def speed_report(tokens) -> str:
