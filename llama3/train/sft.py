@@ -175,9 +175,9 @@ def finetune(cfg: TrainConfig, merge: bool = False, epochs: float | None = None)
         raise DataError("--data is required: a .jsonl file with one {\"messages\": [...]} conversation per line")
     d = init_distributed(cfg.parallel.device)
     try:
+        chats = read_chats(cfg.data.source)  # bad data fails first, before the slow model load
         prepare_out_folder(cfg.out, cfg.resume, cfg.overwrite, d.is_main)  # never silently replace an earlier run
         barrier(d)
-        chats = read_chats(cfg.data.source)  # bad data fails before the slow model load
         llm = load(cfg.model)
         if llm.tokenizer is None:
             raise Llama3Error(f"{cfg.model}: has no tokenizer, so its chat format is unknown")
