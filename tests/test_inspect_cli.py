@@ -90,7 +90,7 @@ def test_chat_explain_on_the_real_model(default_llm):
                   out=io.StringIO(), record=record)
     explain(default_llm, record, out=shown)
     report = shown.getvalue()
-    assert "Paris" in text and record["finish_reason"] == "stop"
+    assert "Paris" in text and record["finish_reason"] == "stop token"  # not a stop string, length or Ctrl-C
     assert "<|im_start|>·1" in report and "▸␣Paris" in report
     assert "head  8 (kv 2)" in report and "<|im_end|> (id 2)" in report
 
