@@ -115,6 +115,10 @@ class TrainConfig:
         """Flat names (`TrainConfig(out="kjv", batch_size=8, lora_rank=4)`, see `flat_fields()`), or whole
         groups (`optimizer=OptimizerSettings(...)` or a dict of that group's fields)."""
         known = flat_fields()
+        unknown = sorted(k for k, v in settings.items()
+                         if k not in known and not (k in GROUPS and isinstance(v, (GROUPS[k], dict))))
+        if unknown:
+            raise Llama3Error(f"unknown training settings {unknown}; known ones are {sorted(known)}")
         groups = {name: {} for name in GROUPS}
         for key, value in settings.items():
             if key in GROUPS and isinstance(value, (GROUPS[key], dict)):
@@ -122,10 +126,8 @@ class TrainConfig:
                 groups[key].update({_field_of(key, k): v for k, v in as_dict.items()})
             elif key in known and known[key][0] is not None:
                 groups[known[key][0]][known[key][1].name] = value
-            elif key in known:
-                setattr(self, key, value)
             else:
-                raise Llama3Error(f"unknown training settings {[key]}; known ones are {sorted(known)}")
+                setattr(self, key, value)
         for f in dataclasses.fields(self):
             if f.name in GROUPS:
                 try:
