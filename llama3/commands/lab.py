@@ -30,6 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import signal
 
+    from llama3.extras import require
+
+    require("serve", "llama3 lab")  # the lab is served by the same HTTP stack: llama3[serve]
     import uvicorn
 
     import llama3
