@@ -78,10 +78,28 @@ def test_bad_utf8_on_stdin_and_in_arguments_names_the_source(monkeypatch, capsys
     assert capsys.readouterr().out.strip() == str(load_tokenizer("smollm2-135m-instruct").encode("caf\ufffd"))
 
 
+class Zeros(io.RawIOBase):
+    """/dev/zero that gives up after `limit` bytes, so code without a bound fails here instead of
+    eating the machine's memory."""
+
+    def __init__(self, limit: int = 256 << 20):
+        self.left = limit
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.left <= 0:
+            raise AssertionError("read past 256 MiB: standard input was read without a bound")
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
 def test_endless_stdin_is_bounded(monkeypatch, capsys):
-    with open("/dev/zero", "rb") as zero:
-        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(zero))
-        assert main(["generate", "--model", "/no/such/model", "-"]) == 2
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BufferedReader(Zeros())))
+    assert main(["generate", "--model", "/no/such/model", "-"]) == 2
     assert "more than 64 MiB" in capsys.readouterr().err
 
 
