@@ -88,8 +88,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     fmt = detect_format(path)
     if fmt == "hf":
         from llama3.checkpoint.files import read_json
+        from llama3.checkpoint.hf import config_from_hf
 
-        return ModelConfig.from_hf(read_json(Path(path) / "config.json"))
+        return config_from_hf(read_json(Path(path) / "config.json"))
     if fmt == "meta":
         from llama3.checkpoint.meta import read_meta_config
 

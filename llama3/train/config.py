@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llama3.errors import Llama3Error
+from llama3.errors import Llama3Error, refuse_unknown
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 DEFAULT_MIN_LR = 3e-4
@@ -96,10 +96,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise Llama3Error(f"unknown training settings {unknown}; known ones are {sorted(known)}")
+        refuse_unknown(d, {f.name for f in dataclasses.fields(cls)},
+                       "unknown training settings {unknown}; known ones are {known}")
         return cls(**d)
 
     @classmethod
