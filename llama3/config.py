@@ -31,6 +31,42 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_real(f"rope_scaling {name}", getattr(self, name), 1e-3, 1e4)
+        if not self.factor >= 1:
+            raise ConfigError(f"rope_scaling factor={self.factor} must be at least 1 (it slows the slow frequencies)")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(f"rope_scaling high_freq_factor={self.high_freq_factor} must exceed "
+                              f"low_freq_factor={self.low_freq_factor} (Llama 3.1: 4 and 1)")
+        _check_int("rope_scaling original_max_position_embeddings", self.original_max_position_embeddings,
+                   LIMITS["max_seq_len"])
+
+
+# Upper bounds no real model comes near (Llama 3.1 405B: dim 16384, 126 layers, 128 heads,
+# FFN 53248, vocabulary 128256, context 131072): a larger value is a corrupt or hostile file,
+# refused before anything is built from it.
+LIMITS = {"dim": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "vocab_size": 1 << 24,
+          "hidden_dim": 1 << 20, "max_seq_len": 1 << 24, "head_dim": 1 << 12}
+NORM_EPS_RANGE = (1e-12, 1e-2)     # real models: 1e-5 (Llama 3) or 1e-6
+ROPE_THETA_RANGE = (1.0, 1e10)     # real models: 1e4 to 5e5, a few long-context ones 1e6-1e7
+
+
+def _check_int(name: str, value, limit: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config value {name}={value!r} must be a positive integer")
+    if value > limit:
+        raise ConfigError(f"config value {name}={value} is larger than any real model's (at most {limit}); "
+                          "the config is corrupt")
+
+
+def _check_real(name: str, value, low: float, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"config value {name}={value!r} must be a number")
+    if not low <= value <= high:  # also refuses NaN and infinities
+        raise ConfigError(f"config value {name}={value!r} must be positive and within [{low:g}, {high:g}], "
+                          "where real models' values lie; the config is corrupt")
+
 
 def rope_scaling_from_dict(d, where: str) -> RopeScaling:
     """A `RopeScaling` from our own dict form (`to_dict`/`to_meta`); bad input raises ConfigError."""
@@ -76,10 +112,10 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config value {name}={value!r} must be a positive integer")
-        if self.head_dim == 0:
+            _check_int(name, getattr(self, name), LIMITS[name])
+        if self.head_dim != 0:
+            _check_int("head_dim", self.head_dim, LIMITS["head_dim"])
+        else:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
@@ -90,8 +126,12 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads} "
                 "(grouped-query attention shares each key/value head among a whole group of query heads)"
             )
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
+        _check_real("norm_eps", self.norm_eps, *NORM_EPS_RANGE)
+        _check_real("rope_theta", self.rope_theta, *ROPE_THETA_RANGE)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"config value tie_embeddings={self.tie_embeddings!r} must be true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"config value rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
 
     @property
     def n_rep(self) -> int:

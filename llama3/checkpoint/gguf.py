@@ -30,13 +30,16 @@ stores a `rope_freqs.weight` tensor [Dh/2] of per-pair divisors (1 for fast pair
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from llama3.checkpoint.checks import check_fits, check_layers
 from llama3.checkpoint.files import atomic_file
 from llama3.checkpoint.gguf_file import GGUFFile, dequantize, open_gguf, to_torch
 from llama3.config import ModelConfig, RopeScaling
@@ -94,24 +97,37 @@ def _value(reader: GGUFFile, key: str, default=None):
 
 def _float32(value: float) -> float:
     """A GGUF float32 as the shortest decimal that rounds to it: 9.99999974738e-06 -> 1e-05."""
+    if not abs(value) < 3.4e38:  # beyond float32 (or NaN): left for ModelConfig to refuse
+        return float(value)
     return float(str(np.float32(value)))
 
 
-def config_from_gguf(reader, path: str = "") -> ModelConfig:
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def config_from_gguf(reader: GGUFFile, path: str = "") -> ModelConfig:
     """GGUF metadata (and tensor list) -> ModelConfig.  Only the "llama" architecture is
-    accepted; mixture-of-experts, partial rotary and non-Llama RoPE scalings are refused."""
+    accepted; mixture-of-experts, partial rotary and non-Llama RoPE scalings are refused.
+    Every value is type-checked, the layer count checked against the blocks present and the
+    size against the file before anything is built."""
     arch = _value(reader, "general.architecture")
     if arch != ARCH:
         raise CheckpointError(f"{path}: GGUF architecture is {arch!r}; only 'llama' models can be loaded")
 
-    def get(key, default=None, required=True):
+    def get(key, default=None, required=True, kind=int):
         value = _value(reader, f"{ARCH}.{key}", default)
         if value is None and required:
             raise CheckpointError(f"{path}: GGUF metadata lacks {ARCH}.{key}; the file is incomplete")
         if isinstance(value, list):  # per-layer values (other architectures): must all be equal here
-            if len(set(value)) != 1:
-                raise CheckpointError(f"{path}: {ARCH}.{key} differs between layers ({value}); not a Llama 3 model")
+            if not value or any(isinstance(v, list) for v in value) or len(set(value)) != 1:
+                raise CheckpointError(f"{path}: {ARCH}.{key} differs between layers; not a Llama 3 model")
             value = value[0]
+        ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}[kind]
+        if value is not None and value != default and not ok(value):
+            raise CheckpointError(f"{path}: GGUF metadata {ARCH}.{key} = {value!r} is not "
+                                  f"{_KINDS[kind]}{' above 0' if kind is int else ''}; the file is corrupt")
         return value
 
     if get("expert_count", 0, required=False):
@@ -125,30 +141,48 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
     if get("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: RoPE covers {get('rope.dimension_count')} of {head_dim} head channels; "
                               "partial rotary embeddings are not part of Llama")
-    scaling_type = get("rope.scaling.type", "none", required=False)
-    if scaling_type != "none" and get("rope.scaling.factor", 1.0, required=False) != 1.0:
+    scaling_type = get("rope.scaling.type", "none", required=False, kind=str)
+    if scaling_type != "none" and get("rope.scaling.factor", 1.0, required=False, kind=float) != 1.0:
         raise CheckpointError(f"{path}: RoPE scaling {scaling_type!r} is not supported (Llama 3 uses the "
                               "'llama3' scaling stored as a rope_freqs tensor)")
     vocab_size = get("vocab_size", required=False)
     if vocab_size is None:  # older files: the length of the token list, else the embedding's rows
         tokens = reader.metadata.get("tokenizer.ggml.tokens")
-        vocab_size = len(tokens) if tokens is not None else int(tensors["token_embd.weight"].shape[-1])
-    theta = _float32(get("rope.freq_base", 10000.0, required=False))  # llama.cpp's default base
-    scaling = None
-    if ROPE_FREQS in tensors:
-        divisors = dequantize(tensors[ROPE_FREQS], path).double().numpy()
-        scaling = rope_scaling_from_divisors(divisors, theta, head_dim, path)
+        if isinstance(tokens, list):
+            vocab_size = len(tokens)
+        elif "token_embd.weight" in tensors:
+            vocab_size = int(tensors["token_embd.weight"].shape[-1])
+        else:
+            raise CheckpointError(f"{path}: GGUF file has no vocab_size, token list or token_embd.weight")
     try:
-        return ModelConfig(
+        theta = _float32(get("rope.freq_base", 10000.0, required=False, kind=float))  # llama.cpp's default base
+        config = ModelConfig(
             dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-            n_kv_heads=get("attention.head_count_kv", n_heads, required=False), vocab_size=int(vocab_size),
+            n_kv_heads=get("attention.head_count_kv", n_heads, required=False), vocab_size=vocab_size,
             hidden_dim=get("feed_forward_length"),
-            norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, required=False)),
-            rope_theta=theta, rope_scaling=scaling, max_seq_len=get("context_length"),
+            norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, required=False, kind=float)),
+            rope_theta=theta, max_seq_len=get("context_length"),
             tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
         )
+        if ROPE_FREQS in tensors:
+            config = config.replace(rope_scaling=_rope_scaling_of(tensors[ROPE_FREQS], config, path))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    check_layers(config, tensors, r"blk\.(\d+)\.", path, f"{ARCH}.block_count")
+    check_fits(config, reader.size, 1.5, path)  # the smallest quantized types (IQ1_S) use ~1.56 bits
+    return config
+
+
+def _rope_scaling_of(tensor, config: ModelConfig, path: str) -> RopeScaling | None:
+    """The RopeScaling a `rope_freqs.weight` tensor [Dh/2] stands for (see rope_scaling_from_divisors)."""
+    if tuple(tensor.shape) != (config.head_dim // 2,):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS!r} has shape {list(tensor.shape)}; "
+                              f"a head of {config.head_dim} channels needs [{config.head_dim // 2}]")
+    divisors = dequantize(tensor, path).double().numpy()
+    if not (np.isfinite(divisors).all() and (divisors >= 1 - 1e-6).all()):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS!r} has values below 1 or not finite; "
+                              "the file is corrupt")
+    return rope_scaling_from_divisors(divisors, config.rope_theta, config.head_dim, path)
 
 
 def rope_divisors(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -174,17 +208,31 @@ def rope_scaling_from_divisors(divisors: np.ndarray, theta: float, head_dim: int
     blended = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
     if blended.sum() >= 2:
         s = (1 / divisors[blended] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(freqs[blended] / (2 * np.pi), s, 1)  # s = slope/wavelength + intercept
-        if intercept < 0:
+        with warnings.catch_warnings():  # a badly conditioned fit is simply not a candidate
+            warnings.simplefilter("ignore")
+            slope, intercept = np.polyfit(freqs[blended] / (2 * np.pi), s, 1)  # s = slope/wavelength + intercept
+        if intercept < 0 and np.isfinite([slope, intercept]).all():
             high = 1 - 1 / intercept
-            candidates.append(RopeScaling(factor=round(factor, 4), low_freq_factor=1.0,
-                                          high_freq_factor=round(float(high), 4),
-                                          original_max_position_embeddings=round(float(slope * (high - 1)))))
+            with contextlib.suppress(ConfigError, ValueError, OverflowError):  # not a valid scaling: skipped
+                candidates.append(RopeScaling(factor=round(factor, 4), low_freq_factor=1.0,
+                                              high_freq_factor=round(float(high), 4),
+                                              original_max_position_embeddings=round(float(slope * (high - 1)))))
     for scaling in candidates:
         if np.allclose(rope_divisors(head_dim, theta, scaling), divisors, rtol=1e-3):
             return scaling
     raise CheckpointError(f"{path}: the rope_freqs tensor does not follow Llama 3.1's RoPE scaling; "
                           "this model's RoPE variant is not supported")
+
+
+def check_shape(tensor, name: str, expected: dict, path: str) -> None:
+    """A GGUF tensor's shape against what the config needs, before it is dequantized."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if name not in expected:
+        raise CheckpointError(f"{path}: unexpected tensor {tensor.name!r} (not part of the model "
+                              "the metadata describes)")
+    if shape != expected[name]:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} has shape {list(shape)} but the config "
+                              f"needs {list(expected[name])}; the metadata contradicts the weights")
 
 
 def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
@@ -208,7 +256,10 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
 
     path = str(path)
     reader = open_gguf(path, mode="c")  # copy-on-write: float tensors of the wanted dtype become parameters as they are
+    from llama3.checkpoint import expected_shapes
+
     config = config_from_gguf(reader, path)
+    expected = expected_shapes(config)
     dtype = dtype or torch.float32
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc=f"Loading {Path(path).name}", unit="tensor", disable=None):
@@ -218,6 +269,7 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
         if name is None:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} is not part of a Llama 3 model "
                                   "(biases, experts and other extras are not supported)")
+        check_shape(tensor, name, expected, path)
         state_dict[name] = to_torch(tensor, path, dtype)
     return config, state_dict
 

@@ -12,6 +12,9 @@ Layout (ggml/docs/gguf.md), little-endian throughout:
                  uint32 ggml type, uint64 offset (from the start of the data section)
     padding to `general.alignment` (default 32), then the data section
 
+Every length, count and offset is checked against the bytes of the file before anything is
+read or allocated: tensor data must be aligned, inside the file and not overlapping.
+
 Our own parser rather than `gguf.GGUFReader`: that one builds a numpy view for every string
 of the vocabulary, ~3 s and ~160 MB for SmolLM2's 49,152 tokens and 48,900 merges on every
 load (measured); this one reads the header once into Python values and maps the data.
@@ -20,6 +23,8 @@ Dequantizing the block types is the `gguf` package's (`gguf.quants.dequantize`).
 
 from __future__ import annotations
 
+import math
+import mmap
 import os
 import struct
 from typing import NamedTuple
@@ -46,64 +51,90 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 
 
-def read_header(f, path) -> tuple[int, dict]:
-    """(tensor count, metadata) from a GGUF file object at its start; leaves `f` just after
-    the metadata, where the tensor list begins."""
-    data = f.read(16)
-    if len(data) < 16 or data[:4] != b"GGUF":
-        raise invalid(path, "no GGUF magic number")
-    version, n_tensors = struct.unpack_from("<IQ", data, 4)
-    if version not in (2, 3):
-        raise invalid(path, f"GGUF version {version}; versions 2 and 3 are supported")
+class _Cursor:
+    """Reads GGUF values from a buffer (the memory-mapped file) at a moving position; every
+    length is checked against the bytes left before anything is read or allocated, so a
+    hostile length is an error instead of a MemoryError or a gigabyte-long read."""
 
-    def read(fmt):
-        size = struct.calcsize(fmt)
-        raw = f.read(size)
-        if len(raw) < size:
-            raise invalid(path, "truncated inside its metadata")
-        return struct.unpack(fmt, raw)[0]
+    def __init__(self, buf, path, pos: int = 0):
+        self.buf, self.path, self.pos, self.size = buf, path, pos, len(buf)
 
-    def read_string():
-        n = read("<Q")
-        raw = f.read(n)
-        if len(raw) < n:
-            raise invalid(path, "truncated inside its metadata")
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise invalid(self.path, f"{what} needs {n} bytes but only {self.size - self.pos} are left")
+
+    def scalar(self, fmt: str):
+        n = struct.calcsize(fmt)
+        self.need(n, "a value")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("<Q")
+        self.need(n, f"a string of {n} bytes")
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
         return raw.decode("utf-8", errors="replace")
 
-    def read_value(kind):
+    def value(self, kind: int, depth: int = 0):
         if kind in _SCALARS:
-            return read(_SCALARS[kind])
+            return self.scalar(_SCALARS[kind])
         if kind == _STRING:
-            return read_string()
+            return self.string()
         if kind == _ARRAY:
-            item_kind, n = read("<I"), read("<Q")
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise invalid(self.path, f"arrays nested more than {_MAX_ARRAY_DEPTH} deep")
+            item_kind, n = self.scalar("<I"), self.scalar("<Q")
             if item_kind in _SCALARS:  # numbers: one read for the whole array
                 fmt = _SCALARS[item_kind]
-                raw = f.read(n * struct.calcsize(fmt))
-                if len(raw) < n * struct.calcsize(fmt):
-                    raise invalid(path, "truncated inside its metadata")
-                return list(struct.unpack(f"<{n}{fmt[1]}", raw))
-            return [read_value(item_kind) for _ in range(n)]
-        raise invalid(path, f"unknown metadata value type {kind}")
+                self.need(n * struct.calcsize(fmt), f"an array of {n} numbers")
+                values = struct.unpack_from(f"<{n}{fmt[1]}", self.buf, self.pos)
+                self.pos += n * struct.calcsize(fmt)
+                return list(values)
+            # every string or array item takes at least 8 bytes (its length)
+            self.need(n * 8, f"an array of {n} items")
+            return [self.value(item_kind, depth + 1) for _ in range(n)]
+        raise invalid(self.path, f"unknown metadata value type {kind}")
 
+
+_MAX_ARRAY_DEPTH = 2  # the spec allows arrays of arrays; no real file nests deeper
+
+
+def _read_header(buf, path) -> tuple[_Cursor, int, dict]:
+    """(cursor just after the metadata, tensor count, metadata) of a GGUF file's bytes."""
+    if len(buf) < 24 or bytes(buf[:4]) != b"GGUF":
+        raise invalid(path, "no GGUF magic number" if bytes(buf[:4]) != b"GGUF" else "truncated inside its header")
+    cursor = _Cursor(buf, path, 4)
+    version = cursor.scalar("<I")
+    if version not in (2, 3):
+        raise invalid(path, f"GGUF version {version}; versions 2 and 3 are supported")
+    n_tensors, n_keys = cursor.scalar("<Q"), cursor.scalar("<Q")
+    if n_keys > (cursor.size - cursor.pos) // 13:  # a key takes at least 8 + 1 + 4 bytes
+        raise invalid(path, f"it claims {n_keys} metadata keys")
+    metadata = {}
+    for _ in range(n_keys):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.scalar("<I"))
+    return cursor, n_tensors, metadata
+
+
+def _mapped(path: str):
+    """The whole file as a read-only mmap (b"" when empty), or GGUFError when it cannot be read."""
+    if not os.path.isfile(path):
+        raise GGUFError(f"{path}: no such file")
     try:
-        n_keys = read("<Q")
-        metadata = {}
-        for _ in range(n_keys):
-            key = read_string()
-            metadata[key] = read_value(read("<I"))
-    except (struct.error, MemoryError, OverflowError):
-        raise invalid(path, "truncated inside its metadata") from None
-    return n_tensors, metadata
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return b""
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise GGUFError(f"cannot read {path}: {e.strerror}") from None
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
     """The key/value metadata of a GGUF file, without reading the tensor list or the weights."""
-    try:
-        with open(path, "rb") as f:
-            return read_header(f, path)[1]
-    except OSError as e:
-        raise GGUFError(f"cannot read {path}: {e.strerror}") from None
+    return _read_header(_mapped(str(path)), str(path))[2]
 
 
 class GGUFTensor(NamedTuple):
@@ -120,9 +151,10 @@ class GGUFTensor(NamedTuple):
 
 class GGUFFile(NamedTuple):
     """A GGUF file opened by `open_gguf`: its metadata (key -> int, float, bool, str or list)
-    and its tensors, in file order."""
+    and its tensors, in file order; size is the file's length in bytes."""
     metadata: dict
     tensors: list[GGUFTensor]
+    size: int = 0
 
 
 # GGML types numpy can hold one element per value of (GGUF ids): F32, F16, I8, I16, I32, I64, F64.
@@ -139,57 +171,58 @@ def open_gguf(path: str | os.PathLike, mode: str = "r") -> GGUFFile:
     import gguf
 
     path = str(path)
-    if not os.path.isfile(path):
-        raise GGUFError(f"{path}: no such file")
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            n_tensors, metadata = read_header(f, path)
-
-            def read(fmt: str):
-                raw = f.read(struct.calcsize(fmt))
-                if len(raw) < struct.calcsize(fmt):
-                    raise invalid(path, "the tensor list is cut short")
-                return struct.unpack(fmt, raw)
-
-            if n_tensors > size // 24:  # each entry takes at least 24 bytes: a garbage count
-                raise invalid(path, f"it claims {n_tensors} tensors")
-            infos = []
-            for _ in range(n_tensors):
-                (length,) = read("<Q")
-                name = f.read(length).decode("utf-8", errors="replace")
-                (n_dims,) = read("<I")
-                if not 1 <= n_dims <= 4:
-                    raise invalid(path, f"tensor {name!r} has {n_dims} dimensions")
-                dims = read(f"<{n_dims}Q")
-                kind, offset = read("<IQ")
-                infos.append((name, tuple(int(d) for d in dims), kind, offset))
-            alignment = int(metadata.get("general.alignment", 32))
-            start = -(-f.tell() // alignment) * alignment  # tensor data begins at the next aligned byte
-    except OSError as e:
-        raise GGUFError(f"cannot read {path}: {e.strerror}") from None
-    mapped = np.memmap(path, mode=mode) if infos else np.zeros(0, np.uint8)
-    tensors = []
-    for name, dims, kind, offset in infos:
+    buf = _mapped(path)
+    size = len(buf)
+    cursor, n_tensors, metadata = _read_header(buf, path)
+    if n_tensors > (size - cursor.pos) // 24:  # an entry takes at least 8 + 4 + 8 + 4 + 8 bytes
+        raise invalid(path, f"it claims {n_tensors} tensors")
+    infos = {}
+    for _ in range(n_tensors):
+        name = cursor.string()
+        n_dims = cursor.scalar("<I")
+        if not 1 <= n_dims <= 4:
+            raise invalid(path, f"tensor {name!r} has {n_dims} dimensions")
+        dims = tuple(cursor.scalar("<Q") for _ in range(n_dims))
+        kind, offset = cursor.scalar("<I"), cursor.scalar("<Q")
+        if name in infos:
+            raise invalid(path, f"tensor {name!r} is listed twice")
+        infos[name] = (dims, kind, offset)
+    alignment = metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or not 1 <= alignment <= 1 << 20 or alignment & (alignment - 1):
+        raise invalid(path, f"general.alignment = {alignment!r} is not a power of two")
+    start = -(-cursor.pos // alignment) * alignment  # tensor data begins at the next aligned byte
+    extents = []
+    for name, (dims, kind, offset) in infos.items():
         try:
             tensor_type = gguf.GGMLQuantizationType(kind)
             block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
         except (ValueError, KeyError):
             raise invalid(path, f"tensor {name!r} has unknown type {kind}") from None
-        if dims[0] % block:
-            raise invalid(path, f"tensor {name!r} rows of {dims[0]} are not whole {block}-value blocks")
-        n_values = int(np.prod(dims))
-        n_bytes = n_values // block * block_bytes
-        begin = start + offset
-        if begin + n_bytes > size:
+        if min(dims) < 1 or dims[0] % block:
+            raise invalid(path, f"tensor {name!r} has shape {list(dims)}: rows are not whole {block}-value blocks")
+        n_bytes = math.prod(dims) // block * block_bytes  # Python ints: no overflow
+        if offset % alignment:
+            raise invalid(path, f"tensor {name!r} starts at offset {offset}, not a multiple of {alignment}")
+        if start + offset + n_bytes > size:
             raise invalid(path, f"tensor {name!r} ends past the end of the file")
-        raw = mapped[begin:begin + n_bytes]
+        extents.append((offset, offset + n_bytes, name))
+    extents.sort()
+    for (_, end, first), (begin, _, second) in zip(extents, extents[1:]):
+        if begin < end:
+            raise invalid(path, f"tensors {first!r} and {second!r} overlap")
+    mapped = np.memmap(path, mode=mode) if infos else np.zeros(0, np.uint8)
+    tensors = []
+    for name, (dims, kind, offset) in infos.items():
+        tensor_type = gguf.GGMLQuantizationType(kind)
+        block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
+        begin = start + offset
+        raw = mapped[begin:begin + math.prod(dims) // block * block_bytes]
         if kind in _NUMPY_TYPES:
             data = raw.view(_NUMPY_TYPES[kind]).reshape(tuple(reversed(dims)))
         else:
             data = raw.reshape(*reversed(dims[1:]), dims[0] // block * block_bytes)
         tensors.append(GGUFTensor(name, dims, tensor_type, data))
-    return GGUFFile(metadata, tensors)
+    return GGUFFile(metadata, tensors, size)
 
 
 # ------------------------------------------------------------------- block codecs

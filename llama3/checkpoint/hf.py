@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from llama3.checkpoint.checks import check_fits, check_layers
 from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
 from llama3.config import ModelConfig, RopeScaling
 from llama3.errors import CheckpointError, ConfigError, refuse_unknown
@@ -195,6 +196,18 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
 
 
+def _tensor_names(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
+                              "the file is truncated or corrupt: re-download or re-export it") from None
+
+
 def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
     """Read a HF Llama folder -> (ModelConfig, state dict with Meta names and layout).
 
@@ -211,9 +224,13 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     config = config_from_hf(read_json(folder / "config.json"))
+    files = _weight_files(folder)
+    present = [name for file, listed in files.items() for name in (listed or _tensor_names(file))]
+    check_layers(config, present, r"model\.layers\.(\d+)\.", str(folder / "config.json"), "num_hidden_layers")
+    check_fits(config, sum(file.stat().st_size for file in files), 8, str(folder / "config.json"))
     names = name_map(config.n_layers)
     state: dict[str, torch.Tensor] = {}
-    for file, expected in _weight_files(folder).items():
+    for file, expected in files.items():
         try:
             with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())

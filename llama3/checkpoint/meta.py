@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from llama3.checkpoint.checks import check_fits, check_layers
 from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
 from llama3.config import PRESETS, ModelConfig, RopeScaling, ffn_hidden_dim, rope_scaling_from_dict
 from llama3.errors import CheckpointError, ConfigError, refuse_unknown
@@ -87,7 +88,7 @@ def config_from_meta(params: dict, vocab_size: int | None = None) -> ModelConfig
         )
     except KeyError as e:
         raise ConfigError(f"params.json lacks the required key {e.args[0]!r}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
         raise ConfigError(f"params.json has a value of the wrong type: {e}") from None
 
 
@@ -212,7 +213,11 @@ def _open(folder: str | os.PathLike) -> tuple[dict, list[Path], list[dict[str, t
 def _read_config(params: dict, shards: list[dict], files: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config, and the (merged) embedding and head it was read from."""
     merged = merge_shards([{n: s[n] for n in CONFIG_TENSORS if n in s} for s in shards], files)
-    return _config(params, merged), merged
+    config = _config(params, merged)
+    where = str(files[0].parent / "params.json")
+    check_layers(config, shards[0], r"layers\.(\d+)\.", where, "n_layers")
+    check_fits(config, sum(f.stat().st_size for f in files), 8, where)
+    return config, merged
 
 
 def read_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:

@@ -50,6 +50,7 @@ def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torc
     whose head is int8 (int4: bfloat16), and whose norms (and an untied token table) are in `dtype`,
     default float32."""
     from llama3.checkpoint import _find_tokenizer
+    from llama3.checkpoint.checks import check_finite
     from llama3.checkpoint.gguf import ROPE_FREQS, config_from_gguf, gguf_to_meta_name
     from llama3.checkpoint.gguf_file import dequantize, open_gguf
     from llama3.llm import LLM
@@ -92,4 +93,5 @@ def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torc
     if missing:
         raise CheckpointError(f"{path}: the file lacks tensor {missing[0]!r}"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_finite([*model.named_parameters(), *model.named_buffers()], path)
     return LLM(model=model.eval(), config=config, tokenizer=_find_tokenizer(path), source=path)

@@ -62,7 +62,7 @@ def find_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
             meta = read_metadata(path)
             if meta.get("tokenizer.ggml.model", "no_vocab") == "no_vocab" or "tokenizer.ggml.tokens" not in meta:
                 return None  # a GGUF written without a vocabulary
-            return tokenizer_from_gguf_metadata(meta)
+            return tokenizer_from_gguf_metadata(meta, str(path))
         if path.name == "tokenizer.json" or path.name == "tokenizer.model":
             path = path.parent
         else:

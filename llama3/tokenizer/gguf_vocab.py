@@ -94,13 +94,52 @@ def _sentencepiece_bpe(meta: dict):
     return tokenizer
 
 
-def tokenizer_from_gguf_metadata(meta: dict) -> HFTokenizer:
-    """GGUF metadata (from `gguf_file.read_metadata`) -> HFTokenizer."""
+def _check_vocabulary(meta: dict, source: str) -> None:
+    """The tokenizer.ggml.* values must have the types the spec gives them, so that nothing
+    below fails on a corrupt file with an error of its own (or, worse, builds nonsense)."""
+    def bad(key, what):
+        return TokenizerError(f"{source}: GGUF metadata tokenizer.ggml.{key} {what}; the file is corrupt")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise bad("tokens", "is not a list of strings")
+    for key, kind in (("merges", str), ("scores", (int, float)), ("token_type", int)):
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is not None and not (isinstance(values, list) and all(isinstance(v, kind) for v in values)):
+            raise bad(key, f"is not a list of {'strings' if kind is str else 'numbers'}")
+    merges = meta.get("tokenizer.ggml.merges") or []
+    if not all(" " in m for m in merges):
+        raise bad("merges", "holds a rule without a space between its two tokens")
+    for key in ("pre", "model"):
+        if not isinstance(meta.get(f"tokenizer.ggml.{key}", ""), str):
+            raise bad(key, "is not a string")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id", "eom_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value < len(tokens)):
+            raise bad(key, f"= {value!r} is not a token id (0..{len(tokens) - 1})")
+
+
+def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF file") -> HFTokenizer:
+    """GGUF metadata (from `gguf_file.read_metadata`) -> HFTokenizer; an inconsistent vocabulary
+    (a merge of tokens that are not in it, ...) is a TokenizerError naming `source`."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise TokenizerError(f"{source}: this GGUF file has no embedded vocabulary (tokenizer.ggml.tokens)")
+    _check_vocabulary(meta, source)
+    try:
+        return _tokenizer_from_metadata(meta)
+    except TokenizerError as e:
+        raise TokenizerError(f"{source}: {e}") from None
+    except Exception as e:  # the tokenizers library raises plain Exception ("Token 'an' out of vocabulary")
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TokenizerError(f"{source}: the embedded vocabulary is inconsistent ({first}); "
+                             "the file is corrupt: re-download or re-export it") from None
+
+
+def _tokenizer_from_metadata(meta: dict) -> HFTokenizer:
     from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
-    if "tokenizer.ggml.tokens" not in meta:
-        raise TokenizerError("this GGUF file has no embedded vocabulary (tokenizer.ggml.tokens)")
     if kind == "gpt2":
         backend = _byte_level_bpe(meta)
     elif kind == "llama":
@@ -132,7 +171,7 @@ def tokenizer_from_gguf_metadata(meta: dict) -> HFTokenizer:
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     """The vocabulary and chat template embedded in a .gguf file."""
-    return tokenizer_from_gguf_metadata(read_metadata(path))
+    return tokenizer_from_gguf_metadata(read_metadata(path), str(path))
 
 
 # ------------------------------------------------------------------ export

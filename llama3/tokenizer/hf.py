@@ -60,6 +60,9 @@ class HFTokenizer(Tokenizer):
                                                  for n in ("bos_token", "eos_token", "pad_token"))
         if config.get("add_bos_token") is not None:
             self.add_bos = bool(config["add_bos_token"])
+            if self.add_bos and self.bos_id is None:
+                raise TokenizerError("tokenizer_config.json sets add_bos_token but names no bos_token; "
+                                     "name the begin-of-text token or set add_bos_token to false")
         else:  # e.g. Llama 3's tokenizer.json adds <|begin_of_text|> in its post-processor
             with_special = backend.encode("a", add_special_tokens=True).ids
             without = backend.encode("a", add_special_tokens=False).ids
