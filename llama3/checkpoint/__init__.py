@@ -23,16 +23,15 @@ file, as the weights themselves are).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from llama3.checkpoint.checks import check_finite
+from llama3.checkpoint.checks import check_finite, naming
 from llama3.config import ModelConfig
-from llama3.errors import CheckpointError, Llama3Error
+from llama3.errors import CheckpointError
 from llama3.model import Transformer
 
 FORMATS = ("hf", "meta", "gguf")
@@ -70,18 +69,6 @@ def detect_format(path: str | os.PathLike) -> str:
                           f"Meta folder (params.json + consolidated.00.pth){hint}")
 
 
-@contextlib.contextmanager
-def naming(path: str | os.PathLike):
-    """Errors raised inside name `path` (prefixed to the message when it does not say it already),
-    so every failure to load reads `error: FILE: what is wrong`."""
-    try:
-        yield
-    except Llama3Error as e:
-        if str(path) in str(e):
-            raise
-        raise type(e)(f"{path}: {e}") from None
-
-
 def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, state dict with our names) from any format; dtype None keeps the stored types."""
     with naming(path):
@@ -111,10 +98,9 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
 def _read_config(path) -> ModelConfig:
     fmt = detect_format(path)
     if fmt == "hf":
-        from llama3.checkpoint.files import read_json
-        from llama3.checkpoint.hf import config_from_hf
+        from llama3.checkpoint.hf import read_hf_config
 
-        return config_from_hf(read_json(Path(path) / "config.json"))
+        return read_hf_config(Path(path))
     if fmt == "meta":
         from llama3.checkpoint.meta import read_meta_config
 

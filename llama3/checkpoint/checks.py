@@ -3,6 +3,7 @@
     check_layers(config, names, pattern, where)      the config's layer count against the tensors present
     check_fits(config, file_bytes, bits, where)      the config's size against the bytes of the file
     check_finite(named_tensors, where)               no NaN, infinity or absurd magnitude (one reduction a tensor)
+    with naming(path): ...                           every error raised inside names `path`
 
 A hostile or corrupt file must fail with one line naming the file and what is wrong, never
 by building a billion layers, allocating terabytes, or generating from NaN weights.
@@ -10,14 +11,16 @@ by building a billion layers, allocating terabytes, or generating from NaN weigh
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import re
 from typing import Iterable
 
 import torch
 
 from llama3.config import ModelConfig
-from llama3.errors import CheckpointError
+from llama3.errors import CheckpointError, Llama3Error
 
 
 def check_layers(config: ModelConfig, names: Iterable[str], pattern: str, where: str, key: str) -> None:
@@ -63,3 +66,15 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str) 
         if max(-low, high) > MAX_WEIGHT:
             raise CheckpointError(f"{where}: tensor {name!r} holds a weight of {max(-low, high):.3g}, far beyond any "
                                   "real model's; the file is corrupt: re-download or re-export it")
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike):
+    """Errors raised inside name `path` (prefixed to the message when it does not say it already),
+    so every failure to load reads `error: FILE: what is wrong`."""
+    try:
+        yield
+    except Llama3Error as e:
+        if str(path) in str(e):
+            raise
+        raise type(e)(f"{path}: {e}") from None

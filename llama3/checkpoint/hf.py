@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from llama3.checkpoint.checks import check_fits, check_layers
+from llama3.checkpoint.checks import check_fits, check_layers, naming
 from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
 from llama3.config import ModelConfig, RopeScaling
 from llama3.errors import CheckpointError, ConfigError, refuse_unknown
@@ -196,6 +196,12 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
 
 
+def read_hf_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a HF folder's config.json; errors name the file."""
+    with naming(folder / "config.json"):
+        return config_from_hf(read_json(folder / "config.json"))
+
+
 def _tensor_names(file: Path) -> list[str]:
     """The tensor names in a safetensors file's header (no tensor is read)."""
     from safetensors import SafetensorError, safe_open
@@ -223,7 +229,7 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    config = config_from_hf(read_json(folder / "config.json"))
+    config = read_hf_config(folder)
     files = _weight_files(folder)
     present = [name for file, listed in files.items() for name in (listed or _tensor_names(file))]
     check_layers(config, present, r"model\.layers\.(\d+)\.", str(folder / "config.json"), "num_hidden_layers")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from llama3.checkpoint.checks import check_fits, check_layers
+from llama3.checkpoint.checks import check_fits, check_layers, naming
 from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
 from llama3.config import PRESETS, ModelConfig, RopeScaling, ffn_hidden_dim, rope_scaling_from_dict
 from llama3.errors import CheckpointError, ConfigError, refuse_unknown
@@ -213,8 +213,9 @@ def _open(folder: str | os.PathLike) -> tuple[dict, list[Path], list[dict[str, t
 def _read_config(params: dict, shards: list[dict], files: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config, and the (merged) embedding and head it was read from."""
     merged = merge_shards([{n: s[n] for n in CONFIG_TENSORS if n in s} for s in shards], files)
-    config = _config(params, merged)
     where = str(files[0].parent / "params.json")
+    with naming(where):
+        config = _config(params, merged)
     check_layers(config, shards[0], r"layers\.(\d+)\.", where, "n_layers")
     check_fits(config, sum(f.stat().st_size for f in files), 8, where)
     return config, merged

@@ -130,7 +130,9 @@ def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF file") -> HFTok
         return _tokenizer_from_metadata(meta)
     except TokenizerError as e:
         raise TokenizerError(f"{source}: {e}") from None
-    except Exception as e:  # the tokenizers library raises plain Exception ("Token 'an' out of vocabulary")
+    except (Exception, BaseException) as e:  # noqa: B036 -- the tokenizers library raises plain Exception
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # ("Token 'an' out of vocabulary") or, from
+            raise                                           # Rust, a PanicException (a BaseException)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise TokenizerError(f"{source}: the embedded vocabulary is inconsistent ({first}); "
                              "the file is corrupt: re-download or re-export it") from None

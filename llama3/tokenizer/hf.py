@@ -154,7 +154,9 @@ def load_hf_folder(folder: str | os.PathLike) -> HFTokenizer:
     folder = Path(folder)
     try:
         backend = Backend.from_file(str(folder / "tokenizer.json"))
-    except Exception as e:  # the Rust library raises plain Exception on bad JSON
+    except (Exception, BaseException) as e:  # noqa: B036 -- plain Exception on bad JSON, PanicException (a
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # BaseException) when Rust panics
+            raise
         raise TokenizerError(f"{folder / 'tokenizer.json'} cannot be read by the tokenizers library "
                              f"({str(e).splitlines()[0][:120]}); re-download or re-save it") from None
     config = {}
