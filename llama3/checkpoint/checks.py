@@ -59,7 +59,7 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str) 
     for name, tensor in named_tensors:
         if not tensor.is_floating_point() or not tensor.numel():
             continue
-        low, high = (float(v) for v in torch.aminmax(tensor))
+        low, high = (float(v) for v in torch.aminmax(tensor.detach()))
         if not (math.isfinite(low) and math.isfinite(high)):
             raise CheckpointError(f"{where}: tensor {name!r} holds NaN or infinite values; "
                                   "the file is corrupt: re-download or re-export it")
