@@ -222,6 +222,7 @@ TARGETS = [  # (format, file inside the corpus entry ("" = the entry itself), ki
     ("hf", "model.safetensors", "safetensors", 3),
     ("hf", "tokenizer.json", "json", 2),
     ("hf", "tokenizer_config.json", "json", 1),
+    ("hf", "generation_config.json", "json", 1),
     ("meta", "params.json", "json", 2),
     ("meta", "consolidated.00.pth", "pth", 2),
 ]
