@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import torch  # noqa: E402
 
+from llama3.checkpoint.hf import config_to_hf  # noqa: E402
 from llama3.config import ModelConfig, get_preset  # noqa: E402
 from llama3.fast.measure import prompt_of  # noqa: E402
 from llama3.generate import GenerationSettings, generate_tokens  # noqa: E402
@@ -87,7 +88,7 @@ def build_transformers(ours: Transformer, config: ModelConfig, device: torch.dev
 
     from llama3.checkpoint.hf import hf_state_dict
 
-    hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "model_type"})
+    hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k != "model_type"})
     with torch.device(device):
         hf = LlamaForCausalLM._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
     missing, unexpected = hf.load_state_dict(hf_state_dict(ours, config), strict=False)

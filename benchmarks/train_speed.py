@@ -3,7 +3,7 @@
     python benchmarks/train_speed.py [--preset tiny] [--batch 16] [--seq 256] [--steps 10] [--threads 2] [--profile]
 
 Both models are built from the same ModelConfig (ours directly, transformers from
-`config.to_hf()`), both train in float32 with AdamW(lr=3e-4, weight_decay=0.1) on
+`checkpoint.hf.config_to_hf`), both train in float32 with AdamW(lr=3e-4, weight_decay=0.1) on
 the same random token batches: forward, cross-entropy, backward, optimizer step.
 Rounds alternate between the two (ours, theirs, ours, theirs, ...) so machine
 noise hits both alike; each reports its best round in tokens/s.
@@ -33,11 +33,12 @@ def build(preset: str, compile: bool = False):
     torch.compile'd copy of each (what `llama3 train --compile` does; transformers the same way)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from llama3.checkpoint.hf import config_to_hf
     from llama3.config import get_preset
     from llama3.model import Transformer
 
     config = get_preset(preset)
-    hf_config = LlamaConfig(**{k: v for k, v in config.to_hf().items() if k != "architectures"})
+    hf_config = LlamaConfig(**{k: v for k, v in config_to_hf(config).items() if k != "architectures"})
     hf_config._attn_implementation = "sdpa"
     models = {}
     for suffix in ["", "-compiled"] if compile else [""]:

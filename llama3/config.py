@@ -1,10 +1,11 @@
 """Model configuration: one dataclass, its derived sizes, and the named presets.
 
 `ModelConfig` holds every number that decides the shape of a Llama 3 model.
-It is built from a preset name, a Hugging Face `config.json`, a Meta
-`params.json` (and, in `llama3.checkpoint.gguf`, from GGUF metadata).
-Unknown keys and contradictory values raise `ConfigError` instead of being
-silently dropped.
+It is built from a preset name or our own dict form (`to_dict`/`from_dict`);
+each checkpoint format translates its own file into it (`checkpoint/hf.py`:
+config.json, `checkpoint/meta.py`: params.json, `checkpoint/gguf.py`: GGUF
+metadata).  Unknown keys and contradictory values raise `ConfigError`
+instead of being silently dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from llama3.errors import ConfigError
+from llama3.errors import ConfigError, refuse_unknown
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,49 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_real(f"rope_scaling {name}", getattr(self, name), 1e-3, 1e4)
+        if not self.factor >= 1:
+            raise ConfigError(f"rope_scaling factor={self.factor} must be at least 1 (it slows the slow frequencies)")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(f"rope_scaling high_freq_factor={self.high_freq_factor} must exceed "
+                              f"low_freq_factor={self.low_freq_factor} (Llama 3.1: 4 and 1)")
+        _check_int("rope_scaling original_max_position_embeddings", self.original_max_position_embeddings,
+                   LIMITS["max_seq_len"])
 
-def _rope_scaling_from(d, where: str) -> RopeScaling:
+
+# Upper bounds no real model comes near (Llama 3.1 405B: dim 16384, 126 layers, 128 heads,
+# FFN 53248, vocabulary 128256, context 131072): a larger value is a corrupt or hostile file,
+# refused before anything is built from it.
+LIMITS = {"dim": 1 << 17, "n_layers": 1 << 12, "n_heads": 1 << 12, "n_kv_heads": 1 << 12, "vocab_size": 1 << 24,
+          "hidden_dim": 1 << 20, "max_seq_len": 1 << 24, "head_dim": 1 << 12}
+NORM_EPS_RANGE = (1e-12, 1e-2)     # real models: 1e-5 (Llama 3) or 1e-6
+ROPE_THETA_RANGE = (1.0, 1e10)     # real models: 1e4 to 5e5, a few long-context ones 1e6-1e7
+
+
+def _check_int(name: str, value, limit: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"config value {name}={value!r} must be a positive integer")
+    if value > limit:
+        raise ConfigError(f"config value {name}={value} is larger than any real model's (at most {limit}); "
+                          "the config is corrupt")
+
+
+def _check_real(name: str, value, low: float, high: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ConfigError(f"config value {name}={value!r} must be a number")
+    if not low <= value <= high:  # also refuses NaN and infinities
+        raise ConfigError(f"config value {name}={value!r} must be positive and within [{low:g}, {high:g}], "
+                          "where real models' values lie; the config is corrupt")
+
+
+def rope_scaling_from_dict(d, where: str) -> RopeScaling:
     """A `RopeScaling` from our own dict form (`to_dict`/`to_meta`); bad input raises ConfigError."""
     if not isinstance(d, dict):
         raise ConfigError(f"{where} rope_scaling must be a JSON object, got {d!r}")
     known = {f.name for f in dataclasses.fields(RopeScaling)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where} rope_scaling has unknown keys {unknown}; known keys are {sorted(known)}")
+    refuse_unknown(d, known, where + " rope_scaling has unknown keys {unknown}; known keys are {known}", ConfigError)
     try:
         return RopeScaling(**{k: (int(v) if k == "original_max_position_embeddings" else float(v))
                               for k, v in d.items()})
@@ -77,10 +112,10 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "max_seq_len"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"config value {name}={value!r} must be a positive integer")
-        if self.head_dim == 0:
+            _check_int(name, getattr(self, name), LIMITS[name])
+        if self.head_dim != 0:
+            _check_int("head_dim", self.head_dim, LIMITS["head_dim"])
+        else:
             if self.dim % self.n_heads:
                 raise ConfigError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
@@ -91,8 +126,12 @@ class ModelConfig:
                 f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads} "
                 "(grouped-query attention shares each key/value head among a whole group of query heads)"
             )
-        if not self.norm_eps > 0 or not self.rope_theta > 0:
-            raise ConfigError(f"norm_eps and rope_theta must be positive, got {self.norm_eps}, {self.rope_theta}")
+        _check_real("norm_eps", self.norm_eps, *NORM_EPS_RANGE)
+        _check_real("rope_theta", self.rope_theta, *ROPE_THETA_RANGE)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"config value tie_embeddings={self.tie_embeddings!r} must be true or false")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"config value rope_scaling={self.rope_scaling!r} must be a RopeScaling or None")
 
     @property
     def n_rep(self) -> int:
@@ -109,161 +148,12 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Inverse of `to_dict` (our own JSON form); unknown keys raise."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; known keys are {sorted(known)}")
+        refuse_unknown(d, {f.name for f in dataclasses.fields(cls)},
+                       "unknown config keys {unknown}; known keys are {known}", ConfigError)
         d = dict(d)
         if d.get("rope_scaling") is not None:
-            d["rope_scaling"] = _rope_scaling_from(d["rope_scaling"], "config")
+            d["rope_scaling"] = rope_scaling_from_dict(d["rope_scaling"], "config")
         return cls(**d)
-
-    # ------------------------------------------------------------ Meta params.json
-    @classmethod
-    def from_meta(cls, params: dict, vocab_size: int | None = None) -> "ModelConfig":
-        """From a Meta `params.json`.
-
-        Meta's file carries `use_scaled_rope: true` but not the constants; we use
-        Meta's own constants (factor 8, low 1, high 4, original 8192: llama-models
-        `apply_scaling`). Llama 3.2 1B/3B checkpoints need factor 32: pass a
-        corrected config (or use the preset) for those; `llama3 doctor` warns.
-        """
-        known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len",
-                 "rope_scaling"}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ConfigError(f"params.json has unknown keys {unknown}; this loader knows {sorted(known)}")
-        try:
-            dim = params["dim"]
-            n_heads = params["n_heads"]
-            vocab = params.get("vocab_size", -1)
-            if vocab in (-1, None):
-                vocab = vocab_size
-            if vocab is None:
-                raise ConfigError("params.json has no vocab_size; pass vocab_size (128256 for Llama 3)")
-            return cls(
-                dim=dim,
-                n_layers=params["n_layers"],
-                n_heads=n_heads,
-                n_kv_heads=params.get("n_kv_heads") or n_heads,
-                vocab_size=vocab,
-                hidden_dim=ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
-                norm_eps=params.get("norm_eps", 1e-5),
-                rope_theta=float(params.get("rope_theta", 500000.0)),
-                rope_scaling=(_rope_scaling_from(params["rope_scaling"], "params.json") if params.get("rope_scaling")
-                              else RopeScaling() if params.get("use_scaled_rope") else None),
-                max_seq_len=params.get("max_seq_len", 8192),
-            )
-        except KeyError as e:
-            raise ConfigError(f"params.json lacks the required key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"params.json has a value of the wrong type: {e}") from None
-
-    def to_meta(self) -> dict:
-        """A Meta `params.json` dict. `multiple_of`/`ffn_dim_multiplier` are chosen to
-        reproduce `hidden_dim` exactly (Meta's files store only those two)."""
-        params = {
-            "dim": self.dim, "n_layers": self.n_layers, "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads, "vocab_size": self.vocab_size,
-            "norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-            "use_scaled_rope": self.rope_scaling is not None, "max_seq_len": self.max_seq_len,
-        }
-        for multiple_of in (1024, 4096, 256, 128, 64, 32, 16, 8, 4, 2, 1):
-            if ffn_hidden_dim(self.dim, multiple_of, None) == self.hidden_dim:
-                params.update(multiple_of=multiple_of)
-                break
-            mult = self.hidden_dim / int(2 * (4 * self.dim) / 3)
-            for m in (round(mult, 1), round(mult, 2), round(mult, 4)):
-                if ffn_hidden_dim(self.dim, multiple_of, m) == self.hidden_dim:
-                    params.update(multiple_of=multiple_of, ffn_dim_multiplier=m)
-                    break
-            if "multiple_of" in params:
-                break
-        else:
-            raise ConfigError(f"hidden_dim={self.hidden_dim} cannot be expressed in Meta's params.json form")
-        if self.rope_scaling is not None and self.rope_scaling != RopeScaling():
-            # Meta's format cannot say "factor 32"; record it so our own loader can restore it.
-            params["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
-        return params
-
-    # ------------------------------------------------------------ HF config.json
-    # Keys of a transformers LlamaConfig that carry no shape information we need.
-    _HF_IGNORED = {
-        "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
-        "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "pretraining_tp",
-        "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states",
-        "return_dict", "tokenizer_class", "is_llama_config", "rope_interleaved", "id2label",
-        "label2id", "quantization_config", "unsloth_version", "tie_word_embeddings_", "chunk_size_feed_forward",
-    }
-
-    @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
-        """From a Hugging Face `config.json` (LlamaConfig)."""
-        if cfg.get("model_type", "llama") != "llama":
-            raise ConfigError(f"config.json describes a {cfg['model_type']!r} model; only 'llama' is supported")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"hidden_act={cfg['hidden_act']!r} is not Llama's SwiGLU ('silu')")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ConfigError("attention_bias/mlp_bias are not part of Llama 3; this checkpoint is not supported")
-        known = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                 "vocab_size", "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling",
-                 "max_position_embeddings", "tie_word_embeddings", "head_dim", "hidden_act",
-                 "attention_bias", "mlp_bias", "rope_parameters"} | cls._HF_IGNORED
-        unknown = sorted(set(cfg) - known)
-        if unknown:
-            raise ConfigError(f"config.json has unknown keys {unknown}; remove them or extend ModelConfig.from_hf")
-        rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
-        if not isinstance(rope, dict):
-            raise ConfigError(f"config.json rope_scaling must be a JSON object or null, got {rope!r}")
-        theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "llama3":
-            try:
-                scaling = RopeScaling(
-                    factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                    high_freq_factor=float(rope["high_freq_factor"]),
-                    original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-                )
-            except KeyError as e:
-                raise ConfigError(f"config.json rope_scaling (rope_type 'llama3') lacks the key {e.args[0]!r}") from None
-            except (TypeError, ValueError) as e:
-                raise ConfigError(f"config.json rope_scaling has a non-numeric value: {e}") from None
-        elif rope_type == "default":
-            scaling = None
-        else:
-            raise ConfigError(f"rope type {rope_type!r} is not supported (Llama 3 uses 'llama3' or none)")
-        try:
-            dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-            head_dim = cfg.get("head_dim") or dim // n_heads
-            return cls(
-                dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
-                n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
-                hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=float(theta), rope_scaling=scaling,
-                max_seq_len=cfg.get("max_position_embeddings", 2048),
-                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
-
-    def to_hf(self) -> dict:
-        """A transformers `LlamaConfig` dict (config.json)."""
-        cfg = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim, "vocab_size": self.vocab_size,
-            "intermediate_size": self.hidden_dim, "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings, "hidden_act": "silu",
-            "attention_bias": False, "mlp_bias": False,
-        }
-        if self.rope_scaling is not None:
-            cfg["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
-        return cfg
 
 
 # ---------------------------------------------------------------------- presets

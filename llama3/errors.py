@@ -18,3 +18,15 @@ class ConfigError(Llama3Error):
 
 class CheckpointError(Llama3Error):
     """A checkpoint is missing, truncated, corrupt or does not match its config."""
+
+
+def refuse_unknown(keys, known, message: str, error: type[Llama3Error] = Llama3Error) -> None:
+    """Raise `error` when `keys` holds a name outside `known`: the one check of every reader of
+    user-written settings (config.json, params.json, our own config dicts, training settings).
+
+    `message` is formatted with `unknown` and `known` (both sorted lists), e.g.
+    "params.json has unknown keys {unknown}; this loader knows {known}".
+    """
+    unknown = sorted(set(keys) - set(known), key=str)
+    if unknown:
+        raise error(message.format(unknown=unknown, known=sorted(known, key=str)))

@@ -374,7 +374,7 @@ def test_meta_params_problems(meta_folder):
     (meta_folder / "params.json").write_text(json.dumps({**params, "moe": True}))
     expect_error(meta_folder, "unknown keys ['moe']", error=ConfigError)
     (meta_folder / "params.json").write_text(json.dumps({**params, "n_layers": 3}))
-    expect_error(meta_folder, "lacks tensor 'layers.2.")
+    expect_error(meta_folder, "params.json: n_layers = 3 but the file has tensors for 2 layers")
     (meta_folder / "params.json").write_text(json.dumps({**params, "dim": 48}))
     expect_error(meta_folder, "shape", "contradicts")
 

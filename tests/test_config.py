@@ -2,6 +2,8 @@
 
 import pytest
 
+from llama3.checkpoint.hf import config_from_hf, config_to_hf
+from llama3.checkpoint.meta import config_from_meta, config_to_meta
 from llama3.config import PRESETS, ModelConfig, RopeScaling, ffn_hidden_dim, get_preset
 from llama3.errors import ConfigError
 
@@ -34,16 +36,16 @@ LLAMA_3_70B_META = {**LLAMA_3_8B_META, "dim": 8192, "n_layers": 80, "n_heads": 6
 @pytest.mark.parametrize("hf, preset", [(LLAMA_3_8B_HF, "llama-3-8b"), (LLAMA_3_1_8B_HF, "llama-3.1-8b"),
                                         (LLAMA_3_2_1B_HF, "llama-3.2-1b")])
 def test_published_hf_configs_match_presets(hf, preset):
-    assert ModelConfig.from_hf(hf) == PRESETS[preset]
+    assert config_from_hf(hf) == PRESETS[preset]
 
 
 @pytest.mark.parametrize("params, preset", [(LLAMA_3_8B_META, "llama-3-8b"), (LLAMA_3_70B_META, "llama-3-70b")])
 def test_published_meta_params_match_presets(params, preset):
-    assert ModelConfig.from_meta(params) == PRESETS[preset]
+    assert config_from_meta(params) == PRESETS[preset]
 
 
 def test_meta_use_scaled_rope_means_metas_constants():
-    config = ModelConfig.from_meta({**LLAMA_3_8B_META, "use_scaled_rope": True})
+    config = config_from_meta({**LLAMA_3_8B_META, "use_scaled_rope": True})
     assert config.rope_scaling == RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                               original_max_position_embeddings=8192)
 
@@ -58,8 +60,8 @@ def test_ffn_hidden_dim_as_meta_derives_it(dim, multiple_of, mult, hidden):
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_presets_round_trip_through_both_file_formats(name):
     config = PRESETS[name]
-    assert ModelConfig.from_hf(config.to_hf()) == config
-    assert ModelConfig.from_meta(config.to_meta()).replace(tie_embeddings=config.tie_embeddings) == config
+    assert config_from_hf(config_to_hf(config)) == config
+    assert config_from_meta(config_to_meta(config)).replace(tie_embeddings=config.tie_embeddings) == config
     assert ModelConfig.from_dict(config.to_dict()) == config
 
 
@@ -90,7 +92,7 @@ def test_preset_shapes():
 ])
 def test_bad_hf_configs(change, message):
     with pytest.raises(ConfigError) as info:
-        ModelConfig.from_hf({**LLAMA_3_8B_HF, **change})
+        config_from_hf({**LLAMA_3_8B_HF, **change})
     assert message in str(info.value)
 
 
@@ -103,17 +105,17 @@ def test_inconsistent_values():
 
 def test_bad_meta_params():
     with pytest.raises(ConfigError, match="unknown keys"):
-        ModelConfig.from_meta({**LLAMA_3_8B_META, "moe_args": {}})
+        config_from_meta({**LLAMA_3_8B_META, "moe_args": {}})
     with pytest.raises(ConfigError, match="lacks the required key 'n_layers'"):
-        ModelConfig.from_meta({k: v for k, v in LLAMA_3_8B_META.items() if k != "n_layers"})
+        config_from_meta({k: v for k, v in LLAMA_3_8B_META.items() if k != "n_layers"})
     with pytest.raises(ConfigError, match="no vocab_size"):
-        ModelConfig.from_meta({**LLAMA_3_8B_META, "vocab_size": -1})
+        config_from_meta({**LLAMA_3_8B_META, "vocab_size": -1})
     with pytest.raises(ConfigError, match="unknown config keys"):
         ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "dropout": 0.1})
     with pytest.raises(ConfigError, match=r"rope_scaling has unknown keys \['alpha'\]"):
-        ModelConfig.from_meta({**LLAMA_3_8B_META, "rope_scaling": {"factor": 32.0, "alpha": 1}})
+        config_from_meta({**LLAMA_3_8B_META, "rope_scaling": {"factor": 32.0, "alpha": 1}})
     with pytest.raises(ConfigError, match="rope_scaling must be a JSON object"):
-        ModelConfig.from_meta({**LLAMA_3_8B_META, "rope_scaling": [1, 2]})
+        config_from_meta({**LLAMA_3_8B_META, "rope_scaling": [1, 2]})
     with pytest.raises(ConfigError, match="rope_scaling has unknown keys"):
         ModelConfig.from_dict({**PRESETS["tiny"].to_dict(), "rope_scaling": {"factr": 8.0}})
     with pytest.raises(ConfigError, match="rope_scaling must be a JSON object"):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llama3.cli import main
+from llama3.checkpoint.hf import config_to_hf
 from llama3.config import PRESETS, RopeScaling
 from llama3.inspect.doctor import check_settings, compare_with_transformers, diagnose, load_transformers_reference
 
@@ -36,7 +37,7 @@ def test_other_known_mismatches_are_flagged():
 
 def test_doctor_cli_flags_a_wrong_scaling_factor_from_config_alone(tmp_path, capsys):
     config = PRESETS["llama-3.2-3b"].replace(rope_scaling=RopeScaling(factor=8.0))
-    (tmp_path / "config.json").write_text(json.dumps(config.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(config)))
     assert main(["doctor", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "Hugging Face folder" in out and "llama-3.2-3b" in out and "factor 32" in out
@@ -98,7 +99,7 @@ def test_doctor_cli_reference_transformers(hf_folder, capsys):
 @pytest.mark.parametrize("text, match", [("{oops", "not valid JSON"),
                                           ('{"eos_token_id": "128009"}', "eos_token_id must be a token id")])
 def test_doctor_reports_a_bad_generation_config(tmp_path, capsys, text, match):
-    (tmp_path / "config.json").write_text(json.dumps(PRESETS["llama-3.2-1b"].to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(PRESETS["llama-3.2-1b"])))
     (tmp_path / "generation_config.json").write_text(text)
     assert main(["doctor", str(tmp_path)]) == 2
     err = capsys.readouterr().err

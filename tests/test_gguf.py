@@ -401,7 +401,7 @@ def test_save_as_gguf_follows_the_model_dtype(tmp_path):
 def test_our_gguf_reader_reads_what_the_gguf_package_reads(tmp_path, which):
     """open_gguf (our header parser + one memory map) against gguf.GGUFReader: the same
     metadata values, tensor names, shapes, types and bytes."""
-    from llama3.checkpoint.gguf import open_gguf
+    from llama3.checkpoint.gguf_file import open_gguf
 
     if which == "embedded-q4_1":
         path = _smollm2_path()

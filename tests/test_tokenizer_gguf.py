@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from llama3.tokenizer import TokenizerError, load_tokenizer
-from llama3.tokenizer.gguf_vocab import read_gguf_metadata
+from llama3.checkpoint.gguf_file import read_metadata
 from tokenizer_refs import (VARIED_TEXTS, smollm2_gguf, transformers_gguf_tokenizer, write_sentencepiece_gguf,
                             write_vocab_gguf)
 
@@ -80,7 +80,7 @@ def test_smollm2_stream_decoder(smol):
 
 
 def test_metadata_reader_agrees_with_gguf_package(sp_gguf):
-    ours = read_gguf_metadata(sp_gguf)
+    ours = read_metadata(sp_gguf)
     reader = gguf.GGUFReader(sp_gguf)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                 "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "general.architecture"):
@@ -131,7 +131,7 @@ def test_gguf_tokenizer_save_reload_and_transformers_reads_it(smol, tmp_path):
 def test_corrupt_gguf(tmp_path, sp_gguf):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"NOPE" + b"\0" * 20)
-    with pytest.raises(TokenizerError, match="not a GGUF file"):
+    with pytest.raises(TokenizerError, match="not a valid GGUF file .no GGUF magic number"):
         load_tokenizer(bad)
     bad.write_bytes(sp_gguf.read_bytes()[:2000])
     with pytest.raises(TokenizerError, match="truncated"):

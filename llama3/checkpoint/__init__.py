@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llama3.checkpoint.checks import check_finite, naming
 from llama3.config import ModelConfig
 from llama3.errors import CheckpointError
 from llama3.model import Transformer
@@ -70,6 +71,11 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
     """(ModelConfig, state dict with our names) from any format; dtype None keeps the stored types."""
+    with naming(path):
+        return _read_checkpoint(path, dtype)
+
+
+def _read_checkpoint(path, dtype) -> tuple[ModelConfig, dict]:
     fmt = detect_format(path)
     if fmt == "hf":
         from llama3.checkpoint.hf import read_hf
@@ -85,11 +91,16 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 def read_config(path: str | os.PathLike) -> ModelConfig:
     """Only the configuration of a checkpoint, reading as little as the format allows
     (config.json alone for HF; params.json plus tensor shapes, memory-mapped, for Meta)."""
+    with naming(path):
+        return _read_config(path)
+
+
+def _read_config(path) -> ModelConfig:
     fmt = detect_format(path)
     if fmt == "hf":
-        from llama3.checkpoint.files import read_json
+        from llama3.checkpoint.hf import read_hf_config
 
-        return ModelConfig.from_hf(read_json(Path(path) / "config.json"))
+        return read_hf_config(Path(path))
     if fmt == "meta":
         from llama3.checkpoint.meta import read_meta_config
 
@@ -115,12 +126,15 @@ def load_checkpoint(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     if dtype != "auto":
         dtype = parse_dtype(dtype)
     config, state = read_checkpoint(path, dtype=None if dtype == "auto" else (dtype or torch.float32))
-    if dtype == "auto":
-        embedding = state.get("tok_embeddings.weight")
-        dtype = embedding.dtype if embedding is not None and embedding.is_floating_point() else torch.float32
-    model = build_model(config, state, dtype=dtype, device=device)
-    del state
-    return LLM(model=model, config=config, tokenizer=_find_tokenizer(path), source=str(path))
+    with naming(path):
+        check_finite(state.items(), str(path))
+        if dtype == "auto":
+            embedding = state.get("tok_embeddings.weight")
+            dtype = embedding.dtype if embedding is not None and embedding.is_floating_point() else torch.float32
+        model = build_model(config, state, dtype=dtype, device=device)
+        del state
+        tokenizer = _find_tokenizer(path)
+    return LLM(model=model, config=config, tokenizer=tokenizer, source=str(path))
 
 
 def save_checkpoint(llm, path: str | os.PathLike, format: str = "hf") -> None:

@@ -97,6 +97,8 @@ def read_json(path: str | os.PathLike, error: type[Exception] = CheckpointError)
         raise error(f"cannot read {path}: {e.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise error(f"{path}: not valid JSON ({e}); restore or re-download the file") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to be a config file; restore or re-download the file") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

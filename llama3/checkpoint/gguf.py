@@ -1,4 +1,5 @@
-"""GGUF files (llama.cpp's single-file format): read them into our config and state dict, write them.
+"""GGUF checkpoints: llama.cpp's names, its metadata <-> our config, reading into our state dict, writing.
+(The file format itself -- header, tensor list, block codecs -- is `gguf_file.py`.)
 
 A GGUF file is a header, then metadata as key/value pairs (`llama.block_count = 30`,
 `tokenizer.ggml.tokens = [...]`, ...), then the tensors.  Each tensor has a name
@@ -29,16 +30,18 @@ stores a `rope_freqs.weight` tensor [Dh/2] of per-pair divisors (1 for fast pair
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import struct
+import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from llama3.checkpoint.files import atomic_file, release_pages
+from llama3.checkpoint.checks import check_fits, check_layers
+from llama3.checkpoint.files import atomic_file
+from llama3.checkpoint.gguf_file import GGUFFile, dequantize, open_gguf, to_torch
 from llama3.config import ModelConfig, RopeScaling
 from llama3.errors import CheckpointError, ConfigError, Llama3Error
 from llama3.model import rope_frequencies
@@ -87,107 +90,6 @@ def meta_to_gguf_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------- reading
-class GGUFTensor(NamedTuple):
-    """One tensor of a GGUF file: its name, GGUF shape (row length first), type and bytes.
-
-    data is a view into the memory-mapped file: F32/F16 (and other one-value-per-element
-    types) as a numpy array of torch's shape order; BF16 and quantized types as uint8 rows
-    [..., bytes per row] (numpy has no bfloat16) — the same arrays `gguf.GGUFReader` gives."""
-    name: str
-    shape: tuple[int, ...]
-    tensor_type: object  # gguf.GGMLQuantizationType
-    data: np.ndarray
-
-
-class GGUFFile(NamedTuple):
-    """A GGUF file opened by `open_gguf`: its metadata (key -> int, float, bool, str or list)
-    and its tensors, in file order."""
-    metadata: dict
-    tensors: list[GGUFTensor]
-
-
-# GGML types numpy can hold one element per value of (GGUF ids): F32, F16, I8, I16, I32, I64, F64.
-_NUMPY_TYPES = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64, 28: np.float64}
-
-
-def open_gguf(path: str | os.PathLike, mode: str = "r") -> GGUFFile:
-    """The metadata and tensor list of a GGUF file, the tensors memory-mapped (read only when
-    touched), or a CheckpointError naming the file when it is not a complete GGUF file.
-
-    mode "r" maps the file read-only; "c" copy-on-write (writable arrays whose changes
-    never reach the file), so a tensor can become a parameter without a copy.
-
-    Read with our own header parser (the tokenizer's, `read_gguf_header`) instead of
-    `gguf.GGUFReader`, which builds a numpy view for every string of the vocabulary:
-    ~3 s and ~160 MB for SmolLM2's 49,152 tokens and 48,900 merges, on every load.
-    """
-    import gguf
-
-    from llama3.tokenizer.base import TokenizerError
-    from llama3.tokenizer.gguf_vocab import read_gguf_header
-
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-
-    def invalid(why: str) -> CheckpointError:
-        return CheckpointError(f"{path}: not a valid GGUF file ({why}); "
-                               "the file is corrupt or truncated, download or export it again")
-
-    size = os.path.getsize(path)
-    try:
-        with open(path, "rb") as f:
-            n_tensors, metadata = read_gguf_header(f, path)
-
-            def read(fmt: str):
-                raw = f.read(struct.calcsize(fmt))
-                if len(raw) < struct.calcsize(fmt):
-                    raise invalid("the tensor list is cut short")
-                return struct.unpack(fmt, raw)
-
-            if n_tensors > size // 24:  # each entry takes at least 24 bytes: a garbage count
-                raise invalid(f"it claims {n_tensors} tensors")
-            infos = []
-            for _ in range(n_tensors):
-                (length,) = read("<Q")
-                name = f.read(length).decode("utf-8", errors="replace")
-                (n_dims,) = read("<I")
-                if not 1 <= n_dims <= 4:
-                    raise invalid(f"tensor {name!r} has {n_dims} dimensions")
-                dims = read(f"<{n_dims}Q")
-                kind, offset = read("<IQ")
-                infos.append((name, tuple(int(d) for d in dims), kind, offset))
-            alignment = int(metadata.get("general.alignment", 32))
-            start = -(-f.tell() // alignment) * alignment  # tensor data begins at the next aligned byte
-    except TokenizerError as e:  # "<path> is truncated inside its metadata; re-download it" -> "truncated ..."
-        why = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ").removeprefix("is ")
-        raise invalid(why.removesuffix("; re-download it")) from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    mapped = np.memmap(path, mode=mode) if infos else np.zeros(0, np.uint8)
-    tensors = []
-    for name, dims, kind, offset in infos:
-        try:
-            tensor_type = gguf.GGMLQuantizationType(kind)
-            block, block_bytes = gguf.GGML_QUANT_SIZES[tensor_type]
-        except (ValueError, KeyError):
-            raise invalid(f"tensor {name!r} has unknown type {kind}") from None
-        if dims[0] % block:
-            raise invalid(f"tensor {name!r} rows of {dims[0]} are not whole {block}-value blocks")
-        n_values = int(np.prod(dims))
-        n_bytes = n_values // block * block_bytes
-        begin = start + offset
-        if begin + n_bytes > size:
-            raise invalid(f"tensor {name!r} ends past the end of the file")
-        raw = mapped[begin:begin + n_bytes]
-        if kind in _NUMPY_TYPES:
-            data = raw.view(_NUMPY_TYPES[kind]).reshape(tuple(reversed(dims)))
-        else:
-            data = raw.reshape(*reversed(dims[1:]), dims[0] // block * block_bytes)
-        tensors.append(GGUFTensor(name, dims, tensor_type, data))
-    return GGUFFile(metadata, tensors)
-
-
 def _value(reader: GGUFFile, key: str, default=None):
     """The metadata value under `key` (int, float, str, bool or list), or `default`."""
     return reader.metadata.get(key, default)
@@ -195,24 +97,37 @@ def _value(reader: GGUFFile, key: str, default=None):
 
 def _float32(value: float) -> float:
     """A GGUF float32 as the shortest decimal that rounds to it: 9.99999974738e-06 -> 1e-05."""
+    if not abs(value) < 3.4e38:  # beyond float32 (or NaN): left for ModelConfig to refuse
+        return float(value)
     return float(str(np.float32(value)))
 
 
-def config_from_gguf(reader, path: str = "") -> ModelConfig:
+_KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def config_from_gguf(reader: GGUFFile, path: str = "") -> ModelConfig:
     """GGUF metadata (and tensor list) -> ModelConfig.  Only the "llama" architecture is
-    accepted; mixture-of-experts, partial rotary and non-Llama RoPE scalings are refused."""
+    accepted; mixture-of-experts, partial rotary and non-Llama RoPE scalings are refused.
+    Every value is type-checked, the layer count checked against the blocks present and the
+    size against the file before anything is built."""
     arch = _value(reader, "general.architecture")
     if arch != ARCH:
         raise CheckpointError(f"{path}: GGUF architecture is {arch!r}; only 'llama' models can be loaded")
 
-    def get(key, default=None, required=True):
+    def get(key, default=None, required=True, kind=int):
         value = _value(reader, f"{ARCH}.{key}", default)
         if value is None and required:
             raise CheckpointError(f"{path}: GGUF metadata lacks {ARCH}.{key}; the file is incomplete")
         if isinstance(value, list):  # per-layer values (other architectures): must all be equal here
-            if len(set(value)) != 1:
-                raise CheckpointError(f"{path}: {ARCH}.{key} differs between layers ({value}); not a Llama 3 model")
+            if not value or any(isinstance(v, list) for v in value) or len(set(value)) != 1:
+                raise CheckpointError(f"{path}: {ARCH}.{key} differs between layers; not a Llama 3 model")
             value = value[0]
+        ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str)}[kind]
+        if value is not None and value != default and not ok(value):
+            raise CheckpointError(f"{path}: GGUF metadata {ARCH}.{key} = {value!r} is not "
+                                  f"{_KINDS[kind]}{' above 0' if kind is int else ''}; the file is corrupt")
         return value
 
     if get("expert_count", 0, required=False):
@@ -226,30 +141,48 @@ def config_from_gguf(reader, path: str = "") -> ModelConfig:
     if get("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(f"{path}: RoPE covers {get('rope.dimension_count')} of {head_dim} head channels; "
                               "partial rotary embeddings are not part of Llama")
-    scaling_type = get("rope.scaling.type", "none", required=False)
-    if scaling_type != "none" and get("rope.scaling.factor", 1.0, required=False) != 1.0:
+    scaling_type = get("rope.scaling.type", "none", required=False, kind=str)
+    if scaling_type != "none" and get("rope.scaling.factor", 1.0, required=False, kind=float) != 1.0:
         raise CheckpointError(f"{path}: RoPE scaling {scaling_type!r} is not supported (Llama 3 uses the "
                               "'llama3' scaling stored as a rope_freqs tensor)")
     vocab_size = get("vocab_size", required=False)
     if vocab_size is None:  # older files: the length of the token list, else the embedding's rows
         tokens = reader.metadata.get("tokenizer.ggml.tokens")
-        vocab_size = len(tokens) if tokens is not None else int(tensors["token_embd.weight"].shape[-1])
-    theta = _float32(get("rope.freq_base", 10000.0, required=False))  # llama.cpp's default base
-    scaling = None
-    if ROPE_FREQS in tensors:
-        divisors = _dequantize(tensors[ROPE_FREQS], path).double().numpy()
-        scaling = rope_scaling_from_divisors(divisors, theta, head_dim, path)
+        if isinstance(tokens, list):
+            vocab_size = len(tokens)
+        elif "token_embd.weight" in tensors:
+            vocab_size = int(tensors["token_embd.weight"].shape[-1])
+        else:
+            raise CheckpointError(f"{path}: GGUF file has no vocab_size, token list or token_embd.weight")
     try:
-        return ModelConfig(
+        theta = _float32(get("rope.freq_base", 10000.0, required=False, kind=float))  # llama.cpp's default base
+        config = ModelConfig(
             dim=dim, n_layers=get("block_count"), n_heads=n_heads,
-            n_kv_heads=get("attention.head_count_kv", n_heads, required=False), vocab_size=int(vocab_size),
+            n_kv_heads=get("attention.head_count_kv", n_heads, required=False), vocab_size=vocab_size,
             hidden_dim=get("feed_forward_length"),
-            norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, required=False)),
-            rope_theta=theta, rope_scaling=scaling, max_seq_len=get("context_length"),
+            norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5, required=False, kind=float)),
+            rope_theta=theta, max_seq_len=get("context_length"),
             tie_embeddings="output.weight" not in tensors, head_dim=head_dim,
         )
+        if ROPE_FREQS in tensors:
+            config = config.replace(rope_scaling=_rope_scaling_of(tensors[ROPE_FREQS], config, path))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    check_layers(config, tensors, r"blk\.(\d+)\.", path, f"{ARCH}.block_count")
+    check_fits(config, reader.size, 1.5, path)  # the smallest quantized types (IQ1_S) use ~1.56 bits
+    return config
+
+
+def _rope_scaling_of(tensor, config: ModelConfig, path: str) -> RopeScaling | None:
+    """The RopeScaling a `rope_freqs.weight` tensor [Dh/2] stands for (see rope_scaling_from_divisors)."""
+    if tuple(tensor.shape) != (config.head_dim // 2,):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS!r} has shape {list(tensor.shape)}; "
+                              f"a head of {config.head_dim} channels needs [{config.head_dim // 2}]")
+    divisors = dequantize(tensor, path).double().numpy()
+    if not (np.isfinite(divisors).all() and (divisors >= 1 - 1e-6).all()):
+        raise CheckpointError(f"{path}: tensor {ROPE_FREQS!r} has values below 1 or not finite; "
+                              "the file is corrupt")
+    return rope_scaling_from_divisors(divisors, config.rope_theta, config.head_dim, path)
 
 
 def rope_divisors(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
@@ -275,12 +208,15 @@ def rope_scaling_from_divisors(divisors: np.ndarray, theta: float, head_dim: int
     blended = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
     if blended.sum() >= 2:
         s = (1 / divisors[blended] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(freqs[blended] / (2 * np.pi), s, 1)  # s = slope/wavelength + intercept
-        if intercept < 0:
+        with warnings.catch_warnings():  # a badly conditioned fit is simply not a candidate
+            warnings.simplefilter("ignore")
+            slope, intercept = np.polyfit(freqs[blended] / (2 * np.pi), s, 1)  # s = slope/wavelength + intercept
+        if intercept < 0 and np.isfinite([slope, intercept]).all():
             high = 1 - 1 / intercept
-            candidates.append(RopeScaling(factor=round(factor, 4), low_freq_factor=1.0,
-                                          high_freq_factor=round(float(high), 4),
-                                          original_max_position_embeddings=round(float(slope * (high - 1)))))
+            with contextlib.suppress(ConfigError, ValueError, OverflowError):  # not a valid scaling: skipped
+                candidates.append(RopeScaling(factor=round(factor, 4), low_freq_factor=1.0,
+                                              high_freq_factor=round(float(high), 4),
+                                              original_max_position_embeddings=round(float(slope * (high - 1)))))
     for scaling in candidates:
         if np.allclose(rope_divisors(head_dim, theta, scaling), divisors, rtol=1e-3):
             return scaling
@@ -288,56 +224,15 @@ def rope_scaling_from_divisors(divisors: np.ndarray, theta: float, head_dim: int
                           "this model's RoPE variant is not supported")
 
 
-def _dequantize(tensor, path: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """One GGUF tensor -> a torch tensor of `dtype` in torch's shape order (GGUF lists shapes reversed).
-
-    Dequantized a few million weights at a time straight into the result, so the
-    temporaries of `gguf.quants.dequantize` (several float32 copies of what it is
-    given) stay small even for the 49152 x 576 embedding.
-    """
-    from gguf.quants import dequantize
-
-    shape = tuple(int(n) for n in reversed(tensor.shape))   # e.g. GGUF [576, 1536] -> torch [1536, 576]
-    out = torch.empty(shape, dtype=dtype)
-    rows = out.view(-1, shape[-1])                           # [R, C]: C = the GGUF row length ne[0]
-    raw = tensor.data.reshape(rows.shape[0], -1)             # [R, bytes or values per row]
-    step = max(1, (1 << 22) // shape[-1])                    # ~4M weights (16 MB of float32) per chunk
-    for start in range(0, rows.shape[0], step):
-        try:
-            chunk = dequantize(raw[start:start + step], tensor.tensor_type)  # float32 [rows, C]
-        except NotImplementedError:
-            raise CheckpointError(f"{path}: tensor {tensor.name} has type {tensor.tensor_type.name}, which the "
-                                  "gguf package cannot dequantize; convert the file to F16 or Q8_0 with llama.cpp"
-                                  ) from None
-        if not chunk.flags.writeable:                        # F32 data is a view into the read-only memory map
-            chunk = chunk.copy()
-        rows[start:start + step] = torch.from_numpy(chunk).reshape(-1, shape[-1])
-    release_pages(path, tensor.data.ctypes.data, tensor.data.nbytes)  # the file's pages are no longer needed
-    return out
-
-
-# GGUF float types whose bytes torch reads as they are: no dequantizing, at most a cast.
-_TORCH_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16
-
-
-def _tensor(tensor, path: str, dtype: torch.dtype) -> torch.Tensor:
-    """One GGUF tensor (of a reader opened with mode "c") -> a torch tensor of `dtype`, torch's shape order.
-
-    A float tensor already of `dtype` is a view into the memory-mapped file (no copy);
-    another float type is cast by torch; quantized ones go through `_dequantize`.
-    Whatever is copied has its mapped pages released, so the file is never held twice.
-    """
-    stored = _TORCH_FLOATS.get(int(tensor.tensor_type))
-    if stored is None:
-        return _dequantize(tensor, path, dtype)
-    shape = tuple(int(n) for n in reversed(tensor.shape))   # the reader's array already has this shape
-    raw = torch.from_numpy(tensor.data)
-    view = (raw.view(stored) if raw.dtype != stored else raw).reshape(shape)  # BF16 arrives as uint8
-    if stored == dtype:
-        return view
-    out = view.to(dtype)
-    release_pages(path, view.data_ptr(), view.nbytes)
-    return out
+def check_shape(tensor, name: str, expected: dict, path: str) -> None:
+    """A GGUF tensor's shape against what the config needs, before it is dequantized."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if name not in expected:
+        raise CheckpointError(f"{path}: unexpected tensor {tensor.name!r} (not part of the model "
+                              "the metadata describes)")
+    if shape != expected[name]:
+        raise CheckpointError(f"{path}: tensor {tensor.name!r} has shape {list(shape)} but the config "
+                              f"needs {list(expected[name])}; the metadata contradicts the weights")
 
 
 def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
@@ -361,7 +256,10 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
 
     path = str(path)
     reader = open_gguf(path, mode="c")  # copy-on-write: float tensors of the wanted dtype become parameters as they are
+    from llama3.checkpoint import expected_shapes
+
     config = config_from_gguf(reader, path)
+    expected = expected_shapes(config)
     dtype = dtype or torch.float32
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc=f"Loading {Path(path).name}", unit="tensor", disable=None):
@@ -371,7 +269,8 @@ def read_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
         if name is None:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} is not part of a Llama 3 model "
                                   "(biases, experts and other extras are not supported)")
-        state_dict[name] = _tensor(tensor, path, dtype)
+        check_shape(tensor, name, expected, path)
+        state_dict[name] = to_torch(tensor, path, dtype)
     return config, state_dict
 
 

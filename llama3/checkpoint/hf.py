@@ -1,5 +1,7 @@
 """Hugging Face checkpoint folders: config.json + model.safetensors (or sharded safetensors).
 
+This module owns everything HF-specific: config.json <-> ModelConfig (`config_from_hf`,
+`config_to_hf`), the tensor names, the q/k layout, reading and writing.
 Two things differ from Meta's layout, and both are handled here, in one place:
 
 1. Names.  HF calls the token embedding `model.embed_tokens.weight`, Meta (and
@@ -18,14 +20,16 @@ pages are released at once (`release_pages`), so the load never holds two copies
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 
+from llama3.checkpoint.checks import check_fits, check_layers, naming
 from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
-from llama3.config import ModelConfig
-from llama3.errors import CheckpointError
+from llama3.config import ModelConfig, RopeScaling
+from llama3.errors import CheckpointError, ConfigError, refuse_unknown
 
 # HF tensor name -> our (Meta) name; "{i}" stands for the layer index.
 HF_TO_META = {
@@ -57,6 +61,89 @@ def name_map(n_layers: int) -> dict[str, str]:
         else:
             names[hf] = meta
     return names
+
+
+
+# ------------------------------------------------------------ config.json <-> ModelConfig
+CONFIG_KEYS = {"hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+               "intermediate_size", "rms_norm_eps", "rope_theta", "rope_scaling", "max_position_embeddings",
+               "tie_word_embeddings", "head_dim", "hidden_act", "attention_bias", "mlp_bias", "rope_parameters"}
+# Keys of a transformers LlamaConfig that carry no shape information we need.
+IGNORED_CONFIG_KEYS = {
+    "architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "bos_token_id",
+    "eos_token_id", "pad_token_id", "initializer_range", "use_cache", "pretraining_tp",
+    "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states",
+    "return_dict", "tokenizer_class", "is_llama_config", "rope_interleaved", "id2label",
+    "label2id", "quantization_config", "unsloth_version", "tie_word_embeddings_", "chunk_size_feed_forward",
+}
+
+
+def _rope_scaling_from_hf(cfg: dict) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, RopeScaling or None) from config.json's rope_scaling / rope_parameters."""
+    rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"config.json rope_scaling must be a JSON object or null, got {rope!r}")
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConfigError(f"rope type {rope_type!r} is not supported (Llama 3 uses 'llama3' or none)")
+    try:
+        return theta, RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.json rope_scaling (rope_type 'llama3') lacks the key {e.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"config.json rope_scaling has a non-numeric value: {e}") from None
+
+
+def config_from_hf(cfg: dict) -> ModelConfig:
+    """A ModelConfig from a Hugging Face `config.json` (LlamaConfig)."""
+    if cfg.get("model_type", "llama") != "llama":
+        raise ConfigError(f"config.json describes a {cfg['model_type']!r} model; only 'llama' is supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={cfg['hidden_act']!r} is not Llama's SwiGLU ('silu')")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ConfigError("attention_bias/mlp_bias are not part of Llama 3; this checkpoint is not supported")
+    refuse_unknown(cfg, CONFIG_KEYS | IGNORED_CONFIG_KEYS,
+                   "config.json has unknown keys {unknown}; remove them or extend checkpoint/hf.py", ConfigError)
+    theta, scaling = _rope_scaling_from_hf(cfg)
+    try:
+        dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or dim // n_heads
+        return ModelConfig(
+            dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads, vocab_size=cfg["vocab_size"],
+            hidden_dim=cfg["intermediate_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta), rope_scaling=scaling,
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), head_dim=head_dim,
+        )
+    except KeyError as e:
+        raise ConfigError(f"config.json lacks the required key {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"config.json has a value of the wrong type: {e}") from None
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """A transformers `LlamaConfig` dict (config.json)."""
+    cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": config.dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim, "vocab_size": config.vocab_size,
+        "intermediate_size": config.hidden_dim, "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta, "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False,
+    }
+    if config.rope_scaling is not None:
+        cfg["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(config.rope_scaling)}
+    return cfg
 
 
 # ---------------------------------------------------------- the rotary permute
@@ -109,6 +196,24 @@ def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
     raise CheckpointError(f"{folder}: no {WEIGHTS_FILE} or {INDEX_FILE}; is this a Hugging Face model folder?")
 
 
+def read_hf_config(folder: Path) -> ModelConfig:
+    """The ModelConfig of a HF folder's config.json; errors name the file."""
+    with naming(folder / "config.json"):
+        return config_from_hf(read_json(folder / "config.json"))
+
+
+def _tensor_names(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
+                              "the file is truncated or corrupt: re-download or re-export it") from None
+
+
 def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
     """Read a HF Llama folder -> (ModelConfig, state dict with Meta names and layout).
 
@@ -124,10 +229,14 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
-    config = ModelConfig.from_hf(read_json(folder / "config.json"))
+    config = read_hf_config(folder)
+    files = _weight_files(folder)
+    present = [name for file, listed in files.items() for name in (listed or _tensor_names(file))]
+    check_layers(config, present, r"model\.layers\.(\d+)\.", str(folder / "config.json"), "num_hidden_layers")
+    check_fits(config, sum(file.stat().st_size for file in files), 8, str(folder / "config.json"))
     names = name_map(config.n_layers)
     state: dict[str, torch.Tensor] = {}
-    for file, expected in _weight_files(folder).items():
+    for file, expected in files.items():
         try:
             with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())
@@ -207,7 +316,7 @@ def write_hf(llm, folder: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BY
 
     config = llm.config
     tensors = hf_state_dict(llm.model, config)
-    hf_config = config.to_hf()
+    hf_config = config_to_hf(config)
     hf_config["torch_dtype"] = str(llm.model.tok_embeddings.weight.dtype).removeprefix("torch.")
     tokenizer = llm.tokenizer
     if tokenizer is not None:

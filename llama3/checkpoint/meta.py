@@ -1,5 +1,8 @@
 """Meta checkpoint folders: params.json + consolidated.00.pth [... consolidated.NN.pth] [+ tokenizer.model].
 
+This module owns everything Meta-specific: params.json <-> ModelConfig
+(`config_from_meta`, `config_to_meta`), the shard layout, reading and writing.
+
 The tensor names in Meta's files are this project's parameter names, so no
 renaming is needed.  Two things need care:
 
@@ -22,6 +25,7 @@ the file runs, and tensors are paged in from disk only as they are used.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -29,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from llama3.checkpoint.checks import check_fits, check_layers, naming
 from llama3.checkpoint.files import atomic_folder, read_json, release_if_copied, release_pages, write_json
-from llama3.config import PRESETS, ModelConfig
-from llama3.errors import CheckpointError
+from llama3.config import PRESETS, ModelConfig, RopeScaling, ffn_hidden_dim, rope_scaling_from_dict
+from llama3.errors import CheckpointError, ConfigError, refuse_unknown
 
 # Which dimension fairscale split each weight along (the name's second-to-last part).
 #   ColumnParallelLinear (wq wk wv w1 w3 output): output features, dim 0 of the [out, in] weight.
@@ -42,6 +47,77 @@ SHARD_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "tok_embe
 
 SHARD_PATTERN = re.compile(r"consolidated\.(\d+)\.pth")
 LONG_CONTEXT = 131072  # Llama 3.1/3.2 context length, used when params.json says use_scaled_rope
+
+
+
+# ------------------------------------------------------------ params.json <-> ModelConfig
+PARAMS_KEYS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
+               "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len", "rope_scaling"}
+
+
+def config_from_meta(params: dict, vocab_size: int | None = None) -> ModelConfig:
+    """A ModelConfig from a Meta `params.json`.
+
+    Meta's file carries `use_scaled_rope: true` but not the constants; we use
+    Meta's own constants (factor 8, low 1, high 4, original 8192: llama-models
+    `apply_scaling`).  Llama 3.2 1B/3B checkpoints need factor 32: `_config`
+    below recognises their shapes (and `llama3 doctor` warns).
+    """
+    refuse_unknown(params, PARAMS_KEYS, "params.json has unknown keys {unknown}; this loader knows {known}",
+                   ConfigError)
+    try:
+        dim = params["dim"]
+        n_heads = params["n_heads"]
+        vocab = params.get("vocab_size", -1)
+        if vocab in (-1, None):
+            vocab = vocab_size
+        if vocab is None:
+            raise ConfigError("params.json has no vocab_size; pass vocab_size (128256 for Llama 3)")
+        return ModelConfig(
+            dim=dim,
+            n_layers=params["n_layers"],
+            n_heads=n_heads,
+            n_kv_heads=params.get("n_kv_heads") or n_heads,
+            vocab_size=vocab,
+            hidden_dim=ffn_hidden_dim(dim, params.get("multiple_of", 256), params.get("ffn_dim_multiplier")),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=float(params.get("rope_theta", 500000.0)),
+            rope_scaling=(rope_scaling_from_dict(params["rope_scaling"], "params.json") if params.get("rope_scaling")
+                          else RopeScaling() if params.get("use_scaled_rope") else None),
+            max_seq_len=params.get("max_seq_len", 8192),
+        )
+    except KeyError as e:
+        raise ConfigError(f"params.json lacks the required key {e.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError) as e:
+        raise ConfigError(f"params.json has a value of the wrong type: {e}") from None
+
+
+def config_to_meta(config: ModelConfig) -> dict:
+    """A Meta `params.json` dict.  `multiple_of`/`ffn_dim_multiplier` are chosen to
+    reproduce `hidden_dim` exactly (Meta's files store only those two)."""
+    params = {
+        "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
+        "n_kv_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
+        "norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "use_scaled_rope": config.rope_scaling is not None, "max_seq_len": config.max_seq_len,
+    }
+    for multiple_of in (1024, 4096, 256, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ffn_hidden_dim(config.dim, multiple_of, None) == config.hidden_dim:
+            params.update(multiple_of=multiple_of)
+            break
+        mult = config.hidden_dim / int(2 * (4 * config.dim) / 3)
+        for m in (round(mult, 1), round(mult, 2), round(mult, 4)):
+            if ffn_hidden_dim(config.dim, multiple_of, m) == config.hidden_dim:
+                params.update(multiple_of=multiple_of, ffn_dim_multiplier=m)
+                break
+        if "multiple_of" in params:
+            break
+    else:
+        raise ConfigError(f"hidden_dim={config.hidden_dim} cannot be expressed in Meta's params.json form")
+    if config.rope_scaling is not None and config.rope_scaling != RopeScaling():
+        # Meta's format cannot say "factor 32"; record it so our own loader can restore it.
+        params["rope_scaling"] = dataclasses.asdict(config.rope_scaling)
+    return params
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -105,7 +181,7 @@ def _config(params: dict, state: dict[str, torch.Tensor]) -> ModelConfig:
     """ModelConfig from params.json plus what only the tensors tell: vocabulary size and tying."""
     embedding = state.get("tok_embeddings.weight")
     vocab = embedding.shape[0] if embedding is not None and embedding.dim() == 2 else None
-    config = ModelConfig.from_meta(params, vocab_size=vocab)
+    config = config_from_meta(params, vocab_size=vocab)
     head = state.get("output.weight")
     tied = head is None or (embedding is not None and head.shape == embedding.shape and torch.equal(head, embedding))
     config = config.replace(tie_embeddings=tied)
@@ -137,7 +213,12 @@ def _open(folder: str | os.PathLike) -> tuple[dict, list[Path], list[dict[str, t
 def _read_config(params: dict, shards: list[dict], files: list[Path]) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config, and the (merged) embedding and head it was read from."""
     merged = merge_shards([{n: s[n] for n in CONFIG_TENSORS if n in s} for s in shards], files)
-    return _config(params, merged), merged
+    where = str(files[0].parent / "params.json")
+    with naming(where):
+        config = _config(params, merged)
+    check_layers(config, shards[0], r"layers\.(\d+)\.", where, "n_layers")
+    check_fits(config, sum(f.stat().st_size for f in files), 8, where)
+    return config, merged
 
 
 def read_meta(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[ModelConfig, dict]:
@@ -183,6 +264,6 @@ def write_meta(llm, folder: str | os.PathLike) -> None:
     state = {name: w.detach().cpu() for name, w in llm.model.state_dict().items()}
     with atomic_folder(folder, stale=("consolidated.*.pth",)) as tmp:
         torch.save(state, tmp / "consolidated.00.pth")
-        write_json(tmp / "params.json", llm.config.to_meta())
+        write_json(tmp / "params.json", config_to_meta(llm.config))
         if llm.tokenizer is not None and hasattr(llm.tokenizer, "save"):
             llm.tokenizer.save(tmp)

@@ -31,7 +31,7 @@ def _quantized_linear(tensor, path: str, kind: str) -> nn.Module:
     from the file's blocks directly when their type matches, else via float."""
     from gguf import GGMLQuantizationType as T
 
-    from llama3.checkpoint.gguf import _dequantize
+    from llama3.checkpoint.gguf_file import dequantize
 
     shape = tuple(int(n) for n in reversed(tensor.shape))   # GGUF lists the row length first
     if kind == "int4" and fits_int4(shape):
@@ -39,10 +39,10 @@ def _quantized_linear(tensor, path: str, kind: str) -> nn.Module:
             return Int4Linear(*int4_from_q4_1(tensor.data, shape))
         if tensor.tensor_type == T.Q4_0:
             return Int4Linear(*int4_from_q4_0(tensor.data, shape))
-        return Int4Linear(*quantize_groups(_dequantize(tensor, path)))
+        return Int4Linear(*quantize_groups(dequantize(tensor, path)))
     if tensor.tensor_type == T.Q8_0:
         return Int8Linear(*int8_from_q8_0(tensor.data, shape))
-    return Int8Linear(*quantize_rows(_dequantize(tensor, path)))
+    return Int8Linear(*quantize_rows(dequantize(tensor, path)))
 
 
 def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torch.dtype | None = None):
@@ -50,7 +50,9 @@ def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torc
     whose head is int8 (int4: bfloat16), and whose norms (and an untied token table) are in `dtype`,
     default float32."""
     from llama3.checkpoint import _find_tokenizer
-    from llama3.checkpoint.gguf import ROPE_FREQS, _dequantize, config_from_gguf, gguf_to_meta_name, open_gguf
+    from llama3.checkpoint.checks import check_finite
+    from llama3.checkpoint.gguf import ROPE_FREQS, config_from_gguf, gguf_to_meta_name
+    from llama3.checkpoint.gguf_file import dequantize, open_gguf
     from llama3.llm import LLM
 
     path, dtype = str(path), dtype or torch.float32
@@ -75,7 +77,7 @@ def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torc
         module = model.get_submodule(module_name)
         head = name == "output.weight" or (name == "tok_embeddings.weight" and config.tie_embeddings)
         if head and kind == "int4":                          # the head stays 16-bit beside int4 blocks
-            head_weight = _dequantize(tensor, path, torch.bfloat16)  # straight to bf16: no float32 copy
+            head_weight = dequantize(tensor, path, torch.bfloat16)  # straight to bf16: no float32 copy
             set_bf16_head(model, head_weight, dtype, tied=name == "tok_embeddings.weight")
         elif head:
             int8 = _quantized_linear(tensor, path, "int8")
@@ -85,10 +87,11 @@ def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torc
         elif isinstance(module, nn.Linear):
             setattr(model.get_submodule(parent_name), child, _quantized_linear(tensor, path, kind))
         else:
-            setattr(module, attr, nn.Parameter(_dequantize(tensor, path, dtype), requires_grad=False))
+            setattr(module, attr, nn.Parameter(dequantize(tensor, path, dtype), requires_grad=False))
         loaded.add(name)
     missing = [name for name in expected if name not in loaded]
     if missing:
         raise CheckpointError(f"{path}: the file lacks tensor {missing[0]!r}"
                               + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    check_finite([*model.named_parameters(), *model.named_buffers()], path)
     return LLM(model=model.eval(), config=config, tokenizer=_find_tokenizer(path), source=path)

@@ -147,9 +147,9 @@ def diagnose(source: str | None) -> Diagnosis:
     tokenizer = find_tokenizer(path)
     name = str(source or path.name)
     if fmt == "gguf":
-        from llama3.tokenizer.gguf_vocab import read_gguf_metadata
+        from llama3.checkpoint.gguf_file import read_metadata
 
-        name += " " + str(read_gguf_metadata(path).get("general.name", ""))
+        name += " " + str(read_metadata(path).get("general.name", ""))
     s = config.rope_scaling
     matches = shape_matches(config)
     settings = {

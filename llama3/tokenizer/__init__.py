@@ -56,12 +56,13 @@ def find_tokenizer(path: str | os.PathLike) -> Tokenizer | None:
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() == ".gguf":
-            from llama3.tokenizer.gguf_vocab import read_gguf_metadata, tokenizer_from_gguf_metadata
+            from llama3.checkpoint.gguf_file import read_metadata
+            from llama3.tokenizer.gguf_vocab import tokenizer_from_gguf_metadata
 
-            meta = read_gguf_metadata(path)
+            meta = read_metadata(path)
             if meta.get("tokenizer.ggml.model", "no_vocab") == "no_vocab" or "tokenizer.ggml.tokens" not in meta:
                 return None  # a GGUF written without a vocabulary
-            return tokenizer_from_gguf_metadata(meta)
+            return tokenizer_from_gguf_metadata(meta, str(path))
         if path.name == "tokenizer.json" or path.name == "tokenizer.model":
             path = path.parent
         else:

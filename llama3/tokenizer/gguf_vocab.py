@@ -12,90 +12,19 @@ A GGUF file (llama.cpp's format) stores the tokenizer as metadata:
     tokenizer.ggml.add_bos_token, tokenizer.ggml.add_space_prefix
     tokenizer.chat_template     the Jinja2 chat template
 
-Only the metadata header is read (`read_gguf_metadata`), not the weights, so this
-is fast even for a multi-GB file.
+Only the metadata header is read (`llama3.checkpoint.gguf_file.read_metadata`, the one
+GGUF reader), not the weights, so this is fast even for a multi-GB file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 
+from llama3.checkpoint.gguf_file import read_metadata
 from llama3.tokenizer.base import TokenizerError, merges_from_priority
 from llama3.tokenizer.hf import HFTokenizer
 from llama3.tokenizer.llama3_tiktoken import SPLIT_PATTERN
-
-# ---------------------------------------------------------------- GGUF header
-# Value types of the GGUF spec (ggml/docs/gguf.md): id -> struct format (None: string / array).
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def read_gguf_metadata(path: str | os.PathLike) -> dict:
-    """The key/value metadata of a GGUF file (v2/v3), without touching tensor data."""
-    try:
-        with open(path, "rb") as f:
-            return read_gguf_header(f, path)[1]
-    except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from None
-
-
-def read_gguf_header(f, path) -> tuple[int, dict]:
-    """(tensor count, metadata) from a GGUF file object at its start; leaves `f` just after
-    the metadata, where the tensor list begins.
-
-    Layout: b"GGUF", uint32 version, uint64 tensor count, uint64 key count, then per key:
-    string key, uint32 type, value; strings are uint64 length + UTF-8 bytes; arrays are
-    uint32 element type, uint64 length, elements.  Little-endian throughout.
-    """
-    data = f.read(16)
-    if len(data) < 16 or data[:4] != b"GGUF":
-        raise TokenizerError(f"{path} is not a GGUF file (no GGUF magic number)")
-    version, n_tensors = struct.unpack_from("<IQ", data, 4)
-    if version not in (2, 3):
-        raise TokenizerError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
-
-    def read(fmt):
-        size = struct.calcsize(fmt)
-        raw = f.read(size)
-        if len(raw) < size:
-            raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
-        return struct.unpack(fmt, raw)[0]
-
-    def read_string():
-        n = read("<Q")
-        raw = f.read(n)
-        if len(raw) < n:
-            raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
-        return raw.decode("utf-8", errors="replace")
-
-    def read_value(kind):
-        if kind in _SCALARS:
-            return read(_SCALARS[kind])
-        if kind == _STRING:
-            return read_string()
-        if kind == _ARRAY:
-            item_kind, n = read("<I"), read("<Q")
-            if item_kind in _SCALARS:  # numbers: one read for the whole array
-                fmt = _SCALARS[item_kind]
-                raw = f.read(n * struct.calcsize(fmt))
-                if len(raw) < n * struct.calcsize(fmt):
-                    raise TokenizerError(f"{path} is truncated inside its metadata; re-download it")
-                return list(struct.unpack(f"<{n}{fmt[1]}", raw))
-            return [read_value(item_kind) for _ in range(n)]
-        raise TokenizerError(f"{path}: unknown GGUF value type {kind}; the file is corrupt")
-
-    try:
-        n_keys = read("<Q")
-        metadata = {}
-        for _ in range(n_keys):
-            key = read_string()
-            metadata[key] = read_value(read("<I"))
-    except (struct.error, MemoryError, OverflowError):
-        raise TokenizerError(f"{path} is truncated inside its metadata; re-download it") from None
-    return n_tensors, metadata
-
 
 # ------------------------------------------------------------- split regexes
 # How llama.cpp pre-tokenizes each `tokenizer.ggml.pre` type (llama-vocab.cpp).
@@ -165,13 +94,54 @@ def _sentencepiece_bpe(meta: dict):
     return tokenizer
 
 
-def tokenizer_from_gguf_metadata(meta: dict) -> HFTokenizer:
-    """GGUF metadata (from `read_gguf_metadata`) -> HFTokenizer."""
+def _check_vocabulary(meta: dict, source: str) -> None:
+    """The tokenizer.ggml.* values must have the types the spec gives them, so that nothing
+    below fails on a corrupt file with an error of its own (or, worse, builds nonsense)."""
+    def bad(key, what):
+        return TokenizerError(f"{source}: GGUF metadata tokenizer.ggml.{key} {what}; the file is corrupt")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise bad("tokens", "is not a list of strings")
+    for key, kind in (("merges", str), ("scores", (int, float)), ("token_type", int)):
+        values = meta.get(f"tokenizer.ggml.{key}")
+        if values is not None and not (isinstance(values, list) and all(isinstance(v, kind) for v in values)):
+            raise bad(key, f"is not a list of {'strings' if kind is str else 'numbers'}")
+    merges = meta.get("tokenizer.ggml.merges") or []
+    if not all(" " in m for m in merges):
+        raise bad("merges", "holds a rule without a space between its two tokens")
+    for key in ("pre", "model"):
+        if not isinstance(meta.get(f"tokenizer.ggml.{key}", ""), str):
+            raise bad(key, "is not a string")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id", "eot_token_id", "eom_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and 0 <= value < len(tokens)):
+            raise bad(key, f"= {value!r} is not a token id (0..{len(tokens) - 1})")
+
+
+def tokenizer_from_gguf_metadata(meta: dict, source: str = "GGUF file") -> HFTokenizer:
+    """GGUF metadata (from `gguf_file.read_metadata`) -> HFTokenizer; an inconsistent vocabulary
+    (a merge of tokens that are not in it, ...) is a TokenizerError naming `source`."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise TokenizerError(f"{source}: this GGUF file has no embedded vocabulary (tokenizer.ggml.tokens)")
+    _check_vocabulary(meta, source)
+    try:
+        return _tokenizer_from_metadata(meta)
+    except TokenizerError as e:
+        raise TokenizerError(f"{source}: {e}") from None
+    except (Exception, BaseException) as e:  # noqa: B036 -- the tokenizers library raises plain Exception
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # ("Token 'an' out of vocabulary") or, from
+            raise                                           # Rust, a PanicException (a BaseException)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TokenizerError(f"{source}: the embedded vocabulary is inconsistent ({first}); "
+                             "the file is corrupt: re-download or re-export it") from None
+
+
+def _tokenizer_from_metadata(meta: dict) -> HFTokenizer:
     from tokenizers import AddedToken
 
     kind = meta.get("tokenizer.ggml.model")
-    if "tokenizer.ggml.tokens" not in meta:
-        raise TokenizerError("this GGUF file has no embedded vocabulary (tokenizer.ggml.tokens)")
     if kind == "gpt2":
         backend = _byte_level_bpe(meta)
     elif kind == "llama":
@@ -203,7 +173,7 @@ def tokenizer_from_gguf_metadata(meta: dict) -> HFTokenizer:
 
 def load_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     """The vocabulary and chat template embedded in a .gguf file."""
-    return tokenizer_from_gguf_metadata(read_gguf_metadata(path))
+    return tokenizer_from_gguf_metadata(read_metadata(path), str(path))
 
 
 # ------------------------------------------------------------------ export

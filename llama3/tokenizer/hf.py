@@ -60,12 +60,15 @@ class HFTokenizer(Tokenizer):
                                                  for n in ("bos_token", "eos_token", "pad_token"))
         if config.get("add_bos_token") is not None:
             self.add_bos = bool(config["add_bos_token"])
+            if self.add_bos and self.bos_id is None:
+                raise TokenizerError("tokenizer_config.json sets add_bos_token but names no bos_token; "
+                                     "name the begin-of-text token or set add_bos_token to false")
         else:  # e.g. Llama 3's tokenizer.json adds <|begin_of_text|> in its post-processor
             with_special = backend.encode("a", add_special_tokens=True).ids
             without = backend.encode("a", add_special_tokens=False).ids
             self.add_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] and without[:1] != [self.bos_id]
         stops = [self.eos_id, *extra_stop_ids, *(backend.token_to_id(t) for t in END_TOKENS)]
-        self.stop_ids = list(dict.fromkeys(int(i) for i in stops if i is not None))
+        self.stop_ids = list(dict.fromkeys(int(i) for i in stops if i is not None and 0 <= i < self.vocab_size))
         self.chat_template = _pick_template(config.get("chat_template"))
         self.chat_format = default_chat_format(self.special_tokens, self.chat_template, self.template_variables())
         self._plain = None  # a copy that encodes special-token text as plain text (made on first use)
@@ -151,7 +154,9 @@ def load_hf_folder(folder: str | os.PathLike) -> HFTokenizer:
     folder = Path(folder)
     try:
         backend = Backend.from_file(str(folder / "tokenizer.json"))
-    except Exception as e:  # the Rust library raises plain Exception on bad JSON
+    except (Exception, BaseException) as e:  # noqa: B036 -- plain Exception on bad JSON, PanicException (a
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):  # BaseException) when Rust panics
+            raise
         raise TokenizerError(f"{folder / 'tokenizer.json'} cannot be read by the tokenizers library "
                              f"({str(e).splitlines()[0][:120]}); re-download or re-save it") from None
     config = {}
@@ -163,5 +168,9 @@ def load_hf_folder(folder: str | os.PathLike) -> HFTokenizer:
     extra_stops = []
     if (folder / "generation_config.json").is_file():
         eos = read_json(folder / "generation_config.json", TokenizerError).get("eos_token_id")
-        extra_stops = eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else []
-    return HFTokenizer(backend, config, extra_stop_ids=extra_stops)
+        extra_stops = [i for i in (eos if isinstance(eos, list) else [eos])
+                       if isinstance(i, int) and not isinstance(i, bool) and i >= 0]  # others name no token
+    from llama3.checkpoint.checks import naming
+
+    with naming(folder):  # e.g. "FOLDER: tokenizer_config.json names '<s>' as a special token, but ..."
+        return HFTokenizer(backend, config, extra_stop_ids=extra_stops)

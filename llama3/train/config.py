@@ -26,7 +26,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama3.errors import Llama3Error
+from llama3.errors import Llama3Error, refuse_unknown
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 DEFAULT_MIN_LR = 3e-4
@@ -115,10 +115,8 @@ class TrainConfig:
         """Flat names (`TrainConfig(out="kjv", batch_size=8, lora_rank=4)`, see `flat_fields()`), or whole
         groups (`optimizer=OptimizerSettings(...)` or a dict of that group's fields)."""
         known = flat_fields()
-        unknown = sorted(k for k, v in settings.items()
-                         if k not in known and not (k in GROUPS and isinstance(v, (GROUPS[k], dict))))
-        if unknown:
-            raise Llama3Error(f"unknown training settings {unknown}; known ones are {sorted(known)}")
+        refuse_unknown([k for k, v in settings.items() if not (k in GROUPS and isinstance(v, (GROUPS[k], dict)))],
+                       known, "unknown training settings {unknown}; known ones are {known}")
         groups = {name: {} for name in GROUPS}
         for key, value in settings.items():
             if key in GROUPS and isinstance(value, (GROUPS[key], dict)):

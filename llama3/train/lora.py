@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from llama3.checkpoint.files import atomic_file
-from llama3.errors import Llama3Error
+from llama3.errors import Llama3Error, refuse_unknown
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,10 +49,10 @@ class LoRAConfig:
             raise Llama3Error(f"--lora-rank {self.rank} must be a positive integer (8 or 16 are typical)")
         if not 0 <= self.dropout < 1:
             raise Llama3Error(f"--lora-dropout {self.dropout} must be in [0, 1)")
-        unknown = sorted(set(self.targets) - set(TARGETS))
-        if unknown or not self.targets:
-            raise Llama3Error(f"LoRA targets {unknown or self.targets} are not linear layers of a block; "
-                              f"choose from {', '.join(TARGETS)}")
+        if not self.targets:
+            raise Llama3Error(f"LoRA targets [] are not linear layers of a block; choose from {', '.join(TARGETS)}")
+        refuse_unknown(self.targets, TARGETS, "LoRA targets {unknown} are not linear layers of a block; "
+                       "choose from " + ", ".join(TARGETS))
 
     @property
     def scale(self) -> float:
