@@ -3,15 +3,17 @@ multi-head attention head by head, and the KV cache.
 
 Each function works on the real model through its public parts only: its modules and
 their weights, `Transformer.forward` (with and without a `KVCache`), forward hooks
-(`llama3.inspect.capture`), `apply_rope` and `causal_mask`.  Nothing here computes a block
-differently from `llama3/model.py`; the point of each one is to compute a concept the way
-a textbook or study note writes it and check the answer against what the model did.
+(`llama3.inspect.capture`), `apply_rope` and `causal_mask`.  Nothing here is run by the
+model: each function computes a concept the way a textbook or study note writes it (LayerNorm,
+one head at a time, decoding without a cache) so the walkthrough can print it next to what
+`llama3/model.py` computed, and the difference.
 Shapes use the legend of llama3/model.py (B, T, S, D, H, Hkv, Dh, F, V).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from llama3.config import ModelConfig
 from llama3.inspect.capture import explicit_attention
 from llama3.model import Attention, KVCache, Transformer, apply_rope, causal_mask
+from llama3.params import count_params, human_bytes, kv_cache_bytes_per_token
 
 
 # ------------------------------------------------------------- encoder and decoder
@@ -178,8 +181,8 @@ def decode(model: Transformer, ids: list[int], n_new: int, use_cache: bool, coun
 
 
 def kv_cache_bytes(config: ModelConfig, tokens: int, bytes_per_element: int, batch: int = 1) -> int:
-    """2 (k and v) × n_layers × Hkv × Dh × bytes per element × tokens × batch."""
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * bytes_per_element * tokens * batch
+    """2 (k and v) × n_layers × Hkv × Dh × bytes per element × tokens × batch (llama3.params)."""
+    return kv_cache_bytes_per_token(config, bytes_per_element) * tokens * batch
 
 
 def allocated_kv_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
@@ -196,13 +199,6 @@ def md_code(text: str) -> str:
 
 def _n(x: float) -> str:
     return f"{x:.3g}"
-
-
-def _size(n_bytes: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n_bytes >= scale:
-            return f"{n_bytes / scale:.4g} {unit}"
-    return f"{n_bytes:.0f} B"
 
 
 @torch.no_grad()
@@ -287,14 +283,15 @@ def concept_fields(llm, ids: list[int], cap, normed: dict, img, decode_tokens: i
         kv_gflop_with=f"{with_cache.flops / 1e9:.2f}", kv_gflop_without=f"{without.flops / 1e9:.2f}",
         kv_flop_ratio=f"{without.flops / with_cache.flops:.1f}",
         kv_threads=torch.get_num_threads(), kv_device=str(llm.device),
-        kv_dtype=str(dtype).removeprefix("torch."), kv_elem=elem, kv_token=_size(per_token),
-        kv_token_bf16=_size(kv_cache_bytes(c, 1, 2)), kv_token_mha=_size(per_token * c.n_rep),
-        kv_ctx=c.max_seq_len, kv_ctx_size=_size(kv_cache_bytes(c, c.max_seq_len, elem)),
+        kv_load=f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "unknown",
+        kv_dtype=str(dtype).removeprefix("torch."), kv_elem=elem, kv_token=human_bytes(per_token),
+        kv_token_bf16=human_bytes(kv_cache_bytes(c, 1, 2)), kv_token_mha=human_bytes(per_token * c.n_rep),
+        kv_ctx=c.max_seq_len, kv_ctx_size=human_bytes(kv_cache_bytes(c, c.max_seq_len, elem)),
         kv_alloc=f"{allocated_kv_bytes(c, c.max_seq_len, dtype):,}", kv_formula=f"{kv_cache_bytes(c, c.max_seq_len, elem):,}",
-        kv_demo_len=seqlen + decode_tokens, kv_demo_size=_size(kv_cache_bytes(c, seqlen + decode_tokens, elem)),
+        kv_demo_len=seqlen + decode_tokens, kv_demo_size=human_bytes(kv_cache_bytes(c, seqlen + decode_tokens, elem)),
         l8b_L=big.n_layers, l8b_Hkv=big.n_kv_heads, l8b_Dh=big.head_dim, l8b_H=big.n_heads, l8b_ctx=big.max_seq_len,
-        l8b_token=_size(kv_cache_bytes(big, 1, 2)), l8b_ctx_size=_size(kv_cache_bytes(big, big.max_seq_len, 2)),
-        l8b_ctx_fp32=_size(kv_cache_bytes(big, big.max_seq_len, 4)),
-        l8b_mha_size=_size(kv_cache_bytes(big, big.max_seq_len, 2) * big.n_rep),
-        l8b_8k=_size(kv_cache_bytes(big, 8192, 2)))
+        l8b_token=human_bytes(kv_cache_bytes(big, 1, 2)), l8b_ctx_size=human_bytes(kv_cache_bytes(big, big.max_seq_len, 2)),
+        l8b_ctx_fp32=human_bytes(kv_cache_bytes(big, big.max_seq_len, 4)),
+        l8b_mha_size=human_bytes(kv_cache_bytes(big, big.max_seq_len, 2) * big.n_rep),
+        l8b_8k=human_bytes(kv_cache_bytes(big, 8192, 2)), l8b_weights=human_bytes(count_params(big).total * 2))
     return fields

@@ -269,13 +269,13 @@ Measured on this model, greedy, {kv_n} new tokens after the {T}-token prompt. Bo
 |---|---|---|
 | token positions through the blocks | {kv_pos_with} | {kv_pos_without} ({kv_pos_ratio}×) |
 | matrix-multiply work (GFLOP) | {kv_gflop_with} | {kv_gflop_without} ({kv_flop_ratio}×) |
-| time (s; {kv_device}, {kv_threads} threads) | {kv_s_with} | {kv_s_without} ({kv_speedup}×) |
+| time (s; {kv_device}, {kv_threads} threads, load average {kv_load}) | {kv_s_with} | {kv_s_without} ({kv_speedup}×) |
 
 With the cache the prompt goes through once and then one position per step: T + N − 1
 positions for N tokens. Without it, step n pushes all T + n positions again:
 N·T + N(N−1)/2, quadratic in N instead of linear. The FLOPs are counted by
-`torch.utils.flop_counter`; the time is one run on whatever machine regenerated this page,
-so it varies, and at short lengths it gains less than the work does, because every step
+`torch.utils.flop_counter`; the time is one run on whatever machine regenerated this page
+(the load average says how busy it was), so it varies, and at short lengths it gains less than the work does, because every step
 still reads every weight once.
 
 The price is memory. For every token the cache holds a key and a value vector per layer and
@@ -290,7 +290,7 @@ the full {kv_ctx}-token context takes {kv_ctx_size} (a real `KVCache` for it all
 Hkv = {l8b_Hkv}, Dh = {l8b_Dh}, bfloat16 = 2 bytes): {l8b_token} per token, {l8b_8k} for 8192
 tokens, {l8b_ctx_size} for its full {l8b_ctx}-token context ({l8b_ctx_fp32} in float32; with
 {l8b_H} kv heads instead of {l8b_Hkv}, {l8b_mha_size}). At long contexts the cache, not the
-weights (16 GB in bfloat16), is what fills the memory.
+weights ({l8b_weights} in bfloat16), is what fills the memory.
 
 ## Try it
 

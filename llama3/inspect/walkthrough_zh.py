@@ -238,12 +238,12 @@ Softmax 把最后一个位置的 logits 变成下一个词元的概率：
 |---|---|---|
 | 送过各块的词元位置总数 | {kv_pos_with} | {kv_pos_without}（{kv_pos_ratio}×） |
 | 矩阵乘法计算量（GFLOP） | {kv_gflop_with} | {kv_gflop_without}（{kv_flop_ratio}×） |
-| 时间（秒；{kv_device}，{kv_threads} 个线程） | {kv_s_with} | {kv_s_without}（{kv_speedup}×） |
+| 时间（秒；{kv_device}，{kv_threads} 个线程，负载 {kv_load}） | {kv_s_with} | {kv_s_without}（{kv_speedup}×） |
 
 使用缓存时，提示词只送一次，之后每步一个位置：生成 N 个词元共 T + N − 1 个位置。不使用缓存时，
 第 n 步要重新送入全部 T + n 个位置：共 N·T + N(N−1)/2 个，随 N 平方增长而不是线性增长。
-FLOPs 由 `torch.utils.flop_counter` 统计；时间是在重新生成本页的那台机器上跑一次的结果，会有
-波动；在短文本上，时间的节省比计算量的节省小，因为每一步仍要把所有权重读一遍。
+FLOPs 由 `torch.utils.flop_counter` 统计；时间是在重新生成本页的那台机器上跑一次的结果（负载
+说明了当时机器有多忙），会有波动；在短文本上，时间的节省比计算量的节省小，因为每一步仍要把所有权重读一遍。
 
 代价是内存。对每个词元，缓存为每一层、每个键/值头各存一个键向量和一个值向量：
 
@@ -256,7 +256,7 @@ FLOPs 由 `torch.utils.flop_counter` 统计；时间是在重新生成本页的�
 Dh = {l8b_Dh}，bfloat16 = 2 字节）：每个词元 {l8b_token}，8192 个词元 {l8b_8k}，完整的
 {l8b_ctx} 词元上下文 {l8b_ctx_size}（float32 下为 {l8b_ctx_fp32}；如果用 {l8b_H} 个而不是
 {l8b_Hkv} 个键/值头，则为 {l8b_mha_size}）。在长上下文中，占满内存的是缓存，而不是权重
-（bfloat16 下 16 GB）。
+（bfloat16 下 {l8b_weights}）。
 
 ## 动手试试
 
