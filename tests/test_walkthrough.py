@@ -17,7 +17,8 @@ from llama3.inspect.logit_lens import label_legend, logit_lens, render_table
 from llama3.inspect.tokens import as_batch, encode_prompt, token_labels
 from llama3.inspect.walkthrough import lens_fields, measure, render_walkthrough, residual_fields, trend, trend_text
 from llama3.inspect.walkthrough_concepts import (allocated_kv_bytes, attention_head_by_head, compare_norms, decode,
-                                                 interleaved_split, kv_cache_bytes, layer_norm_by_formula, split_heads)
+                                                 interleaved_split, kv_cache_bytes, layer_norm_by_formula, split_heads,
+                                                 time_decoding)
 from llama3.llm import LLM
 from test_inspect import CharTokenizer, picture_ok
 
@@ -98,6 +99,8 @@ def test_kv_cache_work_is_counted_by_torchs_flop_counter():
 
     assert cached.flops == flops([(4, 4), (1, 5), (1, 6)])
     assert full.flops == flops([(4, 4), (5, 5), (6, 6)])
+    seconds = time_decoding(model, ids, cached.tokens, repeats=1)           # runs both forms; no claim on speed
+    assert len(seconds) == 2 and min(seconds) > 0
 
 
 def test_kv_cache_memory_formula():

@@ -171,7 +171,7 @@ def lens_fields(llm, lens, labels: list[str]) -> dict:
 
 
 @torch.no_grad()
-def measure(llm, out: Path, prompt: str = PROMPT, decode_tokens: int = 24) -> dict:
+def measure(llm, out: Path, prompt: str = PROMPT, decode_tokens: int = 16) -> dict:
     """Run everything once; return the numbers the texts need; draw the pictures into out/img."""
     img = out / "img"
     img.mkdir(parents=True, exist_ok=True)
@@ -256,7 +256,7 @@ def render_walkthrough(values: dict) -> dict[str, str]:
 
 
 def write_walkthrough(out: str | os.PathLike = "docs", model: str | None = None, dtype: str = "float32",
-                      llm=None, decode_tokens: int = 24) -> list[Path]:
+                      llm=None, decode_tokens: int = 16) -> list[Path]:
     """Write <out>/walkthrough.md, <out>/walkthrough.zh.md and <out>/img/walkthrough-*.png."""
     from llama3.checkpoint.files import atomic_file
 

@@ -269,13 +269,13 @@ Measured on this model, greedy, {kv_n} new tokens after the {T}-token prompt. Bo
 |---|---|---|
 | token positions through the blocks | {kv_pos_with} | {kv_pos_without} ({kv_pos_ratio}×) |
 | matrix-multiply work (GFLOP) | {kv_gflop_with} | {kv_gflop_without} ({kv_flop_ratio}×) |
-| time (s; {kv_device}, {kv_threads} threads, load average {kv_load}) | {kv_s_with} | {kv_s_without} ({kv_speedup}×) |
+| time (s; {kv_device}, {kv_threads} threads, each step the best of {kv_repeats}) | {kv_s_with} | {kv_s_without} ({kv_speedup}×) |
 
 With the cache the prompt goes through once and then one position per step: T + N − 1
 positions for N tokens. Without it, step n pushes all T + n positions again:
 N·T + N(N−1)/2, quadratic in N instead of linear. The FLOPs are counted by
-`torch.utils.flop_counter`; the time is one run on whatever machine regenerated this page
-(the load average says how busy it was), so it varies, and at short lengths it gains less than the work does, because every step
+`torch.utils.flop_counter`; the time was taken step by step, the two forms back to back, on
+whatever machine regenerated this page (load average {kv_load} then), so it varies, and at short lengths it gains less than the work does, because every step
 still reads every weight once.
 
 The price is memory. For every token the cache holds a key and a value vector per layer and

@@ -238,12 +238,12 @@ Softmax 把最后一个位置的 logits 变成下一个词元的概率：
 |---|---|---|
 | 送过各块的词元位置总数 | {kv_pos_with} | {kv_pos_without}（{kv_pos_ratio}×） |
 | 矩阵乘法计算量（GFLOP） | {kv_gflop_with} | {kv_gflop_without}（{kv_flop_ratio}×） |
-| 时间（秒；{kv_device}，{kv_threads} 个线程，负载 {kv_load}） | {kv_s_with} | {kv_s_without}（{kv_speedup}×） |
+| 时间（秒；{kv_device}，{kv_threads} 个线程，每步取 {kv_repeats} 次中最快的一次） | {kv_s_with} | {kv_s_without}（{kv_speedup}×） |
 
 使用缓存时，提示词只送一次，之后每步一个位置：生成 N 个词元共 T + N − 1 个位置。不使用缓存时，
 第 n 步要重新送入全部 T + n 个位置：共 N·T + N(N−1)/2 个，随 N 平方增长而不是线性增长。
-FLOPs 由 `torch.utils.flop_counter` 统计；时间是在重新生成本页的那台机器上跑一次的结果（负载
-说明了当时机器有多忙），会有波动；在短文本上，时间的节省比计算量的节省小，因为每一步仍要把所有权重读一遍。
+FLOPs 由 `torch.utils.flop_counter` 统计；时间是在重新生成本页的那台机器上逐步测得的（两种方式背靠背交替运行，当时的
+负载为 {kv_load}），会有波动；在短文本上，时间的节省比计算量的节省小，因为每一步仍要把所有权重读一遍。
 
 代价是内存。对每个词元，缓存为每一层、每个键/值头各存一个键向量和一个值向量：
 
