@@ -51,8 +51,8 @@ def test_inspect_errors_are_one_line(tiny_llm, tmp_path, capsys):
 
 
 def test_walkthrough_writes_both_languages_and_pictures(tiny_llm, tmp_path):
-    written = write_walkthrough(tmp_path, llm=tiny_llm)
-    assert [p.name for p in written[:2]] == ["walkthrough.md", "walkthrough.zh.md"] and len(written) == 7
+    written = write_walkthrough(tmp_path, llm=tiny_llm, decode_tokens=4)
+    assert [p.name for p in written[:2]] == ["walkthrough.md", "walkthrough.zh.md"] and len(written) == 8
     en = (tmp_path / "walkthrough.md").read_text(encoding="utf-8")
     zh = (tmp_path / "walkthrough.zh.md").read_text(encoding="utf-8")
     assert "softmax(QKᵀ/√d)·V" in en and "自注意力" in zh

@@ -50,6 +50,15 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def label_legend(labels: list[str], width: int) -> str:
+    """What the marks in token labels mean, and the full text of every label `_cut` shortens."""
+    cut = sorted({lab for lab in labels if len(lab) > width})
+    legend = "␣ space, ↵ newline, ⇥ tab; … = cut to fit"
+    if cut:
+        legend += ": " + ", ".join(f"{_cut(lab, width)} is {lab}" for lab in cut[:4]) + (", …" if len(cut) > 4 else "")
+    return legend
+
+
 def render_table(lens: LogitLens, max_positions: int = 8, cell: int = 11) -> str:
     """Rows = layers (last at the bottom), columns = the last `max_positions` input positions."""
     first = max(0, len(lens.ids) - max_positions)
@@ -61,6 +70,7 @@ def render_table(lens: LogitLens, max_positions: int = 8, cell: int = 11) -> str
         cells = "".join(f"{_cut(lens.top_labels[r][j], cell - 6)} {lens.top_probs[r, j]:.2f} ".ljust(cell)[:cell]
                         for j in cols)
         lines.append(f"{name:<10}{cells}")
+    lines.append(label_legend([lens.top_labels[r][j] for r in range(len(lens.rows)) for j in cols], cell - 6))
     if first:
         lines.append(f"(first {first} positions not shown; the picture has them all)")
     return "\n".join(lines)
@@ -79,7 +89,8 @@ def plot_logit_lens(lens: LogitLens, path):
                     color="black" if p > 0.45 else "white")
     ax.set_xticks(range(t), lens.labels, rotation=90, fontsize=7)
     ax.set_yticks(range(n_rows), lens.rows, fontsize=7)
-    ax.set_xlabel("input token (the guess is for the token after it)")
+    ax.set_xlabel("input token (the guess is for the token after it)\n" + label_legend(
+        [lab for row in lens.top_labels for lab in row] + lens.labels, 8), fontsize=8)
     ax.set_ylabel("read after")
     ax.set_title("logit lens: top next token and its probability at every layer", fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.6, label="probability of the top token")

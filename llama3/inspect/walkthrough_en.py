@@ -9,9 +9,10 @@ TEXT = """\
 *[中文版](walkthrough.zh.md)*
 
 This page follows one prompt, **"{prompt}"**, through a real Llama-architecture model,
-`{model}`, and stops at every idea a learner meets: tokens, embeddings, RMSNorm,
-self-attention as softmax(QKᵀ/√d)·V, multi-head and grouped-query attention, RoPE, SwiGLU,
-residual connections, the KV cache, and logits turning into the next token.
+`{model}`, and stops at every idea a learner meets: encoder and decoder, tokens, embeddings,
+RMSNorm and the LayerNorm it replaces, self-attention as softmax(QKᵀ/√d)·V, multi-head
+attention head by head and grouped-query attention, RoPE, SwiGLU, residual connections,
+logits turning into the next token, and the KV cache, demonstrated.
 Every number below was measured on this run; every concept links to the lines of
 [`llama3/model.py`](../llama3/model.py) that compute it. Run the same views yourself with
 `llama3 inspect trace`, `attention`, `logit-lens` and `rope`.
@@ -25,7 +26,51 @@ Shapes use one legend throughout: **B** batch, **T** tokens, **S** keys visible,
 **D** width, **H** query heads, **Hkv** key/value heads, **Dh** head width, **F** feed-forward
 width, **V** vocabulary.
 
-## 1. Text → tokens → ids
+## 1. Encoder and decoder: the Transformer's two halves, and why Llama keeps one
+
+The original Transformer (2017, built for translation) has two stacks. The **encoder** reads
+the whole source text at once; each of its blocks holds **self-attention** (every token may
+look at every other token, before and after it), a **residual connection + normalisation**
+("add & norm"), a **feed-forward** network, and another add & norm. The **decoder** writes
+the output one token at a time; each of its blocks holds **masked self-attention** (a token
+sees only the tokens before it), add & norm, **encoder–decoder cross-attention** (queries from
+the decoder, keys and values from the encoder's output: this is where it reads the source),
+add & norm, a feed-forward network, add & norm.
+
+Models keep one half or both, and that makes three families:
+
+| family | its blocks | examples | used for |
+|---|---|---|---|
+| encoder-only | self-attention that sees both sides | BERT | understanding a text: classify, tag, search |
+| decoder-only | masked self-attention, no cross-attention | GPT, **Llama** | continuing a text: generation, chat |
+| encoder–decoder | both stacks, joined by cross-attention | the 2017 Transformer, T5 | turning one text into another |
+
+![the encoder-decoder Transformer and the decoder-only Llama](img/walkthrough-encoder-decoder.png)
+
+Llama is **decoder-only**: one stack of {L} identical blocks and no encoder, so there is
+nothing for a cross-attention to read, and there is none. Its blocks also differ from the
+2017 decoder in details met below: the normalisation is RMSNorm and comes *before* each
+sub-layer (pre-norm), attention uses RoPE and grouped-query heads, the feed-forward is
+SwiGLU. What one block of this model holds, read from the live model:
+
+| module | weight | parameters |
+|---|---|---|
+{block_table}
+
+{block_params} parameters per block, {attention_params} of them in the attention. The model
+has {n_attention} attention modules, one per block, and each is self-attention: its inputs are
+`{attention_inputs}`, one stream x from which q, k and v are all computed. A T5-style decoder
+would add a second attention to every block (another {cross_params_m} M parameters here).
+
+Why one half is enough: a prompt is simply the first tokens of the stream, so the "source"
+needs no stack of its own; training is plain next-token prediction on raw text, where every
+position of every sequence is a training example; and the one stack both understands and
+writes. The mask is what makes it a decoder, and it can be checked: replacing the last token
+(`{last_token}` → {causal_other}) changes the last position's logits by up to {causal_last}
+and the logits of every earlier position by {causal_earlier}: no position sees the future.
+That is also why generation may keep what it computed for earlier tokens (section 12).
+
+## 2. Text → tokens → ids
 
 The tokenizer cuts the text into pieces from a fixed vocabulary and numbers them.
 "{prompt}" becomes T = {T} tokens (`␣` marks a space, which belongs to the token after it):
@@ -36,14 +81,14 @@ The tokenizer cuts the text into pieces from a fixed vocabulary and numbers them
 
 The model never sees letters, only these ids: `{ids}`.
 
-## 2. Embedding: one learned vector per token
+## 3. Embedding: one learned vector per token
 
 `tok_embeddings` is a V × D table ({V} × {D}); each id picks its row
 ({code_embedding}). The result h has shape [B=1, T={T}, D={D}]: one {D}-number vector per
 token. These vectors are small: standard deviation {emb_std}.
 This h is the **residual stream**: every block reads it and adds its result back.
 
-## 3. RMSNorm: put every vector on the same scale
+## 4. RMSNorm: put every vector on the same scale
 
 Before attention and before the feed-forward, each token's vector is divided by its
 root mean square and multiplied by a learned gain g: x̂ = x / √(mean(x²) + ε) · g
@@ -51,7 +96,43 @@ root mean square and multiplied by a learned gain g: x̂ = x / √(mean(x²) + �
 In block 0 the embedding (rms {emb_rms}) comes out of `attention_norm` with rms {norm_rms}
 (the gains g set the scale, largest value {norm_max}).
 
-## 4. Self-attention: softmax(QKᵀ/√d)·V
+## 5. LayerNorm vs RMSNorm, on a live vector
+
+**LayerNorm**, the normalisation of the 2017 Transformer, BERT and GPT-2, standardises each
+vector, then scales and shifts it:
+
+    μ = mean(x),   σ² = mean((x − μ)²),   LayerNorm(x) = (x − μ) / √(σ² + ε) · γ + β
+
+with a learned gain γ and bias β per channel. **RMSNorm** drops the mean subtraction and the
+bias, and divides by the root mean square instead of the standard deviation:
+
+    RMSNorm(x) = x / √(mean(x²) + ε) · g
+
+Since mean(x²) = σ² + μ², the two agree exactly when the mean is 0, and differ only as far
+as it is not. One live vector h, the residual stream entering block {ln_block} at the token
+{ln_token}: mean {ln_mean}, variance {ln_var} (σ = {ln_std}), rms {ln_rms}. Both
+normalisations with this block's gain g (and β = 0: Llama has no bias to offer), side by
+side for the first channels and the largest ones:
+
+| channel | h | LayerNorm(h) | RMSNorm(h) |
+|---|---|---|---|
+{ln_table}
+
+Over all D = {D} channels they differ by at most {ln_delta} (cosine similarity {ln_cos}).
+These are the formulas above; `torch.nn.functional.layer_norm` gives the same LayerNorm
+(max |Δ| = {ln_torch_delta}) and the model's own `RMSNorm` module the same RMSNorm (max |Δ| =
+{rms_model_delta}; against the x̂ it handed to attention in the real forward pass:
+{rms_hook_delta}).
+
+Why dropping the mean is enough: what the blocks need is every vector on one scale,
+whatever the blocks before them added (the re-scaling); the re-centring adds little, because
+the mean of a hidden vector is small next to its size. In this model's stream, over all {L}
+blocks and {T} tokens ({ln_checked} vectors), |mean| is at most {ln_worst_ratio}% of the rms,
+and the two normalisations point the same way (cosine ≥ {ln_min_cos}). RMSNorm saves one
+reduction per vector (no mean) and the biases ({n_norms} norms × {D} = {ln_bias_params}
+parameters here), and trains as well (Zhang & Sennrich, 2019, who proposed it).
+
+## 6. Self-attention: softmax(QKᵀ/√d)·V
 
 Attention lets each token gather information from the tokens before it
 ({code_attention}). In block 0:
@@ -82,16 +163,37 @@ on `{focus_token}`:
 
 ![block {focus_layer}, head {focus_head}](img/walkthrough-attention-head.png)
 
-## 5. Multi-head and grouped-query attention (GQA)
+## 7. Multi-head attention, head by head, and GQA
 
-This model has H = {H} query heads but only Hkv = {Hkv} key/value heads: every
-{n_rep} query heads share one key/value head. `repeat_kv` copies each key/value head
-{n_rep} times so the shapes line up ({code_repeat_kv}); in the grid above, heads
-0–{n_rep_last} share kv head 0. Why: the keys and values are what the **KV cache** stores, so
-GQA cuts its size by {n_rep}× with little loss in quality (Llama 3 8B: 32 query heads,
+The study-note way to write multi-head attention: head h has its own three matrices
+W_q^h, W_k^h, W_v^h (each Dh × D = {mh_head}) and computes its own attention, separately
+from the other heads:
+
+    head_h = softmax( (x̂ W_q^hᵀ)(x̂ W_k^hᵀ)ᵀ / √Dh + mask ) · x̂ W_v^hᵀ        [T, Dh]
+
+then the H heads' outputs are **concatenated** and mixed by the output projection:
+out = concat(head_0, …, head_H−1) · W_oᵀ, with W_o {mh_wo}.
+
+`model.py` does not loop over heads. It stacks the H matrices W_q^h into one big wq
+({mh_wq}), does one matrix product, and *views* the result as heads: `.view(B, T, H, Dh)`
+means head h owns rows h·Dh … (h+1)·Dh − 1 of wq. A product with the stacked matrix is the H
+products with its slices, side by side, so the two forms are one computation. Checked live:
+the head-by-head form (RoPE applied per head) reproduces what the model's attention added to
+the stream in **every one of the {L} blocks**, to max |Δ| = **{mh_delta}** (the outputs reach
+{mh_scale}; the difference is float32 rounding). The check would catch a wrong head split:
+reading wq's rows interleaved (head h owning rows h, h + H, h + 2H, …, what
+`.view(B, T, Dh, H)` would mean) gives max |Δ| between {mh_wrong_min} and {mh_wrong_max}.
+
+**Grouped-query attention** in this frame: there are H = {H} matrices W_q^h but only
+Hkv = {Hkv} pairs W_k^g, W_v^g (wk and wv are {mh_wk}), and query head h uses the pair
+g = h // {n_rep}. So every {n_rep} query heads share one key/value head; in the grid above,
+heads 0–{n_rep_last} share kv head 0. In the big-matrix form `repeat_kv` copies each
+key/value head {n_rep} times so the shapes line up ({code_repeat_kv}). Why: the keys and
+values are what the **KV cache** stores, so GQA cuts it by {n_rep}× (and saves
+{mh_kv_params} M parameters here) with little loss in quality (Llama 3 8B: 32 query heads,
 8 kv heads).
 
-## 6. RoPE: position by rotation
+## 8. RoPE: position by rotation
 
 Attention by itself ignores word order. RoPE puts position in by **rotating** q and k:
 channel pair i of the vector at position p is turned by the angle p·θ^(−2i/Dh)
@@ -108,7 +210,7 @@ where 32 belongs is a known bug in the wild; `llama3 doctor` checks for it.
 
 ![RoPE frequencies and wavelengths with and without scaling](img/walkthrough-rope.png)
 
-## 7. SwiGLU feed-forward
+## 9. SwiGLU feed-forward
 
 After attention, each token is processed on its own by a gated feed-forward network
 ({code_ffn}): out = w2( silu(w1 x̂) ⊙ w3 x̂ ). w1 (the gate) and w3 (up) widen D = {D} to
@@ -116,28 +218,20 @@ F = {F}; silu(x) = x·sigmoid(x) acts as a soft switch; w2 (down) brings it back
 In block 0, {gate_off}% of the gate values are nearly off (|silu| < 0.05): each token
 uses only part of the network.
 
-## 8. Residual connections
+## 10. Residual connections
 
 A block never replaces the stream, it adds to it ({code_block}):
 h = x + attention(norm(x)); out = h + feed_forward(norm(h)).
-So information from the embedding can travel straight to the top, and each block only
-has to learn a correction. The stream grows as blocks add to it, from rms {rms_first}
-after the embedding to {rms_last} after the last block. Its largest single value,
-{peak_value}, sits after {peak_where} on the token `{peak_token}`: real models keep a few
-huge "massive activations" like this one, which is why RMSNorm runs in float32.
+So information from the embedding can travel straight to the top, and each block only has
+to learn a correction. {residual_story} The largest single value, {peak_value}, sits after
+{peak_where} on the token {peak_token}: real models keep a few huge "massive activations"
+like this (often on the first token, where attention parks), which is why RMSNorm runs in
+float32. The picture draws the token with the largest vector apart from the others, since
+one average would hide both stories.
 
 ![size of the residual stream after each block](img/walkthrough-residual.png)
 
-## 9. The KV cache
-
-To generate, the model predicts one token, appends it and runs again. Without a cache
-each step would recompute keys and values of the whole text. The `KVCache` stores them
-once per position ({code_kv_cache}); each new token then computes only its own q, k, v
-and attends over the stored keys. Here a cache costs {kv_token_kb} KiB per token in
-float32 (2 × {L} layers × {Hkv} kv heads × {Dh}), {kv_ctx_mb} MiB for the full context of
-{ctx} tokens; without GQA it would be {kv_mha_kb} KiB per token.
-
-## 10. Logits → the next token
+## 11. Logits → the next token
 
 After the last block, one more RMSNorm and the output head (a D → V matrix, here
 {tied} to the embedding) give a score, a *logit*, for every entry of the vocabulary
@@ -152,10 +246,51 @@ Greedy decoding takes `{top1}` (p = {top1_p}); sampling draws from this distribu
 reshaped by temperature, top-k or top-p.
 
 **The logit lens** applies that same final norm and head to the stream after *every*
-block, as if the model stopped there. At the last position the final answer `{top1}`
-is the top guess from {lens_first} on; earlier layers guess punctuation and filler words.
+block, as if the model stopped there. At the last position the final answer `{top1}` is the
+top guess {lens_settles}; earlier layers guess punctuation and filler words. The bottom row
+reads the stream right after the embedding: {lens_embedding} In the cells `␣` is a space and
+`↵` a newline, and `…` marks a label cut short to fit; the caption under the picture spells
+out each cut label.
 
 ![logit lens](img/walkthrough-logit-lens.png)
+
+## 12. The KV cache, demonstrated
+
+To generate, the model predicts one token, appends it and runs again. Without a cache each
+step pushes the whole text through every block again, recomputing keys and values that
+cannot have changed (a position sees only the past, section 1). The `KVCache` stores each
+position's k and v once ({code_kv_cache}); each new token then computes only its own q, k, v
+and attends over the stored keys.
+
+Measured on this model, greedy, {kv_n} new tokens after the {T}-token prompt. Both runs give
+{kv_same} tokens ("{kv_text}"), and the last step's logits differ by {kv_logit_delta}:
+
+| | with the cache | without |
+|---|---|---|
+| token positions through the blocks | {kv_pos_with} | {kv_pos_without} ({kv_pos_ratio}×) |
+| matrix-multiply work (GFLOP) | {kv_gflop_with} | {kv_gflop_without} ({kv_flop_ratio}×) |
+| time (s; {kv_device}, {kv_threads} threads, each step the best of {kv_repeats}) | {kv_s_with} | {kv_s_without} ({kv_speedup}×) |
+
+With the cache the prompt goes through once and then one position per step: T + N − 1
+positions for N tokens. Without it, step n pushes all T + n positions again:
+N·T + N(N−1)/2, quadratic in N instead of linear. The FLOPs are counted by
+`torch.utils.flop_counter`; the time was taken step by step, the two forms back to back, on
+whatever machine regenerated this page (load average {kv_load} then), so it varies, and at short lengths it gains less than the work does, because every step
+still reads every weight once.
+
+The price is memory. For every token the cache holds a key and a value vector per layer and
+key/value head:
+
+    bytes = 2 (k and v) × n_layers × Hkv × Dh × bytes per element × tokens × batch
+
+Here: 2 × {L} × {Hkv} × {Dh} × {kv_elem} ({kv_dtype}) = {kv_token} per token ({kv_token_bf16} in
+bfloat16; without GQA, {kv_token_mha}). The demo's cache ({kv_demo_len} positions) took {kv_demo_size};
+the full {kv_ctx}-token context takes {kv_ctx_size} (a real `KVCache` for it allocates
+{kv_alloc} bytes; the formula says {kv_formula}). **Llama 3.1 8B** (n_layers = {l8b_L},
+Hkv = {l8b_Hkv}, Dh = {l8b_Dh}, bfloat16 = 2 bytes): {l8b_token} per token, {l8b_8k} for 8192
+tokens, {l8b_ctx_size} for its full {l8b_ctx}-token context ({l8b_ctx_fp32} in float32; with
+{l8b_H} kv heads instead of {l8b_Hkv}, {l8b_mha_size}). At long contexts the cache, not the
+weights ({l8b_weights} in bfloat16), is what fills the memory.
 
 ## Try it
 
