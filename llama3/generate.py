@@ -252,6 +252,25 @@ class StopStrings:
         return safe
 
 
+class RowText:
+    """The text of one sequence as its tokens arrive: decoded without splitting a UTF-8
+    character (the tokenizer's `stream_decoder`) and cut just before a stop string."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.decoder, self.stops = tokenizer.stream_decoder(), StopStrings(stops)
+
+    def add(self, token: int, is_stop_id: bool, ended: bool) -> tuple[str, bool]:
+        """A new token (a stop id adds no text; ended: the sequence ends with it) ->
+        (text now final, whether a stop string was found: the sequence ends there)."""
+        piece = "" if is_stop_id else self.decoder.add(token)
+        if ended:
+            piece += self.decoder.flush()
+        text, hit_stop = self.stops.add(piece)
+        if ended and not hit_stop:
+            text += self.stops.flush()
+        return text, hit_stop
+
+
 @dataclass
 class Completion:
     """One finished sequence: its text (stop id and stop string excluded), new token ids,
@@ -278,8 +297,7 @@ class TextGeneration:
                  settings: GenerationSettings, stop_ids=None):
         stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
         self.tokens = TokenGeneration(model, prompt_ids, settings, stop_ids)
-        self.decoders = [tokenizer.stream_decoder() for _ in prompt_ids]
-        self.stops = [StopStrings(settings.stop) for _ in prompt_ids]
+        self.rows = [RowText(tokenizer, settings.stop) for _ in prompt_ids]
         self.texts: list[list[str]] = [[] for _ in prompt_ids]
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
@@ -288,15 +306,9 @@ class TextGeneration:
             for row, token in enumerate(step.tokens):
                 if token is None:
                     continue
-                ended = gen.finish_reasons[row] is not None
-                piece = "" if token in gen.stop_ids else self.decoders[row].add(token)
-                if ended:
-                    piece += self.decoders[row].flush()
-                text, hit_stop = self.stops[row].add(piece)
+                text, hit_stop = self.rows[row].add(token, token in gen.stop_ids, gen.finish_reasons[row] is not None)
                 if hit_stop:
                     gen.finish(row)
-                elif ended:
-                    text += self.stops[row].flush()
                 if text:
                     self.texts[row].append(text)
                     yield row, text
