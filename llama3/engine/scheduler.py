@@ -1,0 +1,366 @@
+"""The engine: one scheduler that owns the KV memory and runs many sequences at once.
+
+Each `step()`:
+    1. drops cancelled sequences, then admits waiting ones (first come, first served) while
+       fewer than `parallel` run and the pool has blocks for the prompt; a prompt's leading
+       full blocks that the prefix cache already holds are taken from it, not recomputed;
+    2. plans the step's tokens: every decoding sequence's one new token first, then prompt
+       chunks of the sequences still prefilling, up to `step_tokens` in all, so a long new
+       prompt never stalls the running streams for more than one chunk;
+    3. runs ONE forward of the readable model (`Transformer.forward`) over all of them side
+       by side, with the paged cache's per-token positions and mask (`paged_cache.py`);
+    4. samples the next token of each sequence whose tokens are all computed, each with its
+       own settings and generator, so a greedy or seeded request gives the same tokens alone
+       or in a crowd; a finished sequence leaves at once and its blocks go back to the pool.
+When a running sequence needs a block and none is free, the newest running sequence is
+preempted: its blocks are released and it waits at the head of the queue to be recomputed.
+
+`submit()` is safe from any thread; the loop runs in one daemon thread (`start()`), or a
+caller (a test) calls `step()` itself.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from llama3.engine.blocks import BlockPool, NoFreeBlock, chain_key
+from llama3.engine.memory import default_parallel, human, parse_memory
+from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
+from llama3.engine.sequence import Cancelled, Request, Result, Sequence
+from llama3.errors import Llama3Error
+from llama3.generate import GenerationSettings, fit_prompt
+from llama3.model import Transformer
+
+
+class QueueFull(Llama3Error):
+    """More requests wait than --max-queued allows (the server answers 429)."""
+
+
+@dataclass
+class EngineConfig:
+    """kv_memory: a size or share ("2GB", "25%"; None: memory.py's default).  parallel: running
+    sequences at most (None: from the budget).  max_queued: waiting sequences before submit
+    refuses.  step_tokens: tokens one forward computes at most (prompt chunks share them)."""
+
+    kv_memory: str | int | None = None
+    parallel: int | None = None
+    max_queued: int = 256
+    block_size: int = 16
+    step_tokens: int = 256
+    prefix_cache: bool = True
+
+    def __post_init__(self):
+        for name in ("parallel", "max_queued", "block_size", "step_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise Llama3Error(f"{name}={value!r} is invalid: it must be a positive whole number")
+
+
+def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
+    weight = model.tok_embeddings.weight
+    return getattr(model, "dtype", None) or weight.dtype, getattr(model, "device", None) or weight.device
+
+
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, config: EngineConfig | None = None):
+        self.model, self.tokenizer, self.config = model, tokenizer, config or EngineConfig()
+        cfg, model_config = self.config, model.config
+        dtype, self.device = model_dtype_device(model)
+        if not dtype.is_floating_point:
+            dtype = torch.float32
+        self.budget = parse_memory(cfg.kv_memory, self.device)
+        block_bytes = bytes_per_token(model_config, dtype) * cfg.block_size
+        n_blocks = self.budget // block_bytes
+        if n_blocks < 2:
+            raise Llama3Error(f"--kv-memory {human(self.budget)} holds fewer than 2 blocks of {cfg.block_size} "
+                              f"tokens ({human(block_bytes)} each); give it more")
+        self.cache = PagedKVCache(model_config, n_blocks, cfg.block_size, dtype, self.device)
+        self.pool = BlockPool(n_blocks, cfg.block_size)
+        self.parallel = cfg.parallel or default_parallel(n_blocks * cfg.block_size, model_config.max_seq_len)
+        self.stop_ids = frozenset(tokenizer.stop_ids) if tokenizer is not None else frozenset()
+        self.inbox: deque[Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.lock = threading.Condition()
+        self.requests = self.completion_tokens = self.cancelled = self.preemptions = self.steps = 0
+        self.thread: threading.Thread | None = None
+        self.closed = False
+
+    def describe(self) -> str:
+        """The start-up line: the budget, its blocks and tokens, the parallel limit."""
+        tokens = self.pool.n_blocks * self.pool.block_size
+        return (f"KV cache: {human(self.budget)} in {self.pool.n_blocks} blocks of {self.pool.block_size} tokens "
+                f"({tokens:,} positions, {self.cache.k.dtype}); up to {self.parallel} sequences at once, "
+                f"{self.config.max_queued} waiting")
+
+    # ------------------------------------------------------------ callers
+    def submit(self, prompt_ids: list[list[int]], settings: GenerationSettings, sink, stop_ids=None) -> Request:
+        """Queue one sequence per prompt; events go to `sink` from the engine's thread (see Request)."""
+        config = self.model.config
+        if not prompt_ids:
+            raise Llama3Error("no prompts given; pass at least one")
+        stop_ids = self.stop_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
+        request = Request(sink, config.vocab_size)
+        capacity = self.pool.n_blocks * self.pool.block_size
+        for row, ids in enumerate(prompt_ids):
+            ids = [int(i) for i in ids]
+            if not ids:
+                raise Llama3Error(f"prompt {row} is empty (no tokens); give it some text")
+            if min(ids) < 0 or max(ids) >= config.vocab_size:
+                raise Llama3Error(f"prompt {row} has token ids outside the vocabulary [0, {config.vocab_size})")
+            ids = fit_prompt(ids, config.max_seq_len, settings.max_new_tokens, settings.truncate)
+            if len(ids) + 1 > capacity:
+                raise Llama3Error(f"prompt {row} has {len(ids)} tokens but the KV cache holds {capacity}; "
+                                  "shorten it or give the server more --kv-memory")
+            max_new = min(settings.max_new_tokens, config.max_seq_len - len(ids))
+            request.sequences.append(Sequence(request, row, ids, settings, max_new, stop_ids, self.tokenizer,
+                                              self.device))
+        with self.lock:
+            if self.closed:
+                raise Cancelled("the engine is shutting down; try again later")
+            if len(self.waiting) + len(self.inbox) >= self.config.max_queued:
+                raise QueueFull(f"{self.config.max_queued} requests are already waiting (--max-queued); "
+                                "try again in a moment")
+            self.inbox.extend(request.sequences)
+            self.requests += 1
+            self.lock.notify()
+        return request
+
+    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> Iterator[tuple]:
+        """Generate in the engine's thread; yield its events here until the request ends.
+        Leaving the loop early (break, an exception, Ctrl-C) cancels the request."""
+        events: queue.Queue = queue.Queue()
+        request = self.submit(prompt_ids, settings, events.put, stop_ids)
+        self.start()
+        try:
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            request.cancel()
+        return request.results
+
+    def run(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> list[Result]:
+        """Generate to the end; one Result per prompt."""
+        events: queue.Queue = queue.Queue()
+        request = self.submit(prompt_ids, settings, events.put, stop_ids)
+        self.start()
+        try:
+            while (event := events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+        finally:
+            request.cancel()
+        return request.results
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "queued": len(self.waiting) + len(self.inbox),
+                "requests": self.requests, "completion_tokens": self.completion_tokens, "cancelled": self.cancelled,
+                "preemptions": self.preemptions, "parallel": self.parallel, "max_queued": self.config.max_queued,
+                **self.pool.stats()}
+
+    # ------------------------------------------------------------ the loop thread
+    def start(self) -> None:
+        with self.lock:
+            if self.thread is None and not self.closed:
+                self.thread = threading.Thread(target=self._loop, name="llama3-engine", daemon=True)
+                self.thread.start()
+
+    def cancel_all(self) -> None:
+        """Refuse new requests; end every running and waiting one with `Cancelled` (signal-safe)."""
+        self.closed = True
+        for seq in list(self.running) + list(self.waiting) + list(self.inbox):
+            seq.request.cancel()
+        with self.lock:
+            self.lock.notify()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self.cancel_all()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not (self.inbox or self.waiting or self.running or self.closed):
+                    self.lock.wait()
+            try:
+                self.step()
+            except Exception as error:  # a bug: every request in flight gets the error, the loop goes on
+                for seq in list(self.running):
+                    self._finish(seq, None, error)
+            if self.closed and not (self.running or self.waiting or self.inbox):
+                return
+
+    # ------------------------------------------------------------ one step
+    def step(self) -> bool:
+        """Admit, compute one forward over every running sequence, sample; False if there was nothing to do."""
+        with self.lock:
+            self.waiting.extend(self.inbox)
+            self.inbox.clear()
+        for seq in [s for s in self.running + list(self.waiting) if s.request.cancelled]:
+            self._finish(seq, "cancelled", Cancelled("the server is shutting down") if self.closed else None)
+        self._admit()
+        plan = self._plan()
+        if not plan:
+            return False
+        rows, tokens, want, sampling = [], [], [], []
+        for seq, n in plan:
+            rows.append((seq.blocks, seq.computed, seq.computed + n))
+            tokens += seq.ids[seq.computed:seq.computed + n]
+            if seq.computed + n == len(seq.ids):
+                want.append(len(tokens) - 1)
+                sampling.append(seq)
+        logits = self.forward(torch.tensor([tokens], device=self.device), rows, want)  # [len(want), V]
+        for seq, n in plan:
+            seq.computed += n
+            self._offer_full_blocks(seq)
+        for seq, row_logits in zip(sampling, logits):
+            seq.accept(seq.pick(row_logits))
+            if seq.finished:
+                self._finish(seq, seq.result.finish_reason)
+        self.steps += 1
+        return True
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, rows: list[tuple[list[int], int, int]], want: list[int]) -> torch.Tensor:
+        """tokens [1, N] of the sequences `rows` (block table, first position, end) side by side ->
+        logits [len(want), V] (float32) at the token indices `want`."""
+        step = self.cache.step(rows)
+        picked = torch.tensor(want, dtype=torch.long, device=self.device)
+
+        def only_wanted(module, args):  # the head runs on the tokens whose next token is sampled
+            return (args[0][:, picked],)
+
+        hook = self.model.norm.register_forward_pre_hook(only_wanted)
+        try:
+            logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions, mask=step.mask)
+        finally:
+            hook.remove()
+        return logits[0]
+
+    def _admit(self) -> None:
+        size = self.pool.block_size
+        while self.waiting and len(self.running) < self.parallel:
+            seq = self.waiting[0]
+            matched = self._match_prefix(seq)
+            needed = -(-(len(seq.ids) + 1) // size) - len(matched)
+            if needed > self.pool.available and self.running:
+                for block in matched:
+                    self.pool.release(block)
+                return
+            self.waiting.popleft()
+            seq.blocks, seq.computed = matched, len(matched) * size
+            seq.keys = seq.keys[:len(matched)]
+            if seq.result.cached_tokens == 0 and matched:  # counted once, not again after a preemption
+                seq.result.cached_tokens = seq.computed
+                self.pool.hits += 1
+                self.pool.hit_tokens += seq.computed
+            self.running.append(seq)
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks that start seq.ids (held now); the last token is always computed."""
+        if not self.config.prefix_cache:
+            return []
+        size, matched, seq.keys = self.pool.block_size, [], []
+        parent = b""
+        for begin in range(0, len(seq.ids) - size, size):  # full blocks before the last token only
+            parent = chain_key(parent, seq.ids[begin:begin + size])
+            seq.keys.append(parent)
+            block = self.pool.lookup(parent)
+            if block is None:
+                break
+            matched.append(block)
+        return matched
+
+    def _offer_full_blocks(self, seq: Sequence) -> None:
+        """Give the prefix cache each block this sequence has filled (prompt and answer alike)."""
+        if not self.config.prefix_cache:
+            return
+        size = self.pool.block_size
+        for index in range(len(seq.keys), seq.computed // size):
+            parent = seq.keys[-1] if seq.keys else b""
+            seq.keys.append(chain_key(parent, seq.ids[index * size:(index + 1) * size]))
+        for index in range(min(len(seq.keys), seq.computed // size)):
+            self.pool.register(seq.blocks[index], seq.keys[index])
+
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to compute) for this step, with the blocks they need allocated."""
+        budget, plan = self.config.step_tokens, []
+        decoding = [s for s in self.running if len(s.ids) - s.computed == 1]
+        prefilling = [s for s in self.running if len(s.ids) - s.computed > 1]
+        for seq in decoding + prefilling:
+            if seq not in self.running:  # preempted by an earlier one in this loop
+                continue
+            n = min(len(seq.ids) - seq.computed, budget)
+            if n == 0:
+                break
+            if not self._reserve(seq, seq.computed + n, plan):
+                continue
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def _reserve(self, seq: Sequence, end: int, plan: list) -> bool:
+        """Allocate blocks until seq holds positions 0..end-1, preempting the newest other
+        running sequence when none is free; False if seq itself had to stop."""
+        while len(seq.blocks) * self.pool.block_size < end:
+            try:
+                seq.blocks.append(self.pool.allocate())
+            except NoFreeBlock:
+                victims = [s for s in self.running if s is not seq]
+                if not victims:
+                    self._finish(seq, "length")  # alone and still too big for the whole budget
+                    return False
+                victim = victims[-1]
+                plan[:] = [(s, n) for s, n in plan if s is not victim]
+                self._preempt(victim)
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        for block in seq.blocks:
+            self.pool.release(block)
+        seq.blocks, seq.computed = [], 0
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def _finish(self, seq: Sequence, reason: str | None, error: BaseException | None = None) -> None:
+        """Take seq out (running or waiting), free its blocks, tell its request."""
+        if seq.left:
+            return
+        seq.left = True
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        for block in seq.blocks:
+            self.pool.release(block)
+        seq.blocks = []
+        request = seq.request
+        if seq.result.finish_reason is None:
+            seq.result.finish_reason = reason or "cancelled"
+        self.completion_tokens += seq.result.completion_tokens
+        if error is not None:
+            request.send(error)
+            for other in request.sequences:  # the whole request fails
+                self._finish(other, "cancelled")
+            return
+        if seq.result.finish_reason == "cancelled":
+            if not any(s.result.finish_reason == "cancelled" for s in request.sequences if s is not seq):
+                self.cancelled += 1
+            for other in request.sequences:
+                self._finish(other, "cancelled")
+            request.send(None)
+            return
+        r = seq.result
+        request.send(("end", seq.row, r.finish_reason, r.completion_tokens, r.cached_tokens))
+        if all(s.finished for s in request.sequences):
+            request.send(None)

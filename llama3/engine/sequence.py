@@ -1,0 +1,128 @@
+"""One sequence the engine runs (a prompt and its answer so far), and the request handle
+that groups the sequences of one call and carries their events to whoever waits.
+
+A sequence's `ids` are its prompt and the tokens sampled so far; `computed` of them have
+their keys and values in the cache.  Each step computes ids[computed:] (a chunk of the
+prompt, or the one token sampled last step); when that reaches the end of `ids` the
+step's logits give the next token.  A sequence pushed out of the cache (preempted) just
+starts again from computed = 0 (or its cached prefix): the same rule recomputes its
+prompt and answer so far and then samples on.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from llama3.errors import Llama3Error
+from llama3.generate import GenerationSettings, RowText
+from llama3.sampling import sample
+
+
+class Cancelled(Llama3Error):
+    """The request was cancelled before it finished (the server is shutting down)."""
+
+
+@dataclass
+class Result:
+    """One finished sequence: its text (stop id and stop string excluded), new token ids, why it
+    ended ("stop", "length" or "cancelled"), its prompt size and how much of it came from the cache."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class Sequence:
+    def __init__(self, request: "Request", row: int, prompt: list[int], settings: GenerationSettings,
+                 max_new_tokens: int, stop_ids: frozenset[int], tokenizer, device: torch.device):
+        self.request, self.row, self.settings = request, row, settings
+        self.ids = list(prompt)
+        self.prompt_tokens, self.max_new_tokens, self.stop_ids = len(prompt), max_new_tokens, stop_ids
+        self.computed = 0
+        self.left = False                    # the engine is done with it (finished, cancelled, failed)
+        self.blocks: list[int] = []
+        self.keys: list[bytes] = []          # prefix-cache keys of its full blocks, in order
+        self.result = Result(prompt_tokens=len(prompt))
+        self.text = RowText(tokenizer, settings.stop) if tokenizer is not None else None
+        self.generator = torch.Generator(device=device)
+        if settings.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(settings.seed)
+        self.seen = None
+        if settings.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, request.vocab_size, dtype=torch.bool, device=device)  # [1, V]
+            self.seen[0, torch.tensor(prompt, device=device)] = True
+
+    @property
+    def finished(self) -> bool:
+        return self.result.finish_reason is not None
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next id from this sequence's logits [V], with its own settings and generator."""
+        s = self.settings
+        token = sample(logits[None], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
+                       repetition_penalty=s.repetition_penalty, seen=self.seen, generator=self.generator)
+        if self.seen is not None:
+            self.seen[0, token] = True
+        return int(token)
+
+    def accept(self, token: int) -> None:
+        """Record a sampled token: end on a stop id, the length limit or a stop string; send its text."""
+        result, is_stop_id = self.result, token in self.stop_ids
+        if is_stop_id:
+            result.finish_reason = "stop"
+        else:
+            result.token_ids.append(token)
+            self.ids.append(token)
+            if len(result.token_ids) >= self.max_new_tokens:
+                result.finish_reason = "length"
+        if self.text is not None:
+            text, hit_stop = self.text.add(token, is_stop_id, self.finished)
+            if hit_stop:
+                result.finish_reason = "stop"
+            if text:
+                result.text += text
+                self.request.send(("text", self.row, text))
+        else:
+            self.request.send(("token", self.row, token))
+
+
+class Request:
+    """The sequences of one call (one per prompt).  The engine calls `send(event)` from its thread:
+        ("text", row, piece)  or  ("token", row, id)   (without a tokenizer)
+        ("end", row, finish_reason, n_tokens, cached_tokens)
+        None  (the request is over)   or an exception (it failed).
+    `sink` receives them (a queue's put, or a hop onto an event loop)."""
+
+    def __init__(self, sink, vocab_size: int):
+        self.sink, self.vocab_size = sink, vocab_size
+        self.sequences: list[Sequence] = []
+        self._cancelled = threading.Event()
+        self.closed = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (safe from any thread, idempotent)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def results(self) -> list[Result]:
+        return [s.result for s in self.sequences]
+
+    def send(self, event) -> None:
+        if not self.closed:
+            self.sink(event)
+            self.closed = event is None or isinstance(event, BaseException)
