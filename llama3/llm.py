@@ -168,13 +168,25 @@ class LLM:
             raise Llama3Error("this model has no tokenizer; set one: llm.tokenizer = llama3.load_tokenizer(SOURCE)")
         return self.tokenizer
 
-    def _complete(self, prompt_ids: list[list[int]], settings, stream: bool, single: bool):
-        from llama3.generate import TextGeneration
+    @property
+    def engine(self):
+        """The continuous-batching engine over this model and tokenizer (`llama3.engine`), made on
+        first use and kept, so its prefix cache serves later calls (a conversation's earlier turns)."""
+        engine = self.__dict__.get("_engine")
+        if engine is None or engine.closed or engine.model is not self.model or engine.tokenizer is not self.tokenizer:
+            from llama3.engine import Engine
 
-        run = TextGeneration(self.model, self.tokenizer, prompt_ids, settings)
+            engine = self.__dict__["_engine"] = Engine(self.model, self.tokenizer)
+        return engine
+
+    def __getstate__(self):  # copies and pickles carry the model, not the engine's threads and memory
+        return {name: value for name, value in self.__dict__.items() if name != "_engine"}
+
+    def _complete(self, prompt_ids: list[list[int]], settings, stream: bool, single: bool):
         if stream:
-            return (piece for _, piece in run) if single else iter(run)
-        texts = [c.text for c in run.run()]
+            events = self.engine.stream(prompt_ids, settings)
+            return (event[2] if single else (event[1], event[2]) for event in events if event[0] == "text")
+        texts = [result.text for result in self.engine.run(prompt_ids, settings)]
         return texts[0] if single else texts
 
 

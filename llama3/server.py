@@ -11,15 +11,16 @@ Endpoints (the part of OpenAI's API that clients need to generate text):
 
 How a request flows:
     check the bearer key -> parse the JSON -> validate the fields -> tokenize and check
-    that the prompt fits the context -> wait in the queue -> the worker thread generates
+    that the prompt fits the context -> wait in the queue -> the engine generates it in its batch
     token by token and hands the text back to the event loop -> one JSON response, or
     server-sent events (`data: {...}` lines) ending with `data: [DONE]`.
 
-The model runs one generation at a time on a worker thread (`GenerationQueue`), so the
-event loop stays free to accept, queue and stream to other clients.  Generation is
-the engine the CLI uses (`llama3.generate`); nothing about sampling or chat templates
-is decided here.  A client that goes away cancels its request: the worker checks
-between tokens.  Every error has OpenAI's shape:
+The model runs in the engine's thread (`llama3.engine`, through `GenerationQueue`): every
+running request decodes in one batched forward per step over a paged KV cache, new ones
+join at the next step, and prompt prefixes already computed are reused; the event loop
+stays free to accept, queue and stream.  Nothing about sampling or chat templates is
+decided here.  A client that goes away cancels its request at the next step; a full
+waiting queue (--max-queued) answers 429.  Every error has OpenAI's shape:
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 """
 
@@ -42,10 +43,11 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from llama3.errors import Llama3Error
-from llama3.generate import GenerationSettings, TextGeneration, fit_prompt
+from llama3.engine import Engine, EngineConfig
+from llama3.generate import GenerationSettings, fit_prompt
 from llama3.llm import LLM
 from llama3.server_limits import ServerLimits, install as install_limits, off_loop, parse_json
-from llama3.server_queue import Cancelled, GenerationQueue, Job
+from llama3.server_queue import Cancelled, GenerationQueue, Job, QueueFull
 
 log = logging.getLogger("llama3.server")
 
@@ -167,18 +169,20 @@ def _refuse_unsupported(body: dict) -> None:
 
 # ------------------------------------------------------------------------ app
 def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
-               queue: GenerationQueue | None = None, limits: ServerLimits | None = None) -> FastAPI:
+               queue: GenerationQueue | None = None, limits: ServerLimits | None = None,
+               engine: EngineConfig | None = None) -> FastAPI:
     """A FastAPI app serving `llm` under the name `model_name`.
 
     api_key: when set, every /v1 request must send `Authorization: Bearer <api_key>`.
-    queue: the worker thread that runs the generations (default: a new one); its
-    counters are reported by /health and it is closed when the app shuts down.
+    queue: the engine that runs the generations (default: a new one over `llm`, configured by
+    `engine`: --kv-memory, --parallel, --max-queued); its counters are reported by /health and
+    it is closed when the app shuts down.
     limits: body size, max_tokens cap, prompts and characters per request, and (without
     api_key) the Host/Origin/Content-Type checks; see server_limits.py.
     """
     if llm.tokenizer is None:
         raise Llama3Error("this model has no tokenizer; load a model folder or .gguf that includes one")
-    queue = queue or GenerationQueue()
+    queue = queue or GenerationQueue(Engine(llm.model, llm.tokenizer, engine))
     limits = limits or ServerLimits()
     created = int(time.time())
 
@@ -291,7 +295,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                 raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context holds {context} "
                                "(prompt + answer); shorten it", param="messages" if chat else "prompt",
                                code="context_length_exceeded") from None
-        job = queue.submit(TextGeneration(llm.model, llm.tokenizer, prompt_ids, settings))
+        try:
+            job = queue.submit(prompt_ids, settings)
+        except QueueFull as error:
+            raise APIError(429, str(error), type="requests", code="rate_limit_exceeded") from None
         reply = _Reply(model_name, chat, [len(ids) for ids in prompt_ids])
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
@@ -327,12 +334,13 @@ class _Reply:
         self.created = int(time.time())
         self.texts = [""] * len(prompt_tokens)
         self.finish: list[str | None] = [None] * len(prompt_tokens)
-        self.completion_tokens = 0
+        self.completion_tokens = self.cached_tokens = 0
 
     def usage(self) -> dict:
         prompt = sum(self.prompt_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens}
+                "total_tokens": prompt + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
     def _envelope(self, choices: list[dict], chunk: bool) -> dict:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
@@ -359,14 +367,16 @@ class _Reply:
         return {**self._envelope([], chunk=True), "usage": self.usage()}
 
     def add(self, event: tuple) -> dict | None:
-        """Record a worker event ("text", i, piece) or ("end", i, finish, n_tokens); the chunk to stream."""
+        """Record an engine event ("text", i, piece) or ("end", i, finish, n_tokens, cached_tokens);
+        the chunk to stream."""
         if event[0] == "text":
             _, index, piece = event
             self.texts[index] += piece
             return self.chunk(index, text=piece) if piece else None
-        _, index, finish, n_tokens = event
+        _, index, finish, n_tokens, cached = event
         self.finish[index] = finish
         self.completion_tokens += n_tokens
+        self.cached_tokens += cached
         return self.chunk(index, finish=finish)
 
 

@@ -1,63 +1,53 @@
-"""One generation at a time, off the event loop: the server's worker thread and its queue.
+"""The server's side of the engine: jobs whose events hop from the engine's thread onto the event loop.
 
-The model is one big computation that uses every CPU core (or the GPU), so running
-two requests at once would only make both slower.  Instead the HTTP handlers put a
-`Job` in a FIFO queue and a single worker thread runs them in turn.  While the worker
-computes, the event loop keeps accepting connections and streaming text:
+The engine (`llama3.engine`) runs every request at once in one thread, a batched forward per
+step; the HTTP handlers never compute.  A handler submits a job and reads its events:
 
-    handler (event loop)                  worker thread
-    --------------------                  -------------
-    job = queue.submit(generation)  ->    takes the next job, iterates its TextGeneration
-    async for event in job.events():  <-  job.send(("text", row, piece))  per piece of text
-                                      <-  job.send(("end", row, finish_reason, n_tokens))
-                                      <-  job.send(None)                   the end
+    handler (event loop)                          engine thread
+    --------------------                          -------------
+    job = queue.submit(prompt_ids, settings)  ->  the request waits, is admitted, decodes in the batch
+    async for event in job.events():          <-  ("text", row, piece)  per piece of text
+                                              <-  ("end", row, finish_reason, n_tokens, cached_tokens)
+                                              <-  None                  the end
 
-`job.cancel()` (the client disconnected, or the server is stopping) is checked by the
-worker after every piece of text it hands over, so a cancelled job stops within a token
-or two and the next one starts.  A job cancelled while it waits never runs.
+`job.cancel()` (the client disconnected) takes the request out at the next step and its KV
+blocks go back to the pool; a job cancelled while it waits never runs.  When more requests
+wait than --max-queued allows, `submit` raises `QueueFull` (the server answers 429).
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 from typing import AsyncIterator
 
-from llama3.errors import Llama3Error
-from llama3.generate import TextGeneration
+from llama3.engine import Cancelled, Engine, QueueFull, Request
 
-
-class Cancelled(Llama3Error):
-    """The job was cancelled before it finished (the server is shutting down)."""
+__all__ = ["Cancelled", "GenerationQueue", "Job", "QueueFull"]
 
 
 class Job:
-    """One request's generation and the channel that carries its events back to the event loop."""
+    """One request in the engine and the channel that carries its events back to the event loop."""
 
-    def __init__(self, generation: TextGeneration, loop: asyncio.AbstractEventLoop):
-        self.generation: TextGeneration | None = generation
+    def __init__(self, loop: asyncio.AbstractEventLoop):
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        """Ask the worker to stop this job (safe from any thread, idempotent)."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        self.request: Request | None = None
 
     def send(self, event) -> None:
-        """Called by the worker thread: hand one event to the waiting handler."""
+        """Called by the engine's thread: hand one event to the waiting handler."""
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop has closed: nobody is listening
             pass
 
+    def cancel(self) -> None:
+        """Stop generating for this job (safe from any thread, idempotent)."""
+        if self.request is not None:
+            self.request.cancel()
+
     async def events(self) -> AsyncIterator[tuple]:
-        """The job's events, in order, until it ends; raises the worker's error if it failed."""
+        """The job's events, in order, until it ends; raises the engine's error if it failed."""
         while (event := await self._events.get()) is not None:
             if isinstance(event, BaseException):
                 raise event
@@ -65,68 +55,31 @@ class Job:
 
 
 class GenerationQueue:
-    """A FIFO of jobs and the one daemon thread that runs them.  `stats()` reports counters."""
+    """The server's handle on one `Engine`: submit jobs, read counters, stop it all."""
 
-    def __init__(self):
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._running: Job | None = None
-        self._closed = False
-        self.requests = self.completion_tokens = self.cancelled = 0
-        self._thread = threading.Thread(target=self._work, name="llama3-generation", daemon=True)
-        self._thread.start()
+    def __init__(self, engine: Engine):
+        self.engine = engine
 
-    def submit(self, generation: TextGeneration) -> Job:
-        """Queue a generation (call from the event loop); iterate `job.events()` for its output."""
-        if self._closed:
-            raise Cancelled("the server is shutting down; try again later")
-        job = Job(generation, asyncio.get_running_loop())
-        self._jobs.put(job)
+    @property
+    def _thread(self) -> threading.Thread:
+        """The engine's loop thread now (a never-started one while the engine idles without one)."""
+        return self.engine.thread or threading.Thread()
+
+    def submit(self, prompt_ids: list[list[int]], settings) -> Job:
+        """Queue a request (call from the event loop); iterate `job.events()` for its output.
+        Raises QueueFull when the waiting queue is full, Cancelled when the server is stopping."""
+        job = Job(asyncio.get_running_loop())
+        job.request = self.engine.submit(prompt_ids, settings, job.send)
+        self.engine.start()
         return job
 
     def stats(self) -> dict:
-        return {"queued": self._jobs.qsize(), "running": self._running is not None, "requests": self.requests,
-                "completion_tokens": self.completion_tokens, "cancelled": self.cancelled}
+        return self.engine.stats()
 
     def cancel_all(self) -> None:
-        """Stop the running job and every waiting one (safe from a signal handler)."""
-        self._closed = True
-        running = self._running
-        if running is not None:
-            running.cancel()
-        for job in list(self._jobs.queue):
-            if job is not None:
-                job.cancel()
+        """End the running and waiting requests with Cancelled, refuse new ones (safe from a signal handler)."""
+        self.engine.cancel_all()
 
     def close(self, timeout: float = 10.0) -> None:
-        """Cancel everything and wait (at most `timeout` seconds) for the worker to stop."""
-        self.cancel_all()
-        self._jobs.put(None)
-        self._thread.join(timeout)
-
-    # ----------------------------------------------------------- worker thread
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            self._running = job
-            try:
-                self._run(job)
-            except Exception as error:  # a bug or a bad request: the handler reports it
-                job.send(error)
-            finally:
-                self._running, job.generation = None, None  # free the KV cache now
-                job.send(None)
-
-    def _run(self, job: Job) -> None:
-        generation = job.generation
-        if job.cancelled:  # cancelled while it waited: never start
-            raise Cancelled("the request was cancelled before it started")
-        self.requests += 1
-        try:
-            for row, piece in generation:
-                job.send(("text", row, piece))
-                if job.cancelled:
-                    self.cancelled += 1
-                    raise Cancelled("generation was cancelled: the client left or the server is shutting down")
-        finally:
-            self.completion_tokens += sum(len(tokens) for tokens in generation.tokens.tokens)
-        for row, completion in enumerate(generation.completions()):
-            job.send(("end", row, completion.finish_reason, completion.completion_tokens))
+        """Cancel everything and wait (at most `timeout` seconds) for the engine's thread to stop."""
+        self.engine.close(timeout)

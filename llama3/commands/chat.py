@@ -2,7 +2,9 @@
 
 Each turn appends your message to the conversation, renders the whole
 conversation with the model's chat template (tokenizer.encode_chat) and
-generates until the model's end-of-turn token.  With stdin piped, each input
+generates until the model's end-of-turn token, through the model's engine
+(`llm.engine`), whose prefix cache keeps the KV blocks of the conversation so
+far: turn N reads only its new tokens, not turns 1..N-1 again.  With stdin piped, each input
 line is one user message and each answer is printed on its own line(s), with
 no prompts or banners.
 """
@@ -51,11 +53,11 @@ def answer(llm, messages: list[dict], settings, out=None, record: dict | None = 
     import signal
     import threading
 
-    from llama3.generate import TextGeneration
-
     out = out or sys.stdout  # looked up now, not when the module was imported
     prompt_ids = llm.tokenizer.encode_chat(messages, add_generation_prompt=True)
-    generation = TextGeneration(llm.model, llm.tokenizer, [prompt_ids], settings)
+    # through the engine: its prefix cache still holds the conversation so far (the earlier turns'
+    # prompts and answers), so only the new message and the answer are computed
+    generation = llm.engine.stream([prompt_ids], settings)
     pieces = []
     # Ctrl-C sets a flag that the loop checks after each piece: a KeyboardInterrupt raised at an
     # arbitrary point can be swallowed (e.g. inside a finaliser) and the answer would run on.
@@ -63,8 +65,11 @@ def answer(llm, messages: list[dict], settings, out=None, record: dict | None = 
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True)) if in_main_thread else None
     try:
-        with prefill_progress(generation.tokens):  # a long conversation's prefill says so on stderr
-            for _, piece in generation:
+        with prefill_progress(generation):  # a long conversation's prefill says so on stderr
+            for event in generation:
+                if event[0] != "text":
+                    continue
+                piece = event[2]
                 pieces.append(piece)
                 out.write(piece)
                 out.flush()
@@ -73,6 +78,7 @@ def answer(llm, messages: list[dict], settings, out=None, record: dict | None = 
     except KeyboardInterrupt:
         interrupted.append(True)
     finally:
+        generation.cancel()
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if interrupted:
@@ -80,10 +86,11 @@ def answer(llm, messages: list[dict], settings, out=None, record: dict | None = 
     out.write("\n")
     out.flush()
     if record is not None:
-        answer_ids = list(generation.tokens.tokens[0])
-        record.update(prompt_ids=prompt_ids, answer_ids=answer_ids,
-                      finish_reason=ending(llm.tokenizer, answer_ids, generation.tokens.finish_reasons[0],
-                                           settings.stop, bool(interrupted)))
+        result = generation.results[0]
+        answer_ids = list(result.token_ids)
+        record.update(prompt_ids=prompt_ids, answer_ids=answer_ids, cached_tokens=result.cached_tokens,
+                      finish_reason=ending(llm.tokenizer, answer_ids, result.finish_reason, settings.stop,
+                                           bool(interrupted)))
     return "".join(pieces)
 
 

@@ -25,8 +25,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve a model over HTTP with OpenAI's API, so existing clients and tools work unchanged:\n"
         "  GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions\n"
-        "(streaming with \"stream\": true).  Requests are answered one at a time, in order;\n"
-        "a client that disconnects stops its generation.  Ctrl-C (or SIGTERM) stops the server.")
+        "(streaming with \"stream\": true).  Requests run together: each step decodes every running\n"
+        "one in one batch over a paged KV cache (--kv-memory), new ones join at the next step, a\n"
+        "prompt prefix already seen is reused; a client that disconnects stops its generation.\n"
+        "Ctrl-C (or SIGTERM) stops the server.")
     parser.epilog = (
         "example:\n"
         "  llama3 serve --api-key secret &\n"
@@ -42,6 +44,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lab", action="store_true",
                         help="also serve the Lab page at /lab (llama3 lab), with the same API key rule")
     add_limit_arguments(parser)
+    engine = parser.add_argument_group("engine (continuous batching)")
+    engine.add_argument("--kv-memory", default=None, metavar="SIZE",
+                        help="memory for the KV cache of all requests together: 2GB, 512MiB or 25%% of the "
+                             "free memory (default: a quarter of the free memory, at most 4 GiB on the CPU; "
+                             "printed at start-up)")
+    engine.add_argument("--parallel", type=int, default=None, metavar="N",
+                        help="sequences decoded at once (default: what the KV budget holds at a quarter of "
+                             "the context each, at most 16); more requests wait in the queue")
+    engine.add_argument("--max-queued", type=int, default=256, metavar="N",
+                        help="requests that may wait for a place; beyond it the server answers 429 (default 256)")
+    engine.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt instead of reusing the KV blocks of a prefix seen before")
 
 
 def _positive(text: str) -> int:
@@ -112,6 +126,15 @@ def run(args: argparse.Namespace) -> int:
     from llama3.llm import parse_device
 
     device = parse_device(args.device)  # a bad --device is a one-line error before binding or loading
+    import torch
+
+    from llama3.engine import Engine, EngineConfig
+    from llama3.engine.memory import parse_memory
+    from llama3.server_queue import GenerationQueue
+
+    engine_config = EngineConfig(kv_memory=args.kv_memory, parallel=args.parallel, max_queued=args.max_queued,
+                                 prefix_cache=not args.no_prefix_cache)  # bad values: an error before loading
+    parse_memory(args.kv_memory, device or torch.device("cpu"))
     sock = listen(args.host, args.port)
     name = args.name or model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
@@ -119,7 +142,9 @@ def run(args: argparse.Namespace) -> int:
     # llama3.load, then llama3.fast's inference speed-ups unless --plain (same tokens up to float rounding)
     llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    app = create_app(llm, name, api_key=args.api_key, limits=server_limits(args))
+    engine = Engine(llm.model, llm.tokenizer, engine_config)
+    print(engine.describe(), file=sys.stderr)
+    app = create_app(llm, name, api_key=args.api_key, limits=server_limits(args), queue=GenerationQueue(engine))
     if args.lab:  # the page's views hook the served (fast) model's modules, on their own thread
         from llama3.lab import mount_lab
 

@@ -38,6 +38,9 @@ from llama3.generate import GenerationSettings, fit_prompt
 from llama3.model import Transformer
 
 
+IDLE_SECONDS = 5.0
+
+
 class QueueFull(Llama3Error):
     """More requests wait than --max-queued allows (the server answers 429)."""
 
@@ -132,33 +135,16 @@ class Engine:
             self.lock.notify()
         return request
 
-    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> Iterator[tuple]:
-        """Generate in the engine's thread; yield its events here until the request ends.
-        Leaving the loop early (break, an exception, Ctrl-C) cancels the request."""
-        events: queue.Queue = queue.Queue()
-        request = self.submit(prompt_ids, settings, events.put, stop_ids)
-        self.start()
-        try:
-            while (event := events.get()) is not None:
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-        finally:
-            request.cancel()
-        return request.results
+    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> "Stream":
+        """Submit and iterate the events here, as the engine's thread makes them (see `Stream`)."""
+        return Stream(self, prompt_ids, settings, stop_ids)
 
     def run(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> list[Result]:
         """Generate to the end; one Result per prompt."""
-        events: queue.Queue = queue.Queue()
-        request = self.submit(prompt_ids, settings, events.put, stop_ids)
-        self.start()
-        try:
-            while (event := events.get()) is not None:
-                if isinstance(event, BaseException):
-                    raise event
-        finally:
-            request.cancel()
-        return request.results
+        stream = self.stream(prompt_ids, settings, stop_ids)
+        for _ in stream:
+            pass
+        return stream.results
 
     def stats(self) -> dict:
         return {"running": len(self.running), "queued": len(self.waiting) + len(self.inbox),
@@ -183,20 +169,28 @@ class Engine:
 
     def close(self, timeout: float = 10.0) -> None:
         self.cancel_all()
-        if self.thread is not None:
-            self.thread.join(timeout)
+        thread = self.thread
+        if thread is not None:
+            thread.join(timeout)
 
     def _loop(self) -> None:
+        """Step while there is work; after IDLE_SECONDS with none the thread ends (`start` makes a
+        new one), so an engine nobody uses holds no thread and can be garbage-collected."""
         while True:
             with self.lock:
-                while not (self.inbox or self.waiting or self.running or self.closed):
-                    self.lock.wait()
+                if not (self.inbox or self.waiting or self.running or self.closed):
+                    self.lock.wait(IDLE_SECONDS)
+                    if not (self.inbox or self.waiting or self.running or self.closed):
+                        self.thread = None
+                        return
             try:
                 self.step()
             except Exception as error:  # a bug: every request in flight gets the error, the loop goes on
                 for seq in list(self.running):
                     self._finish(seq, None, error)
             if self.closed and not (self.running or self.waiting or self.inbox):
+                with self.lock:
+                    self.thread = None
                 return
 
     # ------------------------------------------------------------ one step
@@ -364,3 +358,29 @@ class Engine:
         request.send(("end", seq.row, r.finish_reason, r.completion_tokens, r.cached_tokens))
         if all(s.finished for s in request.sequences):
             request.send(None)
+
+
+class Stream:
+    """A submitted request read from the caller's thread: iterate for its events; `results` then
+    holds one Result per prompt.  Leaving the loop early (break, an exception, Ctrl-C) cancels it."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None):
+        self._events: queue.Queue = queue.Queue()
+        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids)
+        engine.start()
+
+    def __iter__(self) -> Iterator[tuple]:
+        try:
+            while (event := self._events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            self.request.cancel()
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+    @property
+    def results(self) -> list[Result]:
+        return self.request.results
