@@ -106,7 +106,7 @@ def chat_prefix_ttft(llm, quantized_engine_config) -> dict:
 
     filler = ("The history of the valley is long. Farmers came first, then traders, then the railway, and each "
               "left roads, songs and arguments behind them that the town still keeps. ")
-    turns = [(f"Question {i}: tell me about part {i} of the valley's history.", filler * 9) for i in range(4)]
+    turns = [(f"Question {i}: tell me about part {i} of the valley's history.", filler * 10) for i in range(4)]
     messages = [{"role": "system", "content": "You are a patient historian."}]
     for question, reply in turns:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
@@ -143,7 +143,7 @@ def kv_per_prompt(llm, config) -> dict:
     def blocks(n):
         engine = Engine(llm.model, llm.tokenizer, config(prefix_cache=False, parallel=32, step_tokens=2048))
         prompts = [llm.tokenizer.encode(f"Short prompt {i}.") for i in range(n)]
-        engine.submit(prompts, GenerationSettings(max_new_tokens=1), lambda event: None)
+        engine.submit(prompts, GenerationSettings(max_new_tokens=2), lambda event: None)  # still held after one step
         engine.step()
         used = engine.stats()["kv_blocks_used"]
         return used, used * engine.pool.block_size * engine.cache.k[0, 0].numel() * 2 * engine.cache.k.shape[0] \
@@ -162,6 +162,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--quantize", default="int4")
     parser.add_argument("--llama-server", default="/work/peers/build/bin/llama-server")
+    parser.add_argument("--peer", action="append", default=None, metavar="THREADS:CLIENTS",
+                        help="a llama-server run: its thread count and client counts, e.g. 2:1,8 (repeatable; "
+                             "default: --threads with every --clients count)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
@@ -170,24 +173,29 @@ def main() -> int:
                           env=env, capture_output=True, text=True, check=True).stdout.strip()
     report = {"uptime_before": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
               "gguf": gguf, "threads": args.threads, "new_tokens": args.new, "runs": []}
-    ours_port, peer_port = free_port(), free_port()
-    servers = {
-        "ours": subprocess.Popen([sys.executable, "-m", "llama3", "serve", "--port", str(ours_port), "--quantize",
-                                  args.quantize, "--parallel", str(max(counts)), "--kv-memory", "1GB"], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True),
-        "llama-server": subprocess.Popen([args.llama_server, "-m", gguf, "-t", str(args.threads), "-tb",
-                                          str(args.threads), "--parallel", str(max(counts)), "-c",
-                                          str(max(counts) * 512), "-cb", "--port", str(peer_port),
-                                          "--log-disable"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
-    }
-    urls = {"ours": f"http://127.0.0.1:{ours_port}", "llama-server": f"http://127.0.0.1:{peer_port}"}
+    peers = [(int(p.split(":")[0]), [int(c) for c in p.split(":")[1].split(",")]) for p in args.peer] \
+        if args.peer else [(args.threads, counts)]
+    ports = {"ours": free_port()}
+    servers = {"ours": subprocess.Popen([sys.executable, "-m", "llama3", "serve", "--port", str(ports["ours"]),
+                                         "--quantize", args.quantize, "--parallel", str(max(counts)),
+                                         "--kv-memory", "1GB"], env=env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)}
+    for threads, _ in peers:  # llama.cpp's server: continuous batching on, one slot per client
+        name = f"llama-server-t{threads}"
+        ports[name] = free_port()
+        servers[name] = subprocess.Popen([args.llama_server, "-m", gguf, "-t", str(threads), "-tb", str(threads),
+                                          "--parallel", str(max(counts)), "-c", str(max(counts) * 512), "-cb",
+                                          "--port", str(ports[name])],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
     try:
         for name, process in servers.items():
             wait_healthy(urls[name], process)
             crowd(urls[name], 1, 8, 0)  # warm-up
         for round_ in range(args.rounds):
             for n in counts:
-                for name in ("ours", "llama-server"):
+                names = ["ours"] + [f"llama-server-t{t}" for t, peer_counts in peers if n in peer_counts]
+                for name in names:
                     row = {"server": name, "round": round_, **crowd(urls[name], n, args.new, round_ + n)}
                     print(json.dumps(row), flush=True)
                     report["runs"].append(row)

@@ -103,13 +103,18 @@ class Engine:
                 f"{self.config.max_queued} waiting")
 
     # ------------------------------------------------------------ callers
-    def submit(self, prompt_ids: list[list[int]], settings: GenerationSettings, sink, stop_ids=None) -> Request:
-        """Queue one sequence per prompt; events go to `sink` from the engine's thread (see Request)."""
+    def submit(self, prompt_ids: list[list[int]], settings: GenerationSettings, sink, stop_ids=None,
+               samplers=None) -> Request:
+        """Queue one sequence per prompt; events go to `sink` from the engine's thread (see Request).
+        samplers: one `llama3.sampling.Sampler` per prompt (default: made from settings, each
+        seeded with settings.seed, so a prompt gives the same tokens alone or with others)."""
         config = self.model.config
         if not prompt_ids:
             raise Llama3Error("no prompts given; pass at least one")
         stop_ids = self.stop_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
         request = Request(sink, config.vocab_size)
+        if samplers is not None and len(samplers) != len(prompt_ids):
+            raise Llama3Error(f"{len(samplers)} samplers for {len(prompt_ids)} prompts; give one per prompt")
         capacity = self.pool.n_blocks * self.pool.block_size
         for row, ids in enumerate(prompt_ids):
             ids = [int(i) for i in ids]
@@ -123,7 +128,7 @@ class Engine:
                                   "shorten it or give the server more --kv-memory")
             max_new = min(settings.max_new_tokens, config.max_seq_len - len(ids))
             request.sequences.append(Sequence(request, row, ids, settings, max_new, stop_ids, self.tokenizer,
-                                              self.device))
+                                              self.device, samplers[row] if samplers is not None else None))
         with self.lock:
             if self.closed:
                 raise Cancelled("the engine is shutting down; try again later")

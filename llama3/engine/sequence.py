@@ -18,7 +18,7 @@ import torch
 
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, RowText
-from llama3.sampling import sample
+from llama3.sampling import Sampler
 
 
 class Cancelled(Llama3Error):
@@ -35,6 +35,7 @@ class Result:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    logprobs: list | None = None   # per new token, its TokenLogprobs (settings.logprobs not None)
 
     @property
     def completion_tokens(self) -> int:
@@ -43,7 +44,8 @@ class Result:
 
 class Sequence:
     def __init__(self, request: "Request", row: int, prompt: list[int], settings: GenerationSettings,
-                 max_new_tokens: int, stop_ids: frozenset[int], tokenizer, device: torch.device):
+                 max_new_tokens: int, stop_ids: frozenset[int], tokenizer, device: torch.device,
+                 sampler: Sampler | None = None):
         self.request, self.row, self.settings = request, row, settings
         self.ids = list(prompt)
         self.prompt_tokens, self.max_new_tokens, self.stop_ids = len(prompt), max_new_tokens, stop_ids
@@ -53,28 +55,19 @@ class Sequence:
         self.keys: list[bytes] = []          # prefix-cache keys of its full blocks, in order
         self.result = Result(prompt_tokens=len(prompt))
         self.text = RowText(tokenizer, settings.stop) if tokenizer is not None else None
-        self.generator = torch.Generator(device=device)
-        if settings.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(settings.seed)
-        self.seen = None
-        if settings.repetition_penalty != 1.0:
-            self.seen = torch.zeros(1, request.vocab_size, dtype=torch.bool, device=device)  # [1, V]
-            self.seen[0, torch.tensor(prompt, device=device)] = True
+        # how it picks its tokens: its own settings, generator and penalty state (llama3.sampling)
+        self.sampler = sampler or Sampler.from_settings(settings, request.vocab_size, prompt_ids=prompt,
+                                                        device=device)
+        if settings.logprobs is not None:
+            self.result.logprobs = []
 
     @property
     def finished(self) -> bool:
         return self.result.finish_reason is not None
 
     def pick(self, logits: torch.Tensor) -> int:
-        """The next id from this sequence's logits [V], with its own settings and generator."""
-        s = self.settings
-        token = sample(logits[None], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                       repetition_penalty=s.repetition_penalty, seen=self.seen, generator=self.generator)
-        if self.seen is not None:
-            self.seen[0, token] = True
-        return int(token)
+        """The next id from this sequence's logits [V]."""
+        return self.sampler.pick(logits)
 
     def accept(self, token: int) -> None:
         """Record a sampled token: end on a stop id, the length limit or a stop string; send its text."""
@@ -84,6 +77,8 @@ class Sequence:
         else:
             result.token_ids.append(token)
             self.ids.append(token)
+            if result.logprobs is not None:
+                result.logprobs.append(self.sampler.last)
             if len(result.token_ids) >= self.max_new_tokens:
                 result.finish_reason = "length"
         if self.text is not None:
