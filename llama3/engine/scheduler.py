@@ -21,8 +21,10 @@ caller (a test) calls `step()` itself.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
@@ -93,7 +95,7 @@ class Engine:
         self.lock = threading.Condition()
         self.requests = self.completion_tokens = self.cancelled = self.preemptions = self.steps = 0
         self.thread: threading.Thread | None = None
-        self.closed = False
+        self.closed = self._exit_hook = False
 
     def describe(self) -> str:
         """The start-up line: the budget, its blocks and tokens, the parallel limit."""
@@ -163,6 +165,9 @@ class Engine:
             if self.thread is None and not self.closed:
                 self.thread = threading.Thread(target=self._loop, name="llama3-engine", daemon=True)
                 self.thread.start()
+                if not self._exit_hook:  # the interpreter must not exit with the thread inside a forward
+                    atexit.register(_close_at_exit, weakref.ref(self))
+                    self._exit_hook = True
 
     def cancel_all(self) -> None:
         """Refuse new requests; end every running and waiting one with `Cancelled` (signal-safe)."""
@@ -363,6 +368,12 @@ class Engine:
         request.send(("end", seq.row, r.finish_reason, r.completion_tokens, r.cached_tokens))
         if all(s.finished for s in request.sequences):
             request.send(None)
+
+
+def _close_at_exit(engine_ref) -> None:
+    engine = engine_ref()
+    if engine is not None:
+        engine.close(timeout=5.0)
 
 
 class Stream:
