@@ -66,10 +66,11 @@ def test_full_queue_is_429_in_openai_shape(tiny_llm):
 def test_memory_returns_after_200_requests_and_20_disconnects(tiny_llm):
     server = LiveServer(create_app(tiny_llm, "tiny", api_key=KEY, engine=EngineConfig(kv_memory="2MB")))
     engine = server.app.state.queue.engine
+    client = httpx.Client(base_url=server.url, headers=AUTH, timeout=120)  # one client: no TLS set-up per request
 
     def ask(i):
         body = {"prompt": f"request {i}: tell me", "max_tokens": 3, "temperature": 0.7, "seed": i}
-        return httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=120).status_code
+        return client.post("/v1/completions", json=body).status_code
 
     try:
         with ThreadPoolExecutor(16) as pool:
@@ -81,7 +82,7 @@ def test_memory_returns_after_200_requests_and_20_disconnects(tiny_llm):
         cancelled = server.health()["cancelled"]
         for i in range(20):                                               # read one event, hang up
             body = {"prompt": f"gone {i}", "max_tokens": 3000, "stream": True}
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+            with client.stream("POST", "/v1/completions", json=body) as r:
                 next(line for line in r.iter_lines() if line)
         health = server.wait_idle()
         gc.collect()
@@ -91,6 +92,7 @@ def test_memory_returns_after_200_requests_and_20_disconnects(tiny_llm):
         assert not [o for o in gc.get_objects() if type(o) is Sequence]
         assert after - before < 32 << 20, f"RSS grew by {(after - before) >> 20} MiB"
     finally:
+        client.close()
         server.stop()
 
 
