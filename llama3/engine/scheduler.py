@@ -240,7 +240,11 @@ class Engine:
         step = self.cache.step(rows)
         picked = torch.tensor(want, dtype=torch.long, device=self.device)
 
+        caller = threading.get_ident()
+
         def only_wanted(module, args):  # the head runs on the tokens whose next token is sampled
+            if threading.get_ident() != caller:  # another thread's forward of the same model
+                return None
             return (args[0][:, picked],)
 
         hook = self.model.norm.register_forward_pre_hook(only_wanted)
