@@ -22,19 +22,17 @@ caller (a test) calls `step()` itself.
 from __future__ import annotations
 
 import atexit
-import queue
 import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
 from llama3.engine.blocks import BlockPool, NoFreeBlock, chain_key
 from llama3.engine.memory import default_parallel, human, parse_memory
 from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
-from llama3.engine.sequence import Cancelled, Request, Result, Sequence
+from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, fit_prompt
 from llama3.model import Transformer
@@ -142,7 +140,7 @@ class Engine:
             self.lock.notify()
         return request
 
-    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> "Stream":
+    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> Stream:
         """Submit and iterate the events here, as the engine's thread makes them (see `Stream`)."""
         return Stream(self, prompt_ids, settings, stop_ids)
 
@@ -378,29 +376,3 @@ def _close_at_exit(engine_ref) -> None:
     engine = engine_ref()
     if engine is not None:
         engine.close(timeout=5.0)
-
-
-class Stream:
-    """A submitted request read from the caller's thread: iterate for its events; `results` then
-    holds one Result per prompt.  Leaving the loop early (break, an exception, Ctrl-C) cancels it."""
-
-    def __init__(self, engine: Engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None):
-        self._events: queue.Queue = queue.Queue()
-        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids)
-        engine.start()
-
-    def __iter__(self) -> Iterator[tuple]:
-        try:
-            while (event := self._events.get()) is not None:
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-        finally:
-            self.request.cancel()
-
-    def cancel(self) -> None:
-        self.request.cancel()
-
-    @property
-    def results(self) -> list[Result]:
-        return self.request.results

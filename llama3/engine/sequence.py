@@ -11,7 +11,9 @@ prompt and answer so far and then samples on.
 
 from __future__ import annotations
 
+import queue
 import threading
+from typing import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -121,3 +123,29 @@ class Request:
         if not self.closed:
             self.sink(event)
             self.closed = event is None or isinstance(event, BaseException)
+
+
+class Stream:
+    """A submitted request read from the caller's thread: iterate for its events; `results` then
+    holds one Result per prompt.  Leaving the loop early (break, an exception, Ctrl-C) cancels it."""
+
+    def __init__(self, engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None):
+        self._events: queue.Queue = queue.Queue()
+        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids)
+        engine.start()
+
+    def __iter__(self) -> Iterator[tuple]:
+        try:
+            while (event := self._events.get()) is not None:
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+        finally:
+            self.request.cancel()
+
+    def cancel(self) -> None:
+        self.request.cancel()
+
+    @property
+    def results(self) -> list[Result]:
+        return self.request.results
