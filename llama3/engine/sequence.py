@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Iterator
 from dataclasses import dataclass, field
 
@@ -132,6 +133,11 @@ class Stream:
     def __init__(self, engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None):
         self._events: queue.Queue = queue.Queue()
         self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids)
+        # what a progress notice reads (llama3.commands.generate.prefill_progress): the prompt sizes, and
+        # the seconds until the first event (0 until then)
+        self.prompt_lengths = [s.prompt_tokens for s in self.request.sequences]
+        self.prefill_seconds = 0.0
+        self._start = time.perf_counter()
         engine.start()
 
     def __iter__(self) -> Iterator[tuple]:
@@ -139,6 +145,8 @@ class Stream:
             while (event := self._events.get()) is not None:
                 if isinstance(event, BaseException):
                     raise event
+                if not self.prefill_seconds:
+                    self.prefill_seconds = time.perf_counter() - self._start
                 yield event
         finally:
             self.request.cancel()
