@@ -156,8 +156,7 @@ class TokenGeneration:
     # ---------------------------------------------------------------- the loop
     def __iter__(self) -> Iterator[Step]:
         settings, batch = self.settings, len(self.prompts)
-        weight = self.model.tok_embeddings.weight
-        device, vocab = weight.device, self.model.config.vocab_size
+        device, vocab = self.model.device, self.model.config.vocab_size
         total = self.longest + self.max_new_tokens                        # cache slots for this request
         pads = torch.tensor([self.longest - n for n in self.prompt_lengths], device=device)  # [B]
         self.padded = bool(pads.any())
@@ -171,7 +170,7 @@ class TokenGeneration:
             if self.samplers is None:
                 self.samplers = [Sampler.from_settings(settings, vocab, prompt_ids=ids, device=device)
                                  for ids in self.prompts]
-            self.cache = KVCache(self.model.config, batch, total, dtype=weight.dtype, device=device)
+            self.cache = KVCache(self.model.config, batch, total, dtype=self.model.dtype, device=device)
 
         start = time.perf_counter()
         for begin in range(0, self.longest, PREFILL_CHUNK):               # prefill, chunk by chunk

@@ -99,20 +99,23 @@ def parse_device(device: str | torch.device | None) -> torch.device | None:
 
 @dataclass
 class LLM:
-    """A loaded model: `model` (the nn.Module), `config` (ModelConfig), `tokenizer` (or None)."""
+    """A loaded model: `model` (the nn.Module), `config` (ModelConfig), `tokenizer` (or None),
+    and `plan`: the decoding plan applied to the model (`llama3.fast.plan`; None: model.py's own
+    functions and PyTorch's kernels, as `plain=True` loads it)."""
 
     model: Transformer
     config: ModelConfig
     tokenizer: Any = None
     source: str | None = None
+    plan: Any = None
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.tok_embeddings.weight.dtype
+        return self.model.dtype
 
     def save(self, path: str | os.PathLike, format: str = "hf") -> None:
         """Write the model (and tokenizer, when there is one) as a Hugging Face folder ("hf"),
@@ -191,12 +194,16 @@ class LLM:
 
 
 def load(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
-         device: str | torch.device | None = None) -> LLM:
+         device: str | torch.device | None = None, plain: bool = False) -> LLM:
     """Load a model from a built-in name, a HF folder, a Meta folder or a .gguf file.
 
     source=None loads the embedded default model (SmolLM2-135M-Instruct).
     dtype: torch dtype or its name ("float32", "bfloat16", "float16"); default float32
     (or the checkpoint's own floating type where that is what the format stores).
+    plain=False (default) applies the decoding plan for this device and dtype (`llm.plan`:
+    the C++ kernels on a CPU, with the same weights, so the model still trains and saves);
+    plain=True keeps model.py's own functions and PyTorch's kernels.  For fused projections
+    and int8/int4 weights as well, see `llama3.fast.load_fast`.
     """
     from llama3.checkpoint import load_checkpoint
 
@@ -204,4 +211,9 @@ def load(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype | 
     path = resolve_source(source)
     llm = load_checkpoint(path, dtype=parse_dtype(dtype), device=device)
     llm.source = str(source) if source is not None else DEFAULT_MODEL
+    if not plain:
+        from llama3.fast.plan import apply_plan, choose_plan
+
+        llm.plan = choose_plan(llm.model, fuse=False)
+        apply_plan(llm.model, llm.plan)
     return llm

@@ -31,28 +31,64 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from llama3.config import ModelConfig, RopeScaling
 
 
-# --------------------------------------------------------------------- RMSNorm
-class RMSNorm(nn.Module):
+# ------------------------------------------------------- modules, taps, RMSNorm
+class Lean(nn.Module):
+    """nn.Module whose call goes straight to `forward` while nothing hooks it.
+
+    nn.Module's own call machinery checks for hooks of six kinds on every call, ~2 us each on
+    a small CPU: for a 30-block model decoding one token that is ~1 ms of a ~8 ms step.  With a
+    hook registered (inspection, training wrappers, torch.compile tracing) the full machinery runs.
+    """
+
+    def __call__(self, *args, **kwargs):
+        if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
+                or _global_hooks() or torch.compiler.is_compiling()):
+            return super().__call__(*args, **kwargs)
+        return self.forward(*args, **kwargs)
+
+
+def _global_hooks() -> bool:  # torch.nn.modules.module.register_module_forward_hook and the like
+    return bool(_torch_module._global_forward_hooks or _torch_module._global_forward_pre_hooks
+                or _torch_module._global_backward_hooks or _torch_module._global_backward_pre_hooks)
+
+
+class Tap(Lean):
+    """An identity step with a name: a forward hook on it reads (or replaces) the tensor flowing
+    past, e.g. `block.attention.q_rotated` for the queries after RoPE."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class RMSNorm(Lean):
     """Root-mean-square normalisation: x / sqrt(mean(x^2) + eps) * weight.
 
     Unlike LayerNorm it neither subtracts the mean nor adds a bias. Computed in
     float32 and cast back, as Meta and transformers both do, so bf16 models
-    normalise accurately.
+    normalise accurately.  `kernel` is the function that computes it: `rms_norm`
+    below, or one kernel call with the same numbers (`llama3.fast.plan`).
     """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernel = rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., D] -> [..., D]
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.type_as(x)
+        return self.kernel(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last axis, in float32, rounded back to x's dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.type_as(x)
 
 
 # ------------------------------------------------------------------------ RoPE
@@ -110,6 +146,8 @@ class RotaryEmbedding(nn.Module):
         needed: 1 + the largest position, when the caller knows it (saves reading it from the
         tensor: a device sync, and a graph break under torch.compile)."""
         if needed is None:
+            if torch.compiler.is_compiling():  # no host sync inside a graph: the caller built the tables
+                return self.cos[positions], self.sin[positions]
             needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0] or self.cos.device != positions.device:
             if needed > self.max_seq_len:
@@ -158,17 +196,21 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layers)]  # views [B, Hkv, max_len, Dh]
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [B, Hkv, T, Dh] at positions start_pos.., return all keys/values so far
-        as [B, Hkv, S, Dh] with S = start_pos + T."""
+        as [B, Hkv, S, Dh] with S = start_pos + T (views into the cache: nothing is copied)."""
         batch, _, new, _ = k.shape
         end = start_pos + new
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; asked to write up to {end}")
-        self.k[layer, :batch, :, start_pos:end] = k
-        self.v[layer, :batch, :, start_pos:end] = v
-        return self.k[layer, :batch, :, :end], self.v[layer, :batch, :, :end]
+        keys, values = self.layers[layer]
+        if batch < keys.shape[0]:
+            keys, values = keys[:batch], values[:batch]
+        keys.narrow(2, start_pos, new).copy_(k)
+        values.narrow(2, start_pos, new).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
 
 # ------------------------------------------------------------------- attention
@@ -199,15 +241,47 @@ def causal_mask(t: int, s: int, start_pos: int, device=None) -> torch.Tensor:
     return key_pos <= query_pos
 
 
-class Attention(nn.Module):
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(Q Kᵀ / sqrt(Dh) + mask) V through `F.scaled_dot_product_attention`.
+
+    q [B, H, T, Dh]; k, v [B, Hkv, S, Dh], the T queries being the last T of the S positions;
+    mask: None (causal) or bool [B or 1, 1, T, S], True = may attend.  -> [B, H, T, Dh].
+    """
+    seqlen, keys, n_rep = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    if mask is None and keys == seqlen:  # plain causal, no cached prefix (training, a first prompt)
+        # SDPA draws the causal triangle itself (no mask tensor) and, where its kernel can, lets each
+        # key/value head serve its n_rep query heads without repeat_kv's copies: the same numbers
+        share_kv = n_rep > 1 and sdpa_shares_kv_heads(q)
+        if not share_kv:
+            k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                 # [B, H, S, Dh]
+        return F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=share_kv)
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)                         # [B, H, S, Dh]
+    if mask is None and seqlen > 1:
+        mask = causal_mask(seqlen, keys, keys - seqlen, device=q.device)    # [T, S]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)          # [B, H, T, Dh]
+
+
+class Attention(Lean):
     """Multi-head self-attention with grouped-query heads, RoPE and a KV cache.
 
-    Two equivalent kernels sit side by side:
-      * the explicit path that learners read: softmax(Q Kᵀ / sqrt(Dh) + mask) V,
-        with the attention weights passing through `self.softmax`, an nn.Module,
-        so a forward hook can capture them ([B, H, T, S], rows sum to 1);
-      * the fused path, `F.scaled_dot_product_attention`, for speed.
+    Two equivalent ways to attend sit side by side:
+      * the explicit path that learners read (`explicit_attention`): softmax(Q Kᵀ / sqrt(Dh) + mask) V,
+        with the attention weights passing through `self.softmax`, an nn.Module, so a forward
+        hook can capture them ([B, H, T, S], rows sum to 1);
+      * the fused path, `attention_kernel` (`fused_attention`: SDPA), for speed.
     `self.fused` picks one (True by default); both give the same result.
+
+    What it calls, and what `llama3.fast.plan` may swap in (same numbers, fewer calls):
+      wq, wk, wv, wo   linears (or int8/int4/kernel linears); `wqkv`, when set, is the three
+                       stacked into one matmul and wq/wk/wv are gone
+      rope_kernel      `apply_rope`
+      attention_kernel `fused_attention`
+    A cache with an `attend(layer_id, start_pos, q, k, v, mask)` method stores the new keys and
+    values and attends in place (a paged cache); it returns [B, H, T, Dh], or None to let
+    `cache.update` and the attention here do it.
+    Taps (identity modules to hook): q, k, v [B, T, H|Hkv, Dh] after projection, q_rotated,
+    k_rotated after RoPE, keys, values [B, H, S, Dh] and scores, masked_scores [B, H, T, S]
+    (explicit path), heads [B, H, T, Dh] each head's output.
     """
 
     def __init__(self, config: ModelConfig, layer_id: int):
@@ -219,65 +293,81 @@ class Attention(nn.Module):
         self.wk = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)  # D -> Hkv*Dh
         self.wv = nn.Linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)  # D -> Hkv*Dh
         self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)     # H*Dh -> D
+        self.wqkv = None
         self.softmax = nn.Softmax(dim=-1)
         self.fused = True
+        self.rope_kernel, self.attention_kernel = apply_rope, fused_attention
+        for name in ("q", "k", "v", "q_rotated", "k_rotated", "keys", "values", "scores", "masked_scores", "heads"):
+            setattr(self, name, Tap())
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q [B, T, H*Dh], k [B, T, Hkv*Dh], v [B, T, Hkv*Dh]: three matmuls.
-        (llama3.fast.fuse replaces this with one matmul against the three matrices stacked.)"""
-        return self.wq(x), self.wk(x), self.wv(x)
+        """x [B, T, D] -> q [B, T, H*Dh], k [B, T, Hkv*Dh], v [B, T, Hkv*Dh]: three matmuls,
+        or one against the three matrices stacked where `wqkv` is set (llama3.fast.fuse)."""
+        if self.wqkv is None:
+            return self.wq(x), self.wk(x), self.wv(x)
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.wqkv(x).split((q_width, kv_width, kv_width), dim=-1)
 
     def forward(self, x, cos, sin, start_pos=0, cache: KVCache | None = None, mask=None):
         """x [B, T, D] -> [B, T, D].  mask: None (causal) or bool [B or 1, 1, T, S], True = may attend."""
         batch, seqlen, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = q.view(batch, seqlen, self.n_heads, self.head_dim)             # [B, T, H, Dh]
-        k = k.view(batch, seqlen, self.n_kv_heads, self.head_dim)          # [B, T, Hkv, Dh]
-        v = v.view(batch, seqlen, self.n_kv_heads, self.head_dim)          # [B, T, Hkv, Dh]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)            # position enters here only
+        q = self.q(q.view(batch, seqlen, self.n_heads, self.head_dim))     # [B, T, H, Dh]
+        k = self.k(k.view(batch, seqlen, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, Dh]
+        v = self.v(v.view(batch, seqlen, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, Dh]
+        q = self.q_rotated(self.rope_kernel(q, cos, sin))                  # position enters here only
+        k = self.k_rotated(self.rope_kernel(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
-        if cache is not None:
-            k, v = cache.update(self.layer_id, start_pos, k, v)             # [B, Hkv, S, Dh]
-        if self.fused and mask is None and k.shape[2] == seqlen:          # plain causal, no cached prefix (training)
-            # SDPA draws the causal triangle itself (no mask tensor) and, where its kernel can, lets each
-            # key/value head serve its n_rep query heads without repeat_kv's copies: the same numbers
-            share_kv = self.n_rep > 1 and sdpa_shares_kv_heads(q)
-            if not share_kv:
-                k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)   # [B, H, S, Dh]
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=seqlen > 1, enable_gqa=share_kv)
-        else:
-            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)           # [B, H, S, Dh]
-            if mask is None and seqlen > 1:
-                mask = causal_mask(seqlen, k.shape[2], start_pos, device=x.device)  # [T, S]
-            if self.fused:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)   # [B, H, T, Dh]
-            else:
-                scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)     # [B, H, T, S]
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))           # future keys get weight 0
-                weights = self.softmax(scores.float()).type_as(q)               # [B, H, T, S], rows sum to 1
-                out = weights @ v                                               # [B, H, T, Dh]
-        out = out.transpose(1, 2).reshape(batch, seqlen, -1)                # concat heads: [B, T, H*Dh]
+        out = None
+        if cache is not None and self.fused and hasattr(cache, "attend"):
+            out = cache.attend(self.layer_id, start_pos, q, k, v, mask)     # stored and attended in place
+        if out is None:
+            if cache is not None:
+                k, v = cache.update(self.layer_id, start_pos, k, v)         # [B, Hkv, S, Dh]
+            out = self.attention_kernel(q, k, v, mask) if self.fused else self.explicit_attention(q, k, v, mask)
+        out = self.heads(out).transpose(1, 2).reshape(batch, seqlen, -1)   # concat heads: [B, T, H*Dh]
         return self.wo(out)                                                 # [B, T, D]
+
+    def explicit_attention(self, q, k, v, mask=None):
+        """What `fused_attention` computes, written out: q [B, H, T, Dh]; k, v [B, Hkv, S, Dh]."""
+        k, v = self.keys(repeat_kv(k, self.n_rep)), self.values(repeat_kv(v, self.n_rep))  # [B, H, S, Dh]
+        seqlen, keys = q.shape[2], k.shape[2]
+        if mask is None and seqlen > 1:
+            mask = causal_mask(seqlen, keys, keys - seqlen, device=q.device)      # [T, S]
+        scores = self.scores(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim))  # [B, H, T, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))               # future keys get weight 0
+        weights = self.softmax(self.masked_scores(scores).float()).type_as(q)  # [B, H, T, S], rows sum to 1
+        return weights @ v                                                  # [B, H, T, Dh]
 
 
 # ---------------------------------------------------------------- feed-forward
-class FeedForward(nn.Module):
-    """SwiGLU: w2( silu(w1 x) * w3 x ).  w1 is the gate, w3 the up projection, w2 the down one."""
+class FeedForward(Lean):
+    """SwiGLU: w2( silu(w1 x) * w3 x ).  w1 is the gate, w3 the up projection, w2 the down one.
+    `w13`, when set (llama3.fast.fuse), is w1 and w3 stacked into one matmul.  Taps: gate, up
+    [B, T, F]; `act` (the SiLU module) and hidden = act(gate) * up [B, T, F]."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate: D -> F
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down: F -> D
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up:   D -> F
+        self.w13 = None
+        self.act = nn.SiLU()
+        self.gate, self.up, self.hidden = Tap(), Tap(), Tap()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is None:
+            gate, up = self.w1(x), self.w3(x)                # [B, T, F] each
+        else:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(self.hidden(self.act(self.gate(gate)) * self.up(up)))
 
 
 # ----------------------------------------------------------------------- block
-class TransformerBlock(nn.Module):
-    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h))."""
+class TransformerBlock(Lean):
+    """Pre-norm residual block: h = x + attn(norm(x)); out = h + ffn(norm(h)).
+    Taps: after_attention (h) and after_ffn (out), the residual stream [B, T, D]."""
 
     def __init__(self, config: ModelConfig, layer_id: int):
         super().__init__()
@@ -285,10 +375,11 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(config, layer_id)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim)
+        self.after_attention, self.after_ffn = Tap(), Tap()
 
     def forward(self, x, cos, sin, start_pos=0, cache=None, mask=None):  # [B, T, D] -> [B, T, D]
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.after_attention(x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, mask))
+        return self.after_ffn(h + self.feed_forward(self.ffn_norm(h)))
 
 
 # ----------------------------------------------------------------- the decoder
@@ -305,6 +396,15 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight  # Llama 3.2 1B/3B: one matrix, two uses
         self.rope = RotaryEmbedding(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's float type (its activations' and KV cache's), whatever its linears store."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,

@@ -78,7 +78,7 @@ def test_perplexity_command(tiny_folder, tmp_path, capsys, monkeypatch):
     text_file = tmp_path / "text.txt"
     text_file.write_text("abc ABC 0123 =<>? " * 4)
     loaded = llama3.load(tiny_folder)
-    monkeypatch.setattr(llama3, "load", lambda source, dtype=None, device=None: LLM(loaded.model, loaded.config,
+    monkeypatch.setattr(llama3, "load", lambda source, **kwargs: LLM(loaded.model, loaded.config,
                                                                                     ByteTokenizer()))
     assert main(["perplexity", str(text_file), "--model", str(tiny_folder), "--context", "16", "--stride", "8"]) == 0
     want = perplexity_of_ids(model_logits_fn(loaded.model), list(text_file.read_bytes()), 16, 8)
@@ -112,13 +112,15 @@ def test_perplexity_rejects_bad_windows_before_loading(tmp_path, monkeypatch, ca
         assert f"{flag} must be at least" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, step", [([], "C (llama3/fast/native.c)"),
-                                         (["--plain"], "the readable forward (llama3/model.py)")])
-def test_bench_says_which_step_decoded(tiny_folder, capsys, extra, step):
-    from llama3.fast import native
+@pytest.mark.parametrize("extra, plan", [([], "fused q/k/v and gate/up; C++ kernels (llama3/fast/kernels.cpp"),
+                                         (["--plain"], "separate projections; PyTorch kernels (no C++ kernels: "
+                                                       "not asked for); forward: llama3/model.py")])
+def test_bench_prints_the_decoding_plan(tiny_folder, capsys, extra, plan):
+    from llama3.fast import kernels
 
-    if not extra and native.library() is None:
-        step = "lean PyTorch (llama3/fast/decode.py); no C step: " + native.build_error()
+    if not extra and kernels.library() is None:
+        plan = "PyTorch kernels (no C++ kernels: " + kernels.build_error()
     assert main(["bench", "--model", str(tiny_folder), "--prefill-tokens", "8", "--new-tokens", "2",
                  "--threads", "1", *extra]) == 0
-    assert f"decode step: {step}\n" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "plan: cpu, float32; float weights; " in out and plan in out

@@ -1,4 +1,5 @@
-"""The lean decoding step and packed bf16 linears compute what the readable model computes."""
+"""Decoding through model.py's forward with the plan's slots, and packed bf16 linears, compute what the
+readable model computes."""
 
 import copy
 
@@ -8,7 +9,6 @@ from torch import nn
 
 from conftest import make_config, make_model
 from llama3.fast import speed_up
-from llama3.fast.decode import DecodingTransformer, decode_step, use_decoding_step
 from llama3.fast.fuse import fuse_projections
 from llama3.fast.packed import PackedLinear, can_pack, pack_linears
 from llama3.generate import GenerationSettings, generate_tokens
@@ -23,10 +23,11 @@ CONFIGS = {
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_decode_step_equals_the_readable_forward(name):
-    """Logits of each one-token step with a cache equal the readable forward's."""
+def test_fused_decoding_equals_the_readable_forward(name):
+    """Logits of each one-token step with a cache equal the readable forward's (fused projections
+    and the plan's kernels, through the same Transformer.forward)."""
     model = make_model(make_config(**CONFIGS[name]), seed=1)
-    fused = fuse_projections(copy.deepcopy(model))
+    fused = speed_up(fuse_projections(copy.deepcopy(model)))
     prompt = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(0))
     caches = [KVCache(model.config, 2, 20) for _ in range(2)]
     with torch.no_grad():
@@ -35,14 +36,9 @@ def test_decode_step_equals_the_readable_forward(name):
         for pos in range(7, 15):
             token = torch.randint(0, 101, (2, 1), generator=torch.Generator().manual_seed(pos))
             want = model(token, pos, caches[0])
-            got = decode_step(fused, token, pos, caches[1])
+            got = fused(token, pos, caches[1])
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(caches[1].k, caches[0].k, rtol=1e-5, atol=1e-6)
-
-
-def test_decode_step_needs_fused_projections(tiny_model):
-    with pytest.raises(ValueError, match="fuse_projections"):
-        use_decoding_step(tiny_model)
 
 
 def test_speed_up_generates_the_same_tokens_alone_and_in_padded_batches(tiny_model):
@@ -58,7 +54,7 @@ def test_speed_up_generates_the_same_tokens_alone_and_in_padded_batches(tiny_mod
 
     want = [run(tiny_model, [p])[0] for p in prompts]
     fast = speed_up(copy.deepcopy(tiny_model))
-    assert type(fast) is DecodingTransformer
+    assert type(fast) is Transformer and all(type(b.attention).__name__ == "Attention" for b in fast.layers)
     assert [run(fast, [p])[0] for p in prompts] == want
     assert run(fast, prompts) == want
     sampled = GenerationSettings(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
@@ -67,22 +63,25 @@ def test_speed_up_generates_the_same_tokens_alone_and_in_padded_batches(tiny_mod
     assert a.tokens == b.tokens
 
 
-def test_decoding_transformer_keeps_the_readable_forward_for_training(tiny_model):
-    """With gradients on (or no cache, or several new tokens) the readable forward runs,
-    so a sped-up model still gives the plain model's logits and gradients."""
-    fast = use_decoding_step(fuse_projections(copy.deepcopy(tiny_model)))
+def test_a_planned_model_without_fusing_still_trains(tiny_model):
+    """The plan without fusing or quantizing (what llama3.load applies) keeps the weights: the
+    kernels hand gradients to PyTorch, so logits and gradients are the plain model's."""
+    fast = speed_up(copy.deepcopy(tiny_model), fuse=False)
     tokens = torch.tensor([[4, 5, 6, 7]])
     torch.testing.assert_close(fast(tokens), tiny_model(tokens), rtol=1e-5, atol=1e-5)
     cache = KVCache(tiny_model.config, 1, 8)
-    out = fast(tokens[:, :1], 0, cache)  # grad enabled: not the lean step
+    out = fast(tokens[:, :1], 0, cache)
     assert out.requires_grad
+    fast(tokens).sum().backward(), tiny_model(tokens).sum().backward()
+    torch.testing.assert_close(fast.layers[0].attention.wq.weight.grad, tiny_model.layers[0].attention.wq.weight.grad)
+    assert fast.state_dict().keys() == tiny_model.state_dict().keys()
 
 
-def test_int8_model_decodes_through_the_lean_step():
+def test_int8_model_fused_or_not_gives_the_same_tokens():
     model = make_model(make_config(tie_embeddings=True), seed=2)
     fast = speed_up(copy.deepcopy(model), quantize="int8")
-    plain_int8 = speed_up(copy.deepcopy(model), quantize="int8", fuse=False)
-    assert type(fast) is DecodingTransformer and type(plain_int8) is Transformer
+    plain_int8 = speed_up(copy.deepcopy(model), quantize="int8", fuse=False, native=False)
+    assert fast.layers[0].attention.wqkv is not None and plain_int8.layers[0].attention.wqkv is None
     settings = GenerationSettings(max_new_tokens=8)
     a, b = generate_tokens(fast, [[1, 2, 3]], settings), generate_tokens(plain_int8, [[1, 2, 3]], settings)
     list(a), list(b)

@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
                           "run without --compile") from None
     # measured after the report, so its test matrix stays out of the peak RSS
-    bound = decode_bound(llm.model) if next(llm.model.parameters()).device.type == "cpu" else None
+    bound = decode_bound(llm.model) if llm.device.type == "cpu" else None
     if args.json:
         extra = {} if bound is None else {"weight_bytes_per_token": bound.weight_bytes,
                                           "memory_read_bytes_per_second": bound.read_bytes_per_second,
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
         print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-        print(f"decode step: {decode_step_name(llm.model)}")
+        print(f"plan: {llm.plan.describe() if llm.plan is not None else 'model.py as written, PyTorch kernels'}")
         print("\n".join(report.lines()))
         if bound is not None:
             print(bound_line(bound, report.decode_tokens_per_second))
@@ -82,16 +82,3 @@ def bound_line(bound, decode_tokens_per_second: float) -> str:
     if bound.fits_in_cache:
         line += " (the weights fit in the CPU's last-level cache, so it can run faster than this)"
     return line
-
-
-def decode_step_name(model) -> str:
-    """Which one-token step decodes: the C one, the lean PyTorch one, or the readable forward."""
-    from llama3.fast import native
-    from llama3.fast.decode import DecodingTransformer
-
-    if getattr(model, "native_step", None) is not None:
-        return "C (llama3/fast/native.c)"
-    if isinstance(model, DecodingTransformer):
-        why = native.build_error()
-        return "lean PyTorch (llama3/fast/decode.py)" + (f"; no C step: {why}" if why else "")
-    return "the readable forward (llama3/model.py)"

@@ -60,7 +60,10 @@ def run(args) -> int:
 
     from llama3.inspect.doctor import compare_with_transformers, diagnose, load_transformers_reference, render_diagnosis
 
+    from llama3.fast.plan import choose_plan
+
     diagnosis = diagnose(args.source)
+    diagnosis.settings["decoding plan"] = choose_plan(fuse=True).describe() + " (generate/chat/serve on this CPU)"
     if args.reference == "transformers":
         import llama3
         from llama3.llm import resolve_source

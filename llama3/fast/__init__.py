@@ -1,18 +1,19 @@
-"""Speed, beside the readable model: applied after loading, from outside model.py.
+"""Speed, beside the readable model: kernels that model.py's block calls, chosen once and swapped in.
 
-    fuse.py       q/k/v and gate/up projections stacked into one matmul each; RMSNorm as one kernel
-    decode.py     a lean one-token decoding step (RoPE as a complex multiply, GQA without copies)
+    plan.py       the decoding plan: which kernels, chosen once per device/dtype, applied with setattr
+    kernels.cpp/.py  C++ kernels as PyTorch operators: matvec (fp32/bf16/int8/int4), rms_norm, rope,
+                  attention over the KV cache in place (built with torch.utils.cpp_extension)
+    fuse.py       q/k/v and gate/up projections stacked into one matmul each
     quantize.py   weight-only int8 linears with per-row scales
-    packed.py     bf16 linears packed once for oneDNN's CPU kernels
+    packed.py     bf16 linears packed once for oneDNN's CPU kernels (where the C++ kernels are not)
     int4.py       weight-only int4 linears, 32-weight groups (the Q4_1 scheme of the embedded model)
     gguf_quantized.py  a GGUF file straight to int8/int4 (Q8_0/Q4_x blocks never become float matrices)
     compile.py    torch.compile of the forward (opt-in: compiling takes minutes on a small CPU)
-    native.c/.py  the whole one-token step in C (CPU): compiled on first use, read via ctypes
     static.py     greedy decoding with a fixed-address KV cache, compiled into one CUDA graph
     measure.py    prefill / time-to-first-token / decode speed and peak memory
 
-Each transformation keeps the model's forward signature, so the generation
-engine, perplexity and the benchmarks use a transformed model unchanged.
+The forward is always model.py's: prompts, one-token decoding, batches, training and
+tracing run `Transformer.forward`, which calls what the plan put in its slots.
 """
 
 from __future__ import annotations
@@ -24,61 +25,31 @@ QUANTIZATIONS = ("int8", "int4")
 
 def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, pack: bool = True,
              native: bool = True) -> nn.Module:
-    """Apply the inference speed-ups in place; returns the model.
+    """Choose the decoding plan for `model` and apply it in place (`plan.py`); returns the model.
 
-    fuse: stack q/k/v and gate/up, RMSNorm as one kernel, and decode one token at a
-          time through the lean step (`decode.py`); the same numbers up to float rounding.
+    fuse: stack q/k/v and gate/up (same numbers up to float rounding).
     quantize: None (keep the float weights), "int8" (weight-only, per-row scales) or "int4"
           (weight-only, a scale and offset per 32 weights; CPU only; the head stays bf16).
-    native: with fuse, on the CPU, decode one token per sequence through the C step (`native.py`;
-          compiled on first use, skipped where no C compiler is found).  It reads the
-          weights in place, so bfloat16 linears are then not packed for oneDNN.
-    With fuse and pack (and no native step), bfloat16 linears on a CPU with bf16 instructions
-    are packed for oneDNN (bit-identical results; torch.compile cannot lower them, so compiling
-    callers pass pack=False).  fuse=False with quantize=None changes nothing.
-    The model keeps its forward signature; it is meant for inference (fused, packed and
-    int8 weights do not train).
+    native: on the CPU, the C++ kernels (`kernels.py`; built on first use, skipped where no
+          compiler is found): decoding's matrix-vector products, RMSNorm, RoPE and attention
+          over the cache each one call.
+    pack: bfloat16 linears packed for oneDNN where the C++ kernels are not used (torch.compile
+          cannot lower them, so compiling callers pass pack=False).
+    The model keeps model.py's forward; fused and quantized weights are for inference.
     """
     from llama3.errors import Llama3Error
+    from llama3.fast.plan import apply_plan, choose_plan
 
     if quantize not in (None, *QUANTIZATIONS):
         raise Llama3Error(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
-    if fuse:
-        from llama3.fast.fuse import fuse_norms, fuse_projections
-
-        fuse_projections(model)
-        fuse_norms(model)
-    if quantize == "int8":
-        from llama3.fast.quantize import quantize_int8
-
-        quantize_int8(model)
-    elif quantize == "int4":
-        from llama3.fast.int4 import quantize_int4
-
-        quantize_int4(model)
-    from llama3.fast import native as c_step
-
-    native = native and fuse and model.norm.weight.device.type == "cpu" and c_step.library() is not None
-    if fuse and pack and quantize is None and not native:
-        from llama3.fast.packed import pack_linears
-
-        pack_linears(model)
-    from llama3.fast.int4 import Int4Linear
-
-    for module in model.modules():
-        if isinstance(module, Int4Linear):
-            module.pack()  # now, not on the first token
-    if fuse:
-        from llama3.fast.decode import use_decoding_step
-
-        use_decoding_step(model)
-        model.native_step = c_step.native_step(model) if native else None
-    return model
+    return apply_plan(model, choose_plan(model, quantize, fuse, native, pack))
 
 
 def load_fast(source=None, dtype=None, quantize: str | None = None, fuse: bool = True, compile: bool = False,
               device=None):
-    """`llama3.load(source, dtype=dtype, device=device)` then `speed_up`; returns the LLM.
+    """`llama3.load(source, dtype=dtype, device=device, plain=True)` then the decoding plan for
+    `quantize` and `fuse` (`llm.plan`, applied); returns the LLM.  fuse=False with no quantize
+    is the readable path (`--plain`).
 
     int8/int4 from a .gguf file is read by `load_gguf_quantized`: Q8_0 blocks go straight
     to int8 rows and Q4_0/Q4_1 blocks to int4 groups, without a float copy of the weights.  compile=True wraps
@@ -92,7 +63,7 @@ def load_fast(source=None, dtype=None, quantize: str | None = None, fuse: bool =
         raise Llama3Error(f"unknown quantization {quantize!r}; choose one of: {', '.join(QUANTIZATIONS)}")
     if quantize == "int4" and device is not None and parse_device(device).type != "cpu":
         raise Llama3Error("int4 weights run on the CPU only; on an accelerator use --quantize int8 or --dtype bfloat16")
-    path = resolve_source(source)
+    path, already = resolve_source(source), None
     if quantize and path.lower().endswith(".gguf"):
         from llama3.fast.gguf_quantized import load_gguf_quantized
 
@@ -100,10 +71,19 @@ def load_fast(source=None, dtype=None, quantize: str | None = None, fuse: bool =
         llm.source = str(source) if source is not None else DEFAULT_MODEL
         if device is not None:
             llm.model.to(parse_device(device))
-        quantize = None  # already quantized
+        already, quantize = quantize, None  # already quantized
+    elif quantize is None and not fuse:  # --plain: model.py's own functions, PyTorch's kernels
+        return llama3.load(source, dtype=dtype, device=device, plain=True)
     else:
-        llm = llama3.load(source, dtype=dtype, device=device)
-    speed_up(llm.model, quantize, fuse, pack=not compile, native=not compile)  # inductor cannot trace C
+        llm = llama3.load(source, dtype=dtype, device=device, plain=True)
+    import dataclasses
+
+    from llama3.fast.plan import apply_plan, choose_plan
+
+    # --plain (fuse=False) keeps PyTorch's kernels; torch.compile's inductor cannot trace the C++ ones
+    plan = choose_plan(llm.model, quantize, fuse, native=fuse and not compile, pack=not compile)
+    apply_plan(llm.model, plan)
+    llm.plan = dataclasses.replace(plan, quantize=already or quantize)
     if compile:
         from llama3.fast.compile import compile_model
 

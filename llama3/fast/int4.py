@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama3.fast import native
+from llama3.model import Lean
+
+from llama3.fast import kernels
 from llama3.fast.packed import PackedLinear, can_pack
 from llama3.fast.quantize import CPU_HAS_BF16, PREFILL_ROWS, Int8Linear
 
@@ -84,7 +86,7 @@ def fits_int4(shape: tuple[int, int]) -> bool:
     return n_rows % 16 == 0 and k % GROUP == 0
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(Lean):
     """A bias-free linear layer with int4 weights, packed for PyTorch's CPU kernel on first use.
 
     Until then the 4-bit values are kept one per byte (`q`), so fused projections can
@@ -96,6 +98,7 @@ class Int4Linear(nn.Module):
         self.out_features, self.in_features = q.shape
         self.q = q.to(torch.uint8)                                      # [N, K], values 0..15; None once packed
         self.packed = None                                              # [N, K/2] uint8, the kernel's layout
+        self.native = None                                              # the C++ kernels, where the plan chose them
         scales_and_zeros = torch.stack([scale.t(), zero.t()], dim=-1)   # [K/32, N, 2]
         self.register_buffer("scales_and_zeros", scales_and_zeros.to(torch.bfloat16).contiguous())
 
@@ -133,9 +136,14 @@ class Int4Linear(nn.Module):
         if x.device.type != "cpu":
             raise RuntimeError("int4 weights run on the CPU only; use --quantize int8 or bfloat16 elsewhere")
         self.pack()
+        decoding = x.numel() < PREFILL_ROWS * self.in_features
+        if self.native is not None and decoding:  # C++ matvec on the packed bytes
+            return getattr(torch.ops, self.native).matvec(x, self.packed, self.scales_and_zeros, 3, self.out_features)
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        wide = native.dequantize_int4(self) if rows.shape[0] >= PREFILL_ROWS and CPU_HAS_BF16 else None
-        if wide is not None:  # a prompt: the matrix widened to bf16 in C, one 16-bit GEMM
+        wide = None
+        if not decoding and CPU_HAS_BF16 and kernels.library() is not None and self.out_features % 64 == 0:
+            wide = kernels.library().dequantize_int4(self.packed, self.scales_and_zeros, self.out_features)
+        if wide is not None:  # a prompt: the matrix widened to bf16 in C++, one 16-bit GEMM
             y = nn.functional.linear(rows, wide)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.packed, GROUP, self.scales_and_zeros)
@@ -145,7 +153,7 @@ class Int4Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 groups of {GROUP}"
 
 
-class Bf16Head(nn.Module):
+class Bf16Head(Lean):
     """The output head kept in bfloat16 beside int4 blocks: x [..., D] -> logits [..., V] in `dtype`.
 
     4 bits are too coarse for the head, whose rounding errors land straight in the
@@ -158,8 +166,11 @@ class Bf16Head(nn.Module):
         self.register_buffer("table", weight.detach().to(torch.bfloat16).contiguous())  # [V, D]
         self.packed = PackedLinear(self.table) if can_pack(self.table) else None
         self.dtype = dtype
+        self.native = None  # the C++ kernels, where the plan chose them (then nothing is packed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None and x.numel() < PREFILL_ROWS * self.table.shape[1]:
+            return getattr(torch.ops, self.native).matvec(x, self.table, None, 1, self.table.shape[0]).to(self.dtype)
         x = x.to(torch.bfloat16)
         y = self.packed(x) if self.packed is not None else nn.functional.linear(x, self.table)
         return y.to(self.dtype)
@@ -174,10 +185,6 @@ class Bf16Embedding(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
         return nn.functional.embedding(tokens, self.head.table).to(self.head.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:  # LLM.dtype / LLM.device read the embedding's weight
-        return torch.empty(0, dtype=self.head.dtype, device=self.head.table.device)
 
 
 def set_bf16_head(model: nn.Module, weight: torch.Tensor, dtype: torch.dtype, tied: bool) -> None:

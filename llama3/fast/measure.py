@@ -131,7 +131,7 @@ def weight_bytes_per_token(model) -> int:
         elif isinstance(module, Bf16Head):  # its oneDNN copy (`packed`) holds the same matrix: one is read
             total += _nbytes(module.table)
             skipped.add(id(module.packed))
-        elif type(module) is nn.Linear and module.weight.data_ptr() not in counted:
+        elif isinstance(module, nn.Linear) and module.weight.data_ptr() not in counted:
             counted.add(module.weight.data_ptr())
             total += _nbytes(module.weight)
     return total
@@ -168,22 +168,19 @@ def memory_read_bytes_per_second(n_bytes: int | None = None, repeats: int = 3) -
     """How fast this process reads memory with torch's threads: the best of `repeats` passes of
     the C decode kernel (or, without it, torch's sum) over a float32 matrix of n_bytes (default:
     `uncacheable_bytes` of this CPU's last-level cache)."""
-    import ctypes
-
-    from llama3.fast import native
+    from llama3.fast import kernels
 
     if n_bytes is None:
         n_bytes = uncacheable_bytes(last_level_cache_bytes())
     columns = 1024
     table = torch.ones(max(1, n_bytes // 4 // columns), columns)  # filling it also maps every page
     n_bytes = table.numel() * 4
-    lib, read = native.library(), table.sum
+    lib, read = kernels.library(), table.sum
     if lib is not None:
-        matrix = native.Matrix(native.F32, table.shape[0], columns, table.data_ptr(), None)
-        x, y = torch.ones(columns), torch.empty(table.shape[0])
-        threads = torch.get_num_threads()
+        x = torch.ones(1, columns)
+
         def read():
-            lib.llama3_matvec(ctypes.byref(matrix), x.data_ptr(), y.data_ptr(), 1, threads)
+            lib.matvec(x, table, None, kernels.F32, table.shape[0])
     return n_bytes / best_seconds(read, repeats)
 
 

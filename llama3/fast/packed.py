@@ -37,10 +37,6 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] bf16 -> [..., N] bf16
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
-    @property
-    def weight(self) -> torch.Tensor:  # code that asks a linear for its dtype/device still gets an answer
-        return torch.empty(0, dtype=torch.bfloat16)
-
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed for oneDNN"
 

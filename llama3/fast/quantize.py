@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama3.model import Lean
+
 
 CPU_HAS_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 # From this many input rows on (a prompt, not one decoded token), widening the weights to
@@ -63,7 +65,7 @@ def int8_from_q8_0(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Te
     return out, d_max
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(Lean):
     """A bias-free linear layer with int8 weights [N, K] and float32 per-row scales [N]."""
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
@@ -72,6 +74,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight_int8)  # [N, K] int8
         self.register_buffer("scales", scales)       # [N] float32
         self._scales_as = None                       # scales in the kernel's dtype, made on first use
+        self.native = None                           # the C++ kernels' namespace name ("llama3"), where the plan chose them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -80,6 +83,8 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(linear.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
+        if self.native is not None and x.numel() < PREFILL_ROWS * self.in_features:  # decoding: C++ matvec
+            return getattr(torch.ops, self.native).matvec(x, self.weight, self.scales, 2, self.out_features)
         if x.device.type == "cpu":
             # One fused kernel: int8 weights are widened inside the matmul, never written out.
             # It runs ~5x faster on bfloat16 activations than on float32 ones (measured on a
@@ -111,10 +116,6 @@ class Int8Embedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
         rows = F.embedding(tokens, self.head.weight).to(self.dtype)       # [B, T, D]
         return rows * self.head.scales[tokens].unsqueeze(-1).to(self.dtype)
-
-    @property
-    def weight(self) -> torch.Tensor:  # LLM.dtype / LLM.device read the embedding's weight
-        return torch.empty(0, dtype=self.dtype, device=self.head.weight.device)
 
 
 @torch.no_grad()

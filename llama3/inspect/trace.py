@@ -4,11 +4,12 @@
 
 Every step is a `Step`: a name, the tensor's shape with named dimensions
 (`[B=1, T=7, H=9, Dh=64]`, legend in llama3/model.py) and summary statistics.
-Blocks are summarised in one line each; the block chosen with `layer=` is redone
-operation by operation by `unroll_block`, which repeats TransformerBlock.forward
-with the model's own weights and functions (apply_rope, repeat_kv, causal_mask,
-the RMSNorm modules), and then checks itself against what the model really
-computed (block output and attention weights, captured through hooks).
+Blocks are summarised in one line each; the block chosen with `layer=` is shown
+operation by operation from the taps of model.py (identity modules at each step of
+the block: q, k, v, after RoPE, scores, weights, each head's output, gate, up, ...),
+hooked during one ordinary forward pass with the explicit attention path, so nothing
+is recomputed here.  A check compares that block with the same block run unwatched
+(fused attention).
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ import unicodedata
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from llama3.inspect.capture import capture, resolve_layers
+from llama3.inspect.capture import capture, recording, resolve_layers
 from llama3.inspect.tokens import as_batch, encode_prompt, token_labels
-from llama3.model import TransformerBlock, apply_rope, causal_mask, repeat_kv
+from llama3.model import TransformerBlock
 
 
 # ------------------------------------------------------------------- steps
@@ -71,79 +71,63 @@ def step(name: str, tensor: torch.Tensor, dims: tuple[str, ...], note: str = "",
 BTD = ("B", "T", "D")
 
 
-# ------------------------------------------------------- one block, unrolled
-def unroll_block(block: TransformerBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 ) -> tuple[list[Step], torch.Tensor, torch.Tensor]:
-    """TransformerBlock.forward redone one operation at a time, from its input x [B, T, D].
+# ------------------------------------------------------- one block, through its taps
+def block_taps(block: TransformerBlock) -> dict[str, torch.nn.Module]:
+    """The modules of one block whose outputs the trace shows, by name (the taps of model.py and
+    the block's own submodules): hooked during one ordinary forward pass, nothing recomputed."""
+    att, ff = block.attention, block.feed_forward
+    taps = {"xn": block.attention_norm, "attn_out": att, "h": block.after_attention, "hn": block.ffn_norm,
+            "act": ff.act, "down": ff, "out": block.after_ffn, "weights": att.softmax}
+    taps |= {name: getattr(att, name) for name in ("q", "k", "v", "q_rotated", "k_rotated", "keys", "values",
+                                                   "scores", "masked_scores", "heads")}
+    return taps | {name: getattr(ff, name) for name in ("gate", "up", "hidden")}
 
-    Returns (steps, block output [B, T, D], attention weights [B, H, T, S]).
-    Same modules, same functions, same order as llama3/model.py (explicit attention path).
-    """
+
+def block_steps(block: TransformerBlock, seen: dict[str, torch.Tensor], cos: torch.Tensor) -> list[Step]:
+    """The steps of one block from what its taps recorded (`block_taps`), in model.py's order."""
     att = block.attention
-    batch, seqlen, _ = x.shape
-    n_heads, n_kv, head_dim = att.n_heads, att.n_kv_heads, att.head_dim
-
-    # -- attention: h = x + wo(softmax(q kᵀ / √Dh + mask) v)
-    xn = block.attention_norm(x)                                            # [B, T, D]
-    q, k, v = att.wq(xn), att.wk(xn), att.wv(xn)                             # [B, T, H*Dh], [B, T, Hkv*Dh] x2
+    q, k, v = seen["q"], seen["k"], seen["v"]                                # [B, T, H|Hkv, Dh]
+    batch, seqlen = q.shape[:2]
     projections = Step("q/k/v projections", children=[
-        step("q = wq(x̂)", q, ("B", "T", "H·Dh"), "one query vector per token", "Attention.forward: self.wq"),
-        step("k = wk(x̂)", k, ("B", "T", "Hkv·Dh"), "keys: fewer heads (grouped-query)", "Attention.forward: self.wk"),
-        step("v = wv(x̂)", v, ("B", "T", "Hkv·Dh"), "values", "Attention.forward: self.wv")])
-    q = q.view(batch, seqlen, n_heads, head_dim)                             # [B, T, H, Dh]
-    k = k.view(batch, seqlen, n_kv, head_dim)                                # [B, T, Hkv, Dh]
-    v = v.view(batch, seqlen, n_kv, head_dim)                                # [B, T, Hkv, Dh]
-    heads = Step("split into heads", note=f"{n_heads} query heads, {n_kv} key/value heads of width {head_dim}",
-                 code="Attention.forward: .view", children=[
+        step("q = wq(x̂)", q.flatten(2), ("B", "T", "H·Dh"), "one query vector per token", "Attention.forward: self.wq"),
+        step("k = wk(x̂)", k.flatten(2), ("B", "T", "Hkv·Dh"), "keys: fewer heads (grouped-query)",
+             "Attention.forward: self.wk"),
+        step("v = wv(x̂)", v.flatten(2), ("B", "T", "Hkv·Dh"), "values", "Attention.forward: self.wv")])
+    heads = Step("split into heads", note=f"{att.n_heads} query heads, {att.n_kv_heads} key/value heads of width "
+                 f"{att.head_dim}", code="Attention.forward: .view", children=[
                      step("q", q, ("B", "T", "H", "Dh")), step("k", k, ("B", "T", "Hkv", "Dh")),
                      step("v", v, ("B", "T", "Hkv", "Dh"))])
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)                  # same shapes, rotated
     rope = Step("RoPE: rotate q and k by position", note="pair i of position p turns by p·θ^(−2i/Dh); v is not rotated",
                 code="apply_rope", children=[
-                    step("cos table", cos, ("T", "Dh/2")), step("q rotated", q, ("B", "T", "H", "Dh")),
-                    step("k rotated", k, ("B", "T", "Hkv", "Dh"))])
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)        # [B, H|Hkv, T, Dh]
-    k, v = repeat_kv(k, att.n_rep), repeat_kv(v, att.n_rep)                  # [B, H, S, Dh]
+                    step("cos table", cos, ("T", "Dh/2")), step("q rotated", seen["q_rotated"], ("B", "T", "H", "Dh")),
+                    step("k rotated", seen["k_rotated"], ("B", "T", "Hkv", "Dh"))])
     repeat = Step(f"repeat KV heads ×{att.n_rep}", note=f"query head h reads kv head h // {att.n_rep}",
-                  code="repeat_kv", children=[step("k", k, ("B", "H", "S", "Dh")), step("v", v, ("B", "H", "S", "Dh"))])
-    scores = q @ k.transpose(-2, -1) / math.sqrt(head_dim)                   # [B, H, T, S]
-    mask = causal_mask(seqlen, k.shape[2], 0, device=x.device)               # [T, S]
-    masked = scores.masked_fill(~mask, float("-inf"))                        # [B, H, T, S]
-    weights = att.softmax(masked.float()).type_as(q)                         # [B, H, T, S]
-    mixed = weights @ v                                                      # [B, H, T, Dh]
-    concat = mixed.transpose(1, 2).reshape(batch, seqlen, -1)                # [B, T, H*Dh]
-    attn_out = att.wo(concat)                                                # [B, T, D]
-    h = x + attn_out                                                         # [B, T, D]
-    visible = int(mask.sum())
+                  code="repeat_kv", children=[step("k", seen["keys"], ("B", "H", "S", "Dh")),
+                                              step("v", seen["values"], ("B", "H", "S", "Dh"))])
+    masked, mixed = seen["masked_scores"], seen["heads"]                     # [B, H, T, S], [B, H, T, Dh]
+    visible = int(torch.isfinite(masked[0, 0]).sum())
+    concat = mixed.transpose(1, 2).reshape(batch, seqlen, -1)               # [B, T, H*Dh], as Attention.forward
     attention = Step("attention", code="Attention.forward", children=[
-        step("x̂ = attention_norm(x)", xn, BTD, "x / rms(x) · g", "RMSNorm.forward"),
+        step("x̂ = attention_norm(x)", seen["xn"], BTD, "x / rms(x) · g", "RMSNorm.forward"),
         projections, heads, rope, repeat,
-        step("scores = q·kᵀ/√Dh", scores, ("B", "H", "T", "S"), f"how well each query matches each key; √Dh = {math.sqrt(head_dim):.3g}"),
+        step("scores = q·kᵀ/√Dh", seen["scores"], ("B", "H", "T", "S"),
+             f"how well each query matches each key; √Dh = {math.sqrt(att.head_dim):.3g}"),
         step("causal mask", masked, ("B", "H", "T", "S"),
-             f"future keys set to −inf: {visible} of {mask.numel()} query/key pairs stay visible", "causal_mask"),
-        step("softmax → attention weights", weights, ("B", "H", "T", "S"), "each row sums to 1", "self.softmax"),
+             f"future keys set to −inf: {visible} of {masked[0, 0].numel()} query/key pairs stay visible", "causal_mask"),
+        step("softmax → attention weights", seen["weights"], ("B", "H", "T", "S"), "each row sums to 1", "self.softmax"),
         step("weighted sum of values", mixed, ("B", "H", "T", "Dh"), "weights · v"),
         step("concat heads", concat, ("B", "T", "H·Dh")),
-        step("output projection wo", attn_out, BTD, code="Attention.forward: self.wo"),
-        step("residual add: h = x + attn", h, BTD, code="TransformerBlock.forward")])
-
-    # -- feed-forward (SwiGLU): out = h + w2(silu(w1 ĥ) * w3 ĥ)
-    ff = block.feed_forward
-    hn = block.ffn_norm(h)                                                   # [B, T, D]
-    gate, up = ff.w1(hn), ff.w3(hn)                                          # [B, T, F] each
-    activated = F.silu(gate)                                                 # [B, T, F]
-    product = activated * up                                                 # [B, T, F]
-    down = ff.w2(product)                                                    # [B, T, D]
-    out = h + down                                                           # [B, T, D]
+        step("output projection wo", seen["attn_out"], BTD, code="Attention.forward: self.wo"),
+        step("residual add: h = x + attn", seen["h"], BTD, code="TransformerBlock.forward")])
     feed_forward = Step("feed-forward (SwiGLU)", code="FeedForward.forward", children=[
-        step("ĥ = ffn_norm(h)", hn, BTD, code="RMSNorm.forward"),
-        step("gate = w1(ĥ)", gate, ("B", "T", "F")),
-        step("silu(gate)", activated, ("B", "T", "F"), "x · sigmoid(x): a smooth switch"),
-        step("up = w3(ĥ)", up, ("B", "T", "F")),
-        step("silu(gate) * up", product, ("B", "T", "F"), "the gate scales each hidden unit"),
-        step("down = w2(·)", down, BTD, "back to model width"),
-        step("residual add: out = h + ffn", out, BTD, code="TransformerBlock.forward")])
-    return [attention, feed_forward], out, weights
+        step("ĥ = ffn_norm(h)", seen["hn"], BTD, code="RMSNorm.forward"),
+        step("gate = w1(ĥ)", seen["gate"], ("B", "T", "F")),
+        step("silu(gate)", seen["act"], ("B", "T", "F"), "x · sigmoid(x): a smooth switch"),
+        step("up = w3(ĥ)", seen["up"], ("B", "T", "F")),
+        step("silu(gate) * up", seen["hidden"], ("B", "T", "F"), "the gate scales each hidden unit"),
+        step("down = w2(·)", seen["down"], BTD, "back to model width"),
+        step("residual add: out = h + ffn", seen["out"], BTD, code="TransformerBlock.forward")])
+    return [attention, feed_forward]
 
 
 # ------------------------------------------------------------------- trace
@@ -154,7 +138,8 @@ class Trace:
     labels: list[str]
     root: Step
     top_next: list[dict]                   # [{"id", "token", "prob"}], best first
-    checks: dict = field(default_factory=dict)  # layer -> {"block_output_max_abs_diff", "weights_max_abs_diff"}
+    checks: dict = field(default_factory=dict)  # layer -> {"block_output_max_abs_diff", "weights_max_abs_diff",
+    #                                                        "unwatched_max_abs_diff"}
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "ids": self.ids, "tokens": self.labels,
@@ -171,8 +156,13 @@ def trace(llm, prompt: str | list[int], layer: int | None = None, top_k: int = 5
     ids = encode_prompt(llm, prompt)
     labels = token_labels(tok, ids)
     detailed = resolve_layers(model, layer) if layer is not None else []
-    cap = capture(model, as_batch(llm, ids), attention_layers=detailed)
-    cos, sin = model.rope(torch.arange(len(ids), device=llm.device))       # [T, Dh/2] each
+    tokens = as_batch(llm, ids)
+    taps = {(i, name): module for i in detailed for name, module in block_taps(model.layers[i]).items()}
+    with recording(taps) as seen:                      # the explicit path of the detailed blocks, watched
+        cap = capture(model, tokens, attention_layers=detailed)
+    with recording({i: model.layers[i] for i in detailed}) as unwatched, torch.no_grad():
+        model(tokens)                                  # the same blocks as they run when nobody looks
+    cos, _ = model.rope(torch.arange(len(ids), device=llm.device))         # [T, Dh/2]
 
     steps = [Step("text", note=repr(prompt) if isinstance(prompt, str) else "(token ids given)"),
              Step("tokens", shape=f"[T={len(ids)}]", note=" │ ".join(labels)),
@@ -182,13 +172,16 @@ def trace(llm, prompt: str | list[int], layer: int | None = None, top_k: int = 5
     checks = {}
     for i, block in enumerate(model.layers):
         if i in detailed:
-            with torch.no_grad():
-                children, out, weights = unroll_block(block, cap.block_inputs[i], cos, sin)
+            mine = {name: tensor for (layer_id, name), tensor in seen.items() if layer_id == i}
+            children, out = block_steps(block, mine, cos), mine["out"]
+            mixed = mine["weights"].float() @ mine["values"].float()       # [B, H, T, Dh]
             checks[i] = {"block_output_max_abs_diff": (out - cap.block_outputs[i]).abs().max().item(),
-                         "weights_max_abs_diff": (weights.float() - cap.attention_weights[i].float()).abs().max().item()}
-            children.append(Step("check", note="recomputed block output vs the model's own: max |Δ| = "
-                                 f"{checks[i]['block_output_max_abs_diff']:.3g}; attention weights: max |Δ| = "
-                                 f"{checks[i]['weights_max_abs_diff']:.3g}"))
+                         "weights_max_abs_diff": (mixed - mine["heads"].float()).abs().max().item(),
+                         "unwatched_max_abs_diff": (out - unwatched[i]).abs().max().item()}
+            children.append(Step("check", note="the traced block output vs the block's own: max |Δ| = "
+                                 f"{checks[i]['block_output_max_abs_diff']:.3g}; weights · v vs the heads' output: "
+                                 f"max |Δ| = {checks[i]['weights_max_abs_diff']:.3g}; vs the block run unwatched "
+                                 f"(fused attention): max |Δ| = {checks[i]['unwatched_max_abs_diff']:.3g}"))
             steps.append(Step(f"block {i}", named_shape(out, BTD), tensor_stats(out), code="TransformerBlock.forward",
                               children=children, tensor=out))
         else:

@@ -1,0 +1,418 @@
+/* CPU kernels for what model.py's block calls, registered as PyTorch operators (torch.ops.llama3.*).
+ * See kernels.py.  None of them knows what a Llama block is: model.py calls them.
+ *
+ *   matvec(x, weight, scales, kind, n)  y = x Wᵀ for a few rows of x (decoding), weights read in place:
+ *       kind 0  F32   [N, K] float32
+ *       kind 1  BF16  [N, K] bfloat16 (the upper half of a float32)
+ *       kind 2  INT8  [N, K] int8 with a float32 scale per row:        w = scale[n] * q
+ *       kind 3  INT4  PyTorch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`, N % 64 == 0):
+ *               bytes [N/64, K, 32]; byte d of (block b, column k) holds the 4-bit value of row
+ *               64b + d (low half) and row 64b + d + 32 (high half); bfloat16 scale and zero per
+ *               32 columns, [K/32, N, 2]:                                w = (q - 8) * scale + zero
+ *   dequantize_int4(packed, scales_and_zeros, n)  the INT4 matrix as bfloat16 [N, K] (for prompts)
+ *   rms_norm(x, weight, eps)            weight * (x / sqrt(mean(x²) + eps)), rounded as model.py rounds
+ *   rope(x, cos, sin)                   model.py's apply_rope: pairs (x[2i], x[2i+1]) rotated
+ *   attend(q, k, v, visible)            softmax(q kᵀ / √Dh) v for one query row per sequence, over a
+ *                                       KV cache read in place (strided views), each key/value head
+ *                                       serving its H/Hkv query heads without copies
+ *
+ * Activations are float32 inside (16-bit inputs are widened once).  Threads: ATen's pool
+ * (at::parallel_for), the one PyTorch's own kernels use.  AVX-512 intrinsics for the matrix-vector
+ * products where the CPU has them, plain loops the compiler vectorises elsewhere (-DLLAMA3_PLAIN_C).
+ */
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#ifndef LLAMA3_NS
+#define LLAMA3_NS llama3
+#endif
+
+namespace {
+
+enum { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
+
+struct Matrix {
+    int kind, n, k;
+    const void *w;
+    const void *scales;
+};
+
+inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as PyTorch does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* ---------------------------------------------------------------- matrix-vector products */
+/* Each computes rows [n_begin, n_end) of y [B, N] = x [B, K] Wᵀ; every block of weight rows is read
+ * from memory once and used for all B rows of x while it sits in the L1 cache. */
+
+#if defined(__AVX512F__) && !defined(LLAMA3_PLAIN_C)
+#include <immintrin.h>
+#define SIMD 1
+#else
+#define SIMD 0
+#endif
+
+#if SIMD
+inline __m512 load16(const float *p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+inline __m512 load16(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+
+/* 4 rows at a time, 16 columns per step (K % 16 == 0, checked in kernels.py).  While working on 4
+ * rows it asks for the next 4 rows' cache lines: the hardware prefetcher alone left bf16 and int8
+ * at about half the bandwidth float32 reached (measured on 3072 x 576). */
+template <typename W>
+void matvec_rows(const Matrix &m, const float *xs, float *ys, int batch, int64_t n_begin, int64_t n_end) {
+    const W *w = (const W *)m.w;
+    const int K = m.k, N = m.n;
+    const float *scale = m.kind == INT8 ? (const float *)m.scales : nullptr;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        const W *r0 = w + (size_t)n0 * K;
+        const W *r1 = r0 + (rows > 1 ? K : 0), *r2 = r0 + (rows > 2 ? 2 * K : 0), *r3 = r0 + (rows > 3 ? 3 * K : 0);
+        for (int b = 0; b < batch; b++) {
+            const float *x = xs + (size_t)b * K;
+            float *y = ys + (size_t)b * N;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int k = 0; k < K; k += 16) {
+                const __m512 xv = _mm512_loadu_ps(x + k);
+                if (b == 0 && (k * sizeof(W)) % 64 == 0) {
+                    _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);
+                }
+                a0 = _mm512_fmadd_ps(load16(r0 + k), xv, a0);
+                a1 = _mm512_fmadd_ps(load16(r1 + k), xv, a1);
+                a2 = _mm512_fmadd_ps(load16(r2 + k), xv, a2);
+                a3 = _mm512_fmadd_ps(load16(r3 + k), xv, a3);
+            }
+            const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                   _mm512_reduce_add_ps(a3)};
+            for (int r = 0; r < rows; r++) y[n0 + r] = scale ? sums[r] * scale[n0 + r] : sums[r];
+        }
+    }
+}
+#else
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) { return bf16_to_f32(v); }
+inline float widen(int8_t v) { return (float)v; }
+
+template <typename W>  // one row at a time; the compiler vectorises the inner loop
+void matvec_rows(const Matrix &m, const float *xs, float *ys, int batch, int64_t n_begin, int64_t n_end) {
+    const W *w = (const W *)m.w;
+    const int K = m.k, N = m.n;
+    const float *scale = m.kind == INT8 ? (const float *)m.scales : nullptr;
+    for (int64_t n = n_begin; n < n_end && n < N; n++)
+        for (int b = 0; b < batch; b++) {
+            const W *row = w + (size_t)n * K;
+            const float *x = xs + (size_t)b * K;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int k = 0; k < K; k++) acc += widen(row[k]) * x[k];
+            ys[(size_t)b * N + n] = scale ? acc * scale[n] : acc;
+        }
+}
+#endif
+
+/* INT4: blocks [begin, end) of 64 rows. */
+void matvec_int4(const Matrix &m, const float *xs, float *ys, int batch, int64_t blk_begin, int64_t blk_end) {
+    const uint8_t *w = (const uint8_t *)m.w;
+    const uint16_t *sz = (const uint16_t *)m.scales;  // [K/32, N, 2]
+    const int K = m.k, N = m.n;
+    for (int64_t blk = blk_begin; blk < blk_end; blk++)
+        for (int b = 0; b < batch; b++) {
+            const uint8_t *block = w + (size_t)blk * K * 32;
+            const float *x = xs + (size_t)b * K;
+            float *y = ys + (size_t)b * N + (size_t)blk * 64;
+            /* per group of 32 columns: acc[d] = sum q x, then y[d] += scale (acc - 8 sum x) + zero sum x */
+#if SIMD
+            __m512 out[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+            for (int g = 0; g < K / 32; g++) {
+                /* byte = lo + 16 hi: sum byte x and sum hi x are taken, lo's sum is the first minus 16x the second */
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // bytes 0-15, 16-31; hi 0-15, 16-31
+                float xsum = 0.f;
+                for (int k = g * 32; k < g * 32 + 32; k++) {
+                    if (b == 0 && k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);
+                    const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32)));
+                    const __m512i b1 =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32 + 16)));
+                    const __m512 xk = _mm512_set1_ps(x[k]);
+                    xsum += x[k];
+                    a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b0), xk, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(b1), xk, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b0, 4)), xk, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b1, 4)), xk, a3);
+                }
+                const __m512 sixteen = _mm512_set1_ps(16.f), eight_xsum = _mm512_set1_ps(8.f * xsum),
+                             xsum_v = _mm512_set1_ps(xsum);
+                const __m512 acc[4] = {_mm512_fnmadd_ps(sixteen, a2, a0), _mm512_fnmadd_ps(sixteen, a3, a1), a2, a3};
+                const uint16_t *s = sz + ((size_t)g * N + (size_t)blk * 64) * 2;  // 64 (scale, zero) bf16 pairs
+                for (int i = 0; i < 4; i++) {  // 16 rows a time: a pair is one 32-bit lane
+                    const __m512i pairs = _mm512_loadu_si512(s + 32 * i);
+                    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
+                    const __m512 zero =
+                        _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32((int)0xFFFF0000)));
+                    out[i] = _mm512_fmadd_ps(scale, _mm512_sub_ps(acc[i], eight_xsum),
+                                             _mm512_fmadd_ps(zero, xsum_v, out[i]));
+                }
+            }
+            for (int i = 0; i < 4; i++) _mm512_storeu_ps(y + 16 * i, out[i]);
+#else
+            float out[64] = {0};
+            for (int g = 0; g < K / 32; g++) {
+                float acc[64] = {0}, xsum = 0.f;
+                for (int k = g * 32; k < g * 32 + 32; k++) {
+                    const uint8_t *bytes = block + (size_t)k * 32;
+                    const float xk = x[k];
+                    xsum += xk;
+#pragma omp simd
+                    for (int d = 0; d < 32; d++) acc[d] += (float)(bytes[d] & 15) * xk;  // row d
+#pragma omp simd
+                    for (int d = 0; d < 32; d++) acc[d + 32] += (float)(bytes[d] >> 4) * xk;  // row d + 32
+                }
+                const uint16_t *s = sz + ((size_t)g * N + (size_t)blk * 64) * 2;
+                for (int d = 0; d < 64; d++) {
+                    const float scale = bf16_to_f32(s[2 * d]), zero = bf16_to_f32(s[2 * d + 1]);
+                    out[d] += scale * (acc[d] - 8.f * xsum) + zero * xsum;
+                }
+            }
+            std::memcpy(y, out, sizeof out);
+#endif
+        }
+}
+
+}  // namespace
+
+/* x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype. */
+at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &scales, int64_t kind,
+                  int64_t n) {
+    const int64_t k = x.size(-1);
+    TORCH_CHECK(weight.is_contiguous() && weight.device().is_cpu() && k % 16 == 0,
+                "matvec: a contiguous CPU weight, K a multiple of 16");
+    TORCH_CHECK(kind == INT4 || weight.size(1) == k, "matvec: x has ", k, " columns, the weight ", weight.size(1));
+    /* float32 contiguous input (the usual case) is read where it lies: no extra operator calls */
+    const bool as_is = x.scalar_type() == at::kFloat && x.is_contiguous();
+    at::Tensor rows = as_is ? x : x.to(at::kFloat).contiguous();
+    const int batch = (int)(rows.numel() / k);
+    Matrix m{(int)kind, (int)n, (int)k, weight.data_ptr(), scales.has_value() ? scales->data_ptr() : nullptr};
+    std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+    shape.back() = n;
+    at::Tensor y = at::empty(shape, rows.options());
+    const float *xs = rows.data_ptr<float>();
+    float *ys = y.data_ptr<float>();
+    if (kind == INT4) {
+        TORCH_CHECK(n % 64 == 0 && scales.has_value(), "matvec: int4 needs N % 64 == 0 and scales");
+        at::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) { matvec_int4(m, xs, ys, batch, b, e); });
+    } else {
+        TORCH_CHECK(kind != INT8 || scales.has_value(), "matvec: int8 needs scales");
+        at::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
+            const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
+            if (kind == F32) matvec_rows<float>(m, xs, ys, batch, lo, hi);
+            else if (kind == BF16) matvec_rows<uint16_t>(m, xs, ys, batch, lo, hi);
+            else matvec_rows<int8_t>(m, xs, ys, batch, lo, hi);
+        });
+    }
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+/* An INT4 matrix as bfloat16 [N, K] (w = (q - 8) * scale + zero, rounded once), for prompts:
+ * a 16-bit matrix-matrix product beats the int4 kernel from a few dozen rows of input on. */
+at::Tensor dequantize_int4(const at::Tensor &packed, const at::Tensor &scales_and_zeros, int64_t n) {
+    const int64_t k = scales_and_zeros.size(0) * 32;
+    const uint8_t *w = (const uint8_t *)packed.data_ptr();
+    const uint16_t *sz = (const uint16_t *)scales_and_zeros.data_ptr();
+    at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
+    uint16_t *o = (uint16_t *)out.data_ptr();
+    at::parallel_for(0, (n / 64) * (k / 32), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t tile_id = begin; tile_id < end; tile_id++) {  // one tile: 64 rows x 32 columns
+            const int64_t b = tile_id / (k / 32), g = tile_id % (k / 32);
+            const uint8_t *bytes = w + ((size_t)b * k + (size_t)g * 32) * 32;  // [32 columns, 32]
+            float scale[64], offset[64], tile[64][32];
+            for (int d = 0; d < 64; d++) {
+                const uint16_t *s = sz + ((size_t)g * n + (size_t)b * 64 + d) * 2;
+                scale[d] = bf16_to_f32(s[0]);
+                offset[d] = bf16_to_f32(s[1]) - 8.f * scale[d];
+            }
+            for (int c = 0; c < 32; c++)
+                for (int d = 0; d < 32; d++) {
+                    tile[d][c] = (float)(bytes[c * 32 + d] & 15);
+                    tile[d + 32][c] = (float)(bytes[c * 32 + d] >> 4);
+                }
+            for (int d = 0; d < 64; d++) {
+                uint16_t *row = o + ((size_t)b * 64 + d) * k + (size_t)g * 32;
+                for (int c = 0; c < 32; c++) row[c] = f32_to_bf16(tile[d][c] * scale[d] + offset[d]);
+            }
+        }
+    });
+    return out;
+}
+
+/* weight * (x / sqrt(mean(x²) + eps)): the sum in float32, the normalised row rounded to x's dtype
+ * and then multiplied by the weight in the result's dtype, as model.py's RMSNorm does. */
+at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
+    const int64_t d = x.size(-1);
+    at::Tensor rows = x.reshape({-1, d}).contiguous(), w = weight.to(at::kFloat).contiguous();
+    const auto out_type = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+    at::Tensor out = at::empty(rows.sizes(), rows.options().dtype(out_type));
+    const bool in16 = rows.scalar_type() == at::kBFloat16, out16 = out_type == at::kBFloat16;
+    TORCH_CHECK((in16 || rows.scalar_type() == at::kFloat) && (out16 || out_type == at::kFloat),
+                "rms_norm: float32 or bfloat16");
+    const float *wf = w.data_ptr<float>();
+    at::parallel_for(0, rows.size(0), 64, [&](int64_t begin, int64_t end) {
+        std::vector<float> row(d);
+        for (int64_t r = begin; r < end; r++) {
+            for (int64_t i = 0; i < d; i++)
+                row[i] = in16 ? bf16_to_f32(((const uint16_t *)rows.data_ptr())[r * d + i])
+                              : ((const float *)rows.data_ptr())[r * d + i];
+            float ss = 0.f;
+            for (int64_t i = 0; i < d; i++) ss += row[i] * row[i];
+            const float inv = 1.f / std::sqrt(ss / d + (float)eps);
+            for (int64_t i = 0; i < d; i++) {
+                float normed = row[i] * inv;
+                if (in16) normed = bf16_to_f32(f32_to_bf16(normed));  // .type_as(x)
+                const float y = wf[i] * normed;
+                if (out16) ((uint16_t *)out.data_ptr())[r * d + i] = f32_to_bf16(y);
+                else ((float *)out.data_ptr())[r * d + i] = y;
+            }
+        }
+    });
+    return out.view(x.sizes());
+}
+
+/* x [B, T, H, Dh] (float32 or bfloat16); cos, sin float32 [T, Dh/2] or [B, T, Dh/2]. */
+at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &sin) {
+    TORCH_CHECK(x.dim() == 4 && cos.scalar_type() == at::kFloat, "rope: x [B, T, H, Dh], float32 tables");
+    const int64_t B = x.size(0), T = x.size(1), H = x.size(2), Dh = x.size(3), half = Dh / 2;
+    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor c = cos.contiguous(), s = sin.contiguous();
+    const bool per_row = c.dim() == 3;
+    at::Tensor out = at::empty(xf.sizes(), xf.options());
+    const float *xi = xf.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+    float *o = out.data_ptr<float>();
+    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t bt = begin; bt < end; bt++) {
+            const int64_t table_row = per_row ? bt : bt % T;
+            const float *cr = cp + table_row * half, *sr = sp + table_row * half;
+            for (int64_t h = 0; h < H; h++) {
+                const float *v = xi + (bt * H + h) * Dh;
+                float *w = o + (bt * H + h) * Dh;
+                for (int64_t i = 0; i < half; i++) {
+                    const float a = v[2 * i], b = v[2 * i + 1];
+                    w[2 * i] = a * cr[i] - b * sr[i];
+                    w[2 * i + 1] = a * sr[i] + b * cr[i];
+                }
+            }
+        }
+    });
+    return out.to(x.scalar_type());
+}
+
+/* q [B, H, 1, Dh]; k, v [B, Hkv, S, Dh] views (the last dimension contiguous, float32 or bfloat16);
+ * visible: None or bool [B or 1, S] (False: that key is hidden from the row).  -> [B, H, 1, Dh]. */
+at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
+                  const c10::optional<at::Tensor> &visible) {
+    const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
+    TORCH_CHECK(q.size(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type() &&
+                    k.strides() == v.strides() && H % Hkv == 0,
+                "attend: one query row, key/value rows contiguous");
+    const bool bf16 = k.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16 || k.scalar_type() == at::kFloat, "attend: a float32 or bfloat16 cache");
+    at::Tensor qf = q.to(at::kFloat).contiguous();
+    at::Tensor out = at::empty({B, H, 1, Dh}, qf.options());
+    at::Tensor mask;
+    const bool *seen = nullptr;
+    int64_t mask_stride = 0;
+    if (visible.has_value()) {
+        mask = visible->to(at::kBool).contiguous();
+        seen = mask.data_ptr<bool>();
+        mask_stride = mask.size(0) == 1 ? 0 : S;
+    }
+    const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2), n_rep = H / Hkv;
+    const char *kp = (const char *)k.data_ptr(), *vp = (const char *)v.data_ptr();
+    const size_t elem = bf16 ? 2 : 4;
+    const float scale = 1.f / std::sqrt((float)Dh);
+    const float *qp = qf.data_ptr<float>();
+    float *op = out.data_ptr<float>();
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores(S);
+        for (int64_t bh = begin; bh < end; bh++) {
+            const int64_t b = bh / H, g = (bh % H) / n_rep;
+            const float *qr = qp + bh * Dh;
+            const bool *row_seen = seen ? seen + b * mask_stride : nullptr;
+            const size_t base = (size_t)(b * sb + g * sh);
+            float top = -INFINITY;
+            for (int64_t t = 0; t < S; t++) {
+                if (row_seen && !row_seen[t]) { scores[t] = -INFINITY; continue; }
+                const size_t at = (base + (size_t)t * st) * elem;
+                float dot = 0.f;
+                if (bf16) {
+                    const uint16_t *kr = (const uint16_t *)(kp + at);
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < Dh; i++) dot += qr[i] * bf16_to_f32(kr[i]);
+                } else {
+                    const float *kr = (const float *)(kp + at);
+#pragma omp simd reduction(+ : dot)
+                    for (int64_t i = 0; i < Dh; i++) dot += qr[i] * kr[i];
+                }
+                scores[t] = dot * scale;
+                top = scores[t] > top ? scores[t] : top;
+            }
+            float total = 0.f;
+            for (int64_t t = 0; t < S; t++) total += (scores[t] = std::exp(scores[t] - top));
+            const float inverse = 1.f / total;
+            float *o = op + bh * Dh;
+            for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
+            for (int64_t t = 0; t < S; t++) {
+                const float p = scores[t] * inverse;
+                if (p == 0.f) continue;
+                const size_t at = (base + (size_t)t * st) * elem;
+                if (bf16) {
+                    const uint16_t *vr = (const uint16_t *)(vp + at);
+#pragma omp simd
+                    for (int64_t i = 0; i < Dh; i++) o[i] += p * bf16_to_f32(vr[i]);
+                } else {
+                    const float *vr = (const float *)(vp + at);
+#pragma omp simd
+                    for (int64_t i = 0; i < Dh; i++) o[i] += p * vr[i];
+                }
+            }
+        }
+    });
+    return out.to(q.scalar_type());
+}
+
+TORCH_LIBRARY(LLAMA3_NS, m) {
+    m.def("matvec(Tensor x, Tensor weight, Tensor? scales, int kind, int n) -> Tensor");
+    m.def("dequantize_int4(Tensor packed, Tensor scales_and_zeros, int n) -> Tensor");
+    m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+    m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+    m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
+    m.impl("matvec", TORCH_FN(matvec));
+    m.impl("dequantize_int4", TORCH_FN(dequantize_int4));
+    m.impl("rms_norm", TORCH_FN(rms_norm));
+    m.impl("rope", TORCH_FN(rope));
+    m.impl("attend", TORCH_FN(attend));
+}
