@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
         print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-        print(f"plan: {llm.plan.describe() if llm.plan is not None else 'model.py as written, PyTorch kernels'}")
+        plan = llm.plan.describe() if llm.plan is not None else "none: model.py's own functions and PyTorch's kernels"
+        print(f"plan: {plan}")
         print("\n".join(report.lines()))
         if bound is not None:
             print(bound_line(bound, report.decode_tokens_per_second))
