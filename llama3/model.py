@@ -42,12 +42,12 @@ class Lean(nn.Module):
 
     nn.Module's own call machinery checks for hooks of six kinds on every call, ~2 us each on
     a small CPU: for a 30-block model decoding one token that is ~1 ms of a ~8 ms step.  With a
-    hook registered (inspection, training wrappers, torch.compile tracing) the full machinery runs.
+    hook registered (inspection, training wrappers) the full machinery runs.
     """
 
     def __call__(self, *args, **kwargs):
         if (self._forward_hooks or self._forward_pre_hooks or self._backward_hooks or self._backward_pre_hooks
-                or _global_hooks() or torch.compiler.is_compiling()):
+                or _global_hooks()):
             return super().__call__(*args, **kwargs)
         return self.forward(*args, **kwargs)
 

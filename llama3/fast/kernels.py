@@ -37,7 +37,10 @@ import torch
 from llama3 import model as readable
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for (ATen/Parallel.h) is inline code that splits work between threads only
+# where _OPENMP is defined; without it every kernel ran on one thread.  Linking libgomp.so.1 binds
+# to the copy PyTorch already loaded (the same soname): one thread pool for its kernels and ours.
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 F32, BF16, INT8, INT4 = 0, 1, 2, 3
 
 _namespaces: dict[bool, str] = {}
@@ -95,7 +98,8 @@ def _build(plain: bool) -> str:
     build_dir = _cache_dir() / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, build_directory=str(build_dir),
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
     except Exception as e:  # a compiler error, a missing header, a damaged cache: the plan falls back
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
