@@ -9,7 +9,7 @@ the embedded model (SmolLM2-135M) at each precision.
 
 Bandwidth is measured on a matrix much bigger than the caches (1 GiB by default; this VM's L3
 is 300 MiB), best of 5 passes, two ways:
-    C decode kernel  our float32 kernel (`llama3_matvec` in llama3/fast/native.c), as `llama3 bench`
+    C decode kernel  our float32 kernel (`torch.ops.llama3.matvec`, llama3/fast/kernels.cpp), as `llama3 bench`
                      measures it (`llama3.fast.measure.memory_read_bytes_per_second`)
     torch sum        PyTorch's own reduction over the matrix (an independent reader)
 The bytes a token are counted on the loaded models (`weight_bytes_per_token`: int4 keeps its
