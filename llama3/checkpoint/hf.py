@@ -317,7 +317,7 @@ def write_hf(llm, folder: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BY
     config = llm.config
     tensors = hf_state_dict(llm.model, config)
     hf_config = config_to_hf(config)
-    hf_config["torch_dtype"] = str(llm.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    hf_config["torch_dtype"] = str(llm.model.dtype).removeprefix("torch.")
     tokenizer = llm.tokenizer
     if tokenizer is not None:
         hf_config.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)

@@ -143,10 +143,10 @@ class Decoding:
 
 @torch.no_grad()
 def _greedy(model: Transformer, ids: list[int], n_new: int, use_cache: bool) -> tuple[list[int], int, torch.Tensor]:
-    device = model.tok_embeddings.weight.device
+    device = model.device
     seq = list(ids)
     if use_cache:
-        cache = KVCache(model.config, 1, len(ids) + n_new, dtype=model.tok_embeddings.weight.dtype, device=device)
+        cache = KVCache(model.config, 1, len(ids) + n_new, dtype=model.dtype, device=device)
         todo, start, positions = seq, 0, 0
         for _ in range(n_new):
             logits = model(torch.tensor([todo], device=device), start_pos=start, cache=cache, last_only=True)
@@ -183,9 +183,9 @@ def time_decoding(model: Transformer, ids: list[int], new_tokens: list[int], rep
     lockstep: each step's cached forward and its full-text forward run back to back, `repeats` times, and
     the fastest of each counts.  On a shared machine whose load comes and goes, one run of each after
     the other measures the load more than the cache."""
-    device = model.tok_embeddings.weight.device
+    device = model.device
     seq = list(ids) + list(new_tokens)
-    cache = KVCache(model.config, 1, len(seq), dtype=model.tok_embeddings.weight.dtype, device=device)
+    cache = KVCache(model.config, 1, len(seq), dtype=model.dtype, device=device)
     with_cache = without = 0.0
     for n in range(len(new_tokens)):
         end = len(ids) + n                                                 # this step predicts token `end`
@@ -292,7 +292,7 @@ def concept_fields(llm, ids: list[int], cap, normed: dict, img, decode_tokens: i
     with_cache = decode(model, ids, decode_tokens, use_cache=True)
     without = decode(model, ids, decode_tokens, use_cache=False)
     seconds_with, seconds_without = time_decoding(model, ids, with_cache.tokens, timing_repeats)
-    dtype = model.tok_embeddings.weight.dtype
+    dtype = model.dtype
     elem = torch.tensor([], dtype=dtype).element_size()
     big = get_preset("llama-3.1-8b")
     per_token = kv_cache_bytes(c, 1, elem)

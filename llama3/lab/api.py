@@ -165,7 +165,7 @@ def mount_lab(app: FastAPI, llm, *, source: str | None | bool = None, name: str 
                 "n_rep": c.n_rep, "dim": c.dim, "head_dim": c.head_dim, "hidden_dim": c.hidden_dim,
                 "vocab_size": c.vocab_size, "max_seq_len": c.max_seq_len,
                 "chat": getattr(llm.tokenizer, "chat_format", None) is not None,
-                "dtype": str(llm.model.tok_embeddings.weight.dtype).removeprefix("torch."),
+                "dtype": str(llm.model.dtype).removeprefix("torch."),
                 "fidelity": source is not False}
 
     # ---------------------------------------------------------- streaming

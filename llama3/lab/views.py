@@ -208,5 +208,5 @@ def fidelity(llm, source: str | None, ids: list[int]) -> dict:
     data = comparison.to_dict()
     logits = next((s for s in data["stages"] if s["stage"] == "logits"), None)
     data["max_abs_logits_diff"] = logits["max_abs_diff"] if logits else None
-    data["dtype"] = str(llm.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    data["dtype"] = str(llm.model.dtype).removeprefix("torch.")
     return data
