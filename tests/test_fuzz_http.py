@@ -132,6 +132,7 @@ def serve(fd: int) -> None:
     import uvicorn
 
     from conftest import make_config, make_model
+    from llama3.engine import EngineConfig
     from llama3.llm import LLM
     from llama3.server import Server, create_app
     from llama3.server_limits import ServerLimits
@@ -140,7 +141,8 @@ def serve(fd: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
     config = make_config(vocab_size=259, max_seq_len=256)
     limits = ServerLimits(max_body_bytes=64 * 1024, max_tokens_cap=8, max_prompts=4, max_prompt_chars=2000)
-    app = create_app(LLM(make_model(config), config, ByteTokenizer(), source="tiny"), "tiny", limits=limits)
+    app = create_app(LLM(make_model(config), config, ByteTokenizer(), source="tiny"), "tiny", limits=limits,
+                     engine=EngineConfig(kv_memory="64MB"))  # the default budget (a share of RAM) exceeds the 4 GB limit
     Server(uvicorn.Config(app, log_level="error")).run(sockets=[socket.socket(fileno=fd)])
 
 

@@ -66,8 +66,8 @@ class EngineConfig:
 
 
 def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
-    weight = model.tok_embeddings.weight
-    return getattr(model, "dtype", None) or weight.dtype, getattr(model, "device", None) or weight.device
+    """The model's own float type and device (quantized embeddings have no `.weight` to read them from)."""
+    return model.dtype, model.device
 
 
 class Engine:
