@@ -104,6 +104,16 @@ def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, truncate: 
     return ids[-(max_seq_len - min(max_new_tokens, max_seq_len // 2)):]
 
 
+def checked_prompt(row: int, ids, config, settings: GenerationSettings) -> list[int]:
+    """Prompt `row`'s ids as ints, refused when empty or outside the vocabulary, fitted to the context."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise Llama3Error(f"prompt {row} is empty (no tokens); give it some text")
+    if min(ids) < 0 or max(ids) >= config.vocab_size:
+        raise Llama3Error(f"prompt {row} has token ids outside the vocabulary [0, {config.vocab_size})")
+    return fit_prompt(ids, config.max_seq_len, settings.max_new_tokens, settings.truncate)
+
+
 class TokenGeneration:
     """Generate token ids for a batch of prompts; iterate it (once) to get one `Step` per position.
 
@@ -123,14 +133,7 @@ class TokenGeneration:
         config = model.config
         if not prompt_ids:
             raise Llama3Error("no prompts given; pass at least one")
-        prompts = []
-        for row, ids in enumerate(prompt_ids):
-            ids = [int(i) for i in ids]
-            if not ids:
-                raise Llama3Error(f"prompt {row} is empty (no tokens); give it some text")
-            if min(ids) < 0 or max(ids) >= config.vocab_size:
-                raise Llama3Error(f"prompt {row} has token ids outside the vocabulary [0, {config.vocab_size})")
-            prompts.append(fit_prompt(ids, config.max_seq_len, settings.max_new_tokens, settings.truncate))
+        prompts = [checked_prompt(row, ids, config, settings) for row, ids in enumerate(prompt_ids)]
         self.model, self.settings, self.return_logits = model, settings, return_logits
         self.prompts = prompts
         self.prompt_lengths = [len(p) for p in prompts]

@@ -34,7 +34,7 @@ from llama3.engine.memory import default_parallel, human, parse_memory
 from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
 from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
-from llama3.generate import GenerationSettings, fit_prompt
+from llama3.generate import GenerationSettings, checked_prompt
 from llama3.model import Transformer
 
 
@@ -117,12 +117,7 @@ class Engine:
             raise Llama3Error(f"{len(samplers)} samplers for {len(prompt_ids)} prompts; give one per prompt")
         capacity = self.pool.n_blocks * self.pool.block_size
         for row, ids in enumerate(prompt_ids):
-            ids = [int(i) for i in ids]
-            if not ids:
-                raise Llama3Error(f"prompt {row} is empty (no tokens); give it some text")
-            if min(ids) < 0 or max(ids) >= config.vocab_size:
-                raise Llama3Error(f"prompt {row} has token ids outside the vocabulary [0, {config.vocab_size})")
-            ids = fit_prompt(ids, config.max_seq_len, settings.max_new_tokens, settings.truncate)
+            ids = checked_prompt(row, ids, config, settings)
             if len(ids) + 1 > capacity:
                 raise Llama3Error(f"prompt {row} has {len(ids)} tokens but the KV cache holds {capacity}; "
                                   "shorten it or give the server more --kv-memory")

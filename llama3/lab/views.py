@@ -33,17 +33,10 @@ class TooLarge(Llama3Error):
 
 
 def free_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on `device` (None where it cannot be read)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """Memory free for new tensors on `device` (the engine's reading of it)."""
+    from llama3.engine.memory import available_memory
+
+    return available_memory(device)
 
 
 def check_fits(llm, needed: int, what: str) -> None:
