@@ -32,7 +32,7 @@ import torch
 
 from llama3.errors import Llama3Error
 from llama3.model import KVCache, Transformer
-from llama3.sampling import sample, validate_sampling
+from llama3.sampling import Sampler, TokenLogprobs, pick_batch, validate_sampling
 
 
 # The prompt goes through the model this many tokens at a time (keys accumulate in the cache),
@@ -46,7 +46,9 @@ class GenerationSettings:
     """How to generate.  The defaults mean greedy decoding with every filter off.
 
     temperature 0 = greedy (argmax); top_k 0, top_p 1, min_p 0, repetition_penalty 1 = off.
+    presence_penalty, frequency_penalty (OpenAI's, over the output; 0 = off), logit_bias {id: bias}.
     seed: makes sampled output reproducible (None: a fresh random seed each request).
+    logprobs: None = off; K = record each new token's log-probability and the K most likely.
     stop: strings that end a sequence; the text is cut just before the first one.
     truncate: a prompt too long for the context keeps its last tokens instead of raising.
     """
@@ -60,6 +62,10 @@ class GenerationSettings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     truncate: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -67,17 +73,21 @@ class GenerationSettings:
             raise Llama3Error(f"stop={self.stop!r} is invalid: stop strings must be non-empty strings")
         validate_sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                           repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
-                          seed=self.seed)
+                          seed=self.seed, presence_penalty=self.presence_penalty,
+                          frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias,
+                          logprobs=self.logprobs)
 
 
 @dataclass
 class Step:
     """One decoding step.  tokens[b]: the new id of row b (None once row b has finished);
     a stop id is reported here but not kept in the row's output.  logits [B, V]: the raw
-    logits the ids were drawn from (only with return_logits=True)."""
+    logits the ids were drawn from (only with return_logits=True).  logprobs[b]: row b's
+    TokenLogprobs (only with settings.logprobs set)."""
 
     tokens: list[int | None]
     logits: torch.Tensor | None = None
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 def fit_prompt(ids: list[int], max_seq_len: int, max_new_tokens: int, truncate: bool) -> list[int]:
@@ -101,10 +111,15 @@ class TokenGeneration:
     `finish_reasons[b]` is "stop" (a stop id, or `finish(b)` was called) or "length",
     `prompt_lengths[b]` its prompt size, and `prefill_seconds` / `decode_seconds` /
     `decode_steps` time the model (not the consumer).
+
+    Each row picks its tokens with its own `llama3.sampling.Sampler` (`samplers[b]`); by default
+    one per row from `settings`, every row seeded with settings.seed (so a prompt gives the same
+    tokens alone or in a batch).  Pass `samplers` to choose them yourself (e.g. n choices of one
+    prompt, seeded seed, seed+1, ...; see `row_seeds`).
     """
 
     def __init__(self, model: Transformer, prompt_ids: list[list[int]], settings: GenerationSettings,
-                 stop_ids=(), *, return_logits: bool = False):
+                 stop_ids=(), *, return_logits: bool = False, samplers: list[Sampler] | None = None):
         config = model.config
         if not prompt_ids:
             raise Llama3Error("no prompts given; pass at least one")
@@ -122,6 +137,9 @@ class TokenGeneration:
         self.longest = max(self.prompt_lengths)
         self.max_new_tokens = min(settings.max_new_tokens, config.max_seq_len - self.longest)
         self.stop_ids = frozenset(int(i) for i in stop_ids)
+        if samplers is not None and len(samplers) != len(prompts):
+            raise Llama3Error(f"{len(samplers)} samplers for {len(prompts)} prompts; give one per prompt")
+        self.samplers = samplers
         self.tokens: list[list[int]] = [[] for _ in prompts]
         self.finish_reasons: list[str | None] = [None] * len(prompts)
         self.prefill_seconds = self.decode_seconds = 0.0
@@ -149,18 +167,11 @@ class TokenGeneration:
         prompt = torch.zeros(batch, self.longest, dtype=torch.long, device=device)  # [B, T], left-padded
         for row, ids in enumerate(self.prompts):
             prompt[row, self.longest - len(ids):] = torch.tensor(ids, device=device)
-        self.generator = torch.Generator(device=device)
-        if settings.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(settings.seed)
-        self.seen = None                                                  # [B, V] bool, for the penalty
         with torch.inference_mode():
+            if self.samplers is None:
+                self.samplers = [Sampler.from_settings(settings, vocab, prompt_ids=ids, device=device)
+                                 for ids in self.prompts]
             self.cache = KVCache(self.model.config, batch, total, dtype=weight.dtype, device=device)
-            if settings.repetition_penalty != 1.0:
-                self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-                for row, ids in enumerate(self.prompts):
-                    self.seen[row, torch.tensor(ids, device=device)] = True
 
         start = time.perf_counter()
         for begin in range(0, self.longest, PREFILL_CHUNK):               # prefill, chunk by chunk
@@ -168,7 +179,9 @@ class TokenGeneration:
         next_ids, ids = self._pick(logits)
         self.prefill_seconds = time.perf_counter() - start
         for step in range(self.max_new_tokens):
-            yield Step(self._record(ids), logits if self.return_logits else None)
+            logprobs = [s.last if token is not None else None for s, token in zip(self.samplers, ids)]
+            yield Step(self._record(ids), logits if self.return_logits else None,
+                       logprobs if settings.logprobs is not None else None)
             if self.done:
                 break
             start = time.perf_counter()
@@ -182,7 +195,7 @@ class TokenGeneration:
         """Apply stop ids and the length limit; return what this step reports per row."""
         reported: list[int | None] = []
         for row, token in enumerate(ids):
-            if self.finish_reasons[row] is not None:
+            if self.finish_reasons[row] is not None or token is None:
                 reported.append(None)
                 continue
             reported.append(token)
@@ -209,20 +222,28 @@ class TokenGeneration:
                           mask=mask[:, None], last_only=True)[:, -1]
 
     @torch.inference_mode()
-    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-        """Sample one id per row -> (ids [B] on the device, the same as a list: the one host sync)."""
-        s = self.settings
-        next_ids = sample(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p,
-                          repetition_penalty=s.repetition_penalty, seen=self.seen, generator=self.generator)
-        if self.seen is not None:
-            self.seen.scatter_(1, next_ids[:, None], True)
-        return next_ids, next_ids.tolist()
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[int | None]]:
+        """One id per unfinished row, each from its own Sampler -> (ids [B] on the device to feed
+        back (a finished row gets 0), the same as a list with None for finished rows)."""
+        active = [None if reason is not None else s for s, reason in zip(self.samplers, self.finish_reasons)]
+        ids = pick_batch(active, logits)
+        fed = torch.tensor([0 if i is None else i for i in ids], device=logits.device)  # [B]
+        return fed, ids
 
 
 def generate_tokens(model: Transformer, prompt_ids: list[list[int]], settings: GenerationSettings,
-                    stop_ids=(), *, return_logits: bool = False) -> TokenGeneration:
+                    stop_ids=(), *, return_logits: bool = False,
+                    samplers: list[Sampler] | None = None) -> TokenGeneration:
     """The token-level API: iterate the result for one `Step` per new position."""
-    return TokenGeneration(model, prompt_ids, settings, stop_ids, return_logits=return_logits)
+    return TokenGeneration(model, prompt_ids, settings, stop_ids, return_logits=return_logits, samplers=samplers)
+
+
+def row_seeds(seed: int | None, count: int) -> list[int | None]:
+    """Distinct seeds for `count` sequences that share one request seed: seed, seed+1, ...
+    (wrapped into torch.Generator's range); None stays None (each row random)."""
+    if seed is None:
+        return [None] * count
+    return [(seed + i + 2**63) % 2**64 - 2**63 for i in range(count)]
 
 
 # ------------------------------------------------------------------ text layer
@@ -261,6 +282,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None     # one per token of token_ids (settings.logprobs set)
 
     @property
     def completion_tokens(self) -> int:
@@ -275,9 +297,11 @@ class TextGeneration:
     """
 
     def __init__(self, model: Transformer, tokenizer, prompt_ids: list[list[int]],
-                 settings: GenerationSettings, stop_ids=None):
+                 settings: GenerationSettings, stop_ids=None, *, samplers: list[Sampler] | None = None):
         stop_ids = tokenizer.stop_ids if stop_ids is None else stop_ids
-        self.tokens = TokenGeneration(model, prompt_ids, settings, stop_ids)
+        self.tokens = TokenGeneration(model, prompt_ids, settings, stop_ids, samplers=samplers)
+        self.logprobs: list[list[TokenLogprobs]] | None = (
+            [[] for _ in prompt_ids] if settings.logprobs is not None else None)
         self.decoders = [tokenizer.stream_decoder() for _ in prompt_ids]
         self.stops = [StopStrings(settings.stop) for _ in prompt_ids]
         self.texts: list[list[str]] = [[] for _ in prompt_ids]
@@ -289,6 +313,8 @@ class TextGeneration:
                 if token is None:
                     continue
                 ended = gen.finish_reasons[row] is not None
+                if self.logprobs is not None and token not in gen.stop_ids:
+                    self.logprobs[row].append(step.logprobs[row])
                 piece = "" if token in gen.stop_ids else self.decoders[row].add(token)
                 if ended:
                     piece += self.decoders[row].flush()
@@ -304,7 +330,8 @@ class TextGeneration:
     def completions(self) -> list[Completion]:
         gen = self.tokens
         return [Completion("".join(self.texts[row]), list(gen.tokens[row]), gen.finish_reasons[row],
-                           gen.prompt_lengths[row]) for row in range(len(self.texts))]
+                           gen.prompt_lengths[row], None if self.logprobs is None else list(self.logprobs[row]))
+                for row in range(len(self.texts))]
 
     def run(self) -> list[Completion]:
         """Generate to the end, return the completions."""

@@ -119,7 +119,8 @@ def test_invalid_values_raise_a_clear_error(bad):
 
 
 @settings(max_examples=30)
-@given(st.floats(0, 5), st.integers(0, 100), st.floats(0.01, 1), st.floats(0, 1), st.floats(0.1, 3))
+@given(st.one_of(st.just(0.0), st.floats(1e-6, 5)), st.integers(0, 100), st.floats(1e-6, 1), st.floats(0, 1),
+       st.floats(0.1, 3))
 def test_valid_values_pass(temperature, top_k, top_p, min_p, penalty):
     validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=penalty)
 
