@@ -48,6 +48,7 @@ from llama3.server_api.fields import (ChatFields, CompletionFields, RequestError
                                       parse_prompts, settings_for)
 from llama3.server_api.jobs import RequestGeneration
 from llama3.server_api.reply import Reply
+from llama3.server_api.tokenize import register as register_tokenize
 from llama3.server_queue import Cancelled, GenerationQueue, Job
 
 log = logging.getLogger("llama3.server")
@@ -249,14 +250,16 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [_model_card(model_name, created)]}
+        return {"object": "list", "data": [_model_card(model_name, created, llm.config.max_seq_len)]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
         check_key(request)
         if name != model_name:
             raise unknown_model(name)
-        return _model_card(model_name, created)
+        return _model_card(model_name, created, llm.config.max_seq_len)
+
+    register_tokenize(app, llm, parse, check_key)  # /tokenize, /detokenize, /tokenizer_info
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -317,8 +320,10 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "llama3"}
+def _model_card(name: str, created: int, context: int) -> dict:
+    """OpenAI's model object, plus the context length (vLLM's max_model_len) clients size prompts by."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "llama3", "max_model_len": context,
+            "context_length": context}
 
 
 # ------------------------------------------------------------------- responses
