@@ -47,6 +47,7 @@ from llama3.server_limits import ServerLimits, install as install_limits, off_lo
 from llama3.server_api.fields import (ChatFields, CompletionFields, RequestError, SamplingFields, encode_prompts,
                                       parse_prompts, settings_for)
 from llama3.server_api.jobs import RequestGeneration
+from llama3.server_api.metrics import Metrics
 from llama3.server_api.reply import Reply
 from llama3.server_api.tokenize import register as register_tokenize
 from llama3.server_queue import Cancelled, GenerationQueue, Job
@@ -189,6 +190,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                   lifespan=lifespan)
     app.state.queue = queue
     install_limits(app, limits, api_key)
+    app.state.metrics = metrics = Metrics(queue)  # the engine may set metrics.cache_stats (KV / prefix cache)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -261,6 +263,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
 
     register_tokenize(app, llm, parse, check_key)  # /tokenize, /detokenize, /tokenizer_info
 
+    @app.get("/metrics")
+    async def prometheus_metrics():  # no key, like /health: counts and timings, no content
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
@@ -298,8 +304,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
         generation = RequestGeneration(llm, prompt_ids, settings, n=req.n, echo=echo_texts is not None,
                                        generate=max_tokens != 0)
         job = queue.submit(generation)
+        timer = metrics.request("chat" if chat else "completions", sum(len(ids) for ids in prompt_ids))
         reply = Reply(model_name, chat, prompt_ids, tokenizer=llm.tokenizer, job=generation, n=req.n,
-                      echo_texts=echo_texts)
+                      echo_texts=echo_texts, timer=timer)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(_stream(job, reply, usage), media_type="text/event-stream",

@@ -37,6 +37,7 @@ def test_lm_eval_through_our_server_equals_transformers(default_llm):
     import lm_eval
     import transformers
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     path = Path(resolve_source(None))
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -45,7 +46,8 @@ def test_lm_eval_through_our_server_equals_transformers(default_llm):
 
     ours = evaluate(default_llm, NAME, [MC, GENERATION], log_samples=True)
     theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),
-                                     tasks=[task_config(MC)], log_samples=True, bootstrap_iters=0)
+                                     tasks=[task_config(MC)], log_samples=True, bootstrap_iters=0,
+                                     task_manager=TaskManager(include_defaults=False))
     scored = 0
     for a, b in zip(per_item(ours, "llama3_facts"), per_item(theirs, "llama3_facts"), strict=True):
         for (ll_ours, greedy_ours), (ll_theirs, greedy_theirs) in zip(a["filtered_resps"], b["filtered_resps"],
@@ -58,7 +60,7 @@ def test_lm_eval_through_our_server_equals_transformers(default_llm):
         assert ours["results"]["llama3_facts"][metric] == theirs["results"]["llama3_facts"][metric], metric
     assert ours["results"]["llama3_facts"]["acc,none"] > 0.25  # better than chance: the scores mean something
 
-    for sample in per_item(ours, "llama3_capitals"):
+    for sample in per_item(ours, "llama3_capitals")[:2]:  # transformers' generate is slow here: two items
         prompt = sample["arguments"][0][0]  # (context, generation kwargs) of its one request
         want = transformers_greedy(model, tokenizer, prompt, 8, ["\n", ".", ","])
         assert sample["filtered_resps"][0] == want, prompt

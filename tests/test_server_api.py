@@ -141,3 +141,24 @@ def test_tokenize_detokenize_round_trip_and_model_card(tiny, tiny_llm):
     assert info["eos_token"] == "<|im_end|>" and info["bos_token"] == "<s>" and "im_start" in info["chat_template"]
     card = httpx.get(tiny.url + "/v1/models/tiny", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert card["max_model_len"] == card["context_length"] == 2048
+
+
+def test_metrics_parse_as_prometheus_text(tiny):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        text = httpx.get(tiny.url + "/metrics").text  # no key needed, like /health
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples
+                if s.labels.get("endpoint", "completions") == "completions" and not s.labels.get("le")}
+
+    before = scrape()
+    complete(tiny, prompt="hello", max_tokens=5, temperature=0, stream=False)
+    tiny.wait_idle()
+    after = scrape()
+    assert after["llama3_requests_total"] == before.get("llama3_requests_total", 0) + 1
+    assert after["llama3_prompt_tokens_total"] - before.get("llama3_prompt_tokens_total", 0) == 5
+    assert after["llama3_generation_tokens_total"] - before.get("llama3_generation_tokens_total", 0) == 5
+    assert after["llama3_time_to_first_token_seconds_count"] == before.get(
+        "llama3_time_to_first_token_seconds_count", 0) + 1
+    assert after["llama3_time_per_output_token_seconds_count"] >= 1
+    assert after["llama3_queue_depth"] == 0 and after["llama3_running_sequences"] == 0

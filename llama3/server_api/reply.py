@@ -17,9 +17,9 @@ from llama3.logprobs import chat_logprobs, completion_logprobs, covering
 
 class Reply:
     def __init__(self, model: str, chat: bool, prompt_ids: list[list[int]], *, tokenizer=None, job=None,
-                 n: int = 1, echo_texts: list[str] | None = None):
+                 n: int = 1, echo_texts: list[str] | None = None, timer=None):
         self.model, self.chat, self.n = model, chat, n
-        self.tokenizer, self.job = tokenizer, job
+        self.tokenizer, self.job, self.timer = tokenizer, job, timer    # timer: metrics.RequestTimer or None
         self.logprobs = job is not None and job.settings.logprobs is not None
         self.prompt_ids = prompt_ids
         self.prompt_tokens = [len(ids) for ids in prompt_ids]
@@ -119,8 +119,12 @@ class Reply:
         if event[0] == "text":
             _, index, piece = event
             self.texts[index] += piece
+            if self.timer is not None and piece:
+                self.timer.text()
             return self._streamed(index, piece, None)
         _, index, finish, n_tokens = event
         self.finish[index] = finish
         self.completion_tokens += n_tokens
+        if self.timer is not None and all(f is not None for f in self.finish):
+            self.timer.done(self.completion_tokens)
         return self._streamed(index, "", finish)
