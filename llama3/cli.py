@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("llama3.commands.train", "pretrain a (tiny) Llama 3 from scratch"),
     "sft": ("llama3.commands.sft", "supervised fine-tuning on chat data, full or LoRA"),
     "perplexity": ("llama3.commands.perplexity", "sliding-window perplexity of a text"),
+    "eval": ("llama3.commands.eval", "score a model on lm-evaluation-harness tasks"),
     "bench": ("llama3.commands.bench", "measure load time, prefill and decode speed here"),
     "convert": ("llama3.commands.convert", "convert a checkpoint between HF, Meta and GGUF formats"),
 }

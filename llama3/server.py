@@ -31,7 +31,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -44,10 +43,16 @@ from starlette.exceptions import HTTPException
 
 from llama3.errors import Llama3Error
 from llama3.engine import Engine, EngineConfig
-from llama3.generate import GenerationSettings, fit_prompt
+from llama3.generate import fit_prompt
 from llama3.llm import LLM
 from llama3.server_limits import ServerLimits, install as install_limits, off_loop, parse_json
-from llama3.server_queue import Cancelled, GenerationQueue, Job, QueueFull
+from llama3.server_api.fields import (ChatFields, CompletionFields, RequestError, SamplingFields, encode_prompts,
+                                      parse_prompts, settings_for)
+from llama3.server_api.jobs import RequestGeneration
+from llama3.server_api.metrics import Metrics
+from llama3.server_api.reply import Reply
+from llama3.server_api.tokenize import register as register_tokenize
+from llama3.server_queue import Cancelled, FinishedJob, GenerationQueue, Job, QueueFull
 
 log = logging.getLogger("llama3.server")
 
@@ -86,7 +91,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _GenerationRequest(BaseModel):
+class _GenerationRequest(SamplingFields):
     """The fields both endpoints share.  Unknown fields (user, metadata, ...) are ignored;
     fields that would change the answer but are not implemented are refused (see UNSUPPORTED)."""
 
@@ -108,18 +113,14 @@ class _GenerationRequest(BaseModel):
         return stops
 
 
-class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str]                        # a list gives one choice per prompt
-    max_tokens: int | None = Field(16, ge=1)       # OpenAI's default for completions
+class CompletionRequest(CompletionFields, _GenerationRequest):
+    prompt: list[str | list[int]]                  # text or token ids; a list gives one choice per prompt
+    max_tokens: int | None = Field(16, ge=0)       # OpenAI's default for completions; 0 only with echo
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _text_prompts(cls, prompt):
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-            return prompt
-        raise ValueError("must be a string or a non-empty list of strings (token-id prompts are not supported)")
+    def _prompts(cls, prompt):
+        return parse_prompts(prompt)
 
 
 class ContentPart(BaseModel):
@@ -145,15 +146,13 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": content or ""}
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(ChatFields, _GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
 
 
 # Fields of OpenAI's API this server does not implement -> their "off" value.
-UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None,
-               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "suffix": None,
-               "tools": None, "functions": None, "response_format": None}
+UNSUPPORTED = {"best_of": 1, "suffix": None, "tools": None, "functions": None, "response_format": None}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -195,6 +194,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                   lifespan=lifespan)
     app.state.queue = queue
     install_limits(app, limits, api_key)
+    # /metrics: the engine's KV blocks, prefix-cache use and preemptions as llama3_cache_* gauges
+    app.state.metrics = metrics = Metrics(queue, cache_stats=getattr(queue, "cache_stats", None))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -215,6 +216,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
 
     @app.exception_handler(Llama3Error)
     async def user_error(request: Request, error: Llama3Error):  # e.g. an unknown chat role
+        if isinstance(error, RequestError):  # names the field (server_api)
+            return APIError(error.status, str(error), param=error.param, code=error.code).response()
         return APIError(400, str(error), code="invalid_value").response()
 
     def check_key(request: Request) -> None:
@@ -254,22 +257,31 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [_model_card(model_name, created)]}
+        return {"object": "list", "data": [_model_card(model_name, created, llm.config.max_seq_len)]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
         check_key(request)
         if name != model_name:
             raise unknown_model(name)
-        return _model_card(model_name, created)
+        return _model_card(model_name, created, llm.config.max_seq_len)
+
+    register_tokenize(app, llm, parse, check_key)  # /tokenize, /detokenize, /tokenizer_info
+
+    @app.get("/metrics")
+    async def prometheus_metrics():  # no key, like /health: counts and timings, no content
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req: CompletionRequest = await parse(request, CompletionRequest)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        limits.check_prompts(prompts, llm.config.max_seq_len, param="prompt", one_prompt=False)
-        ids = await off_loop(lambda: [llm.tokenizer.encode(p) for p in prompts])
-        return await _answer(request, req, ids, req.max_tokens, chat=False)
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 generates nothing; it is allowed only with echo (to score "
+                           "the prompt)", param="max_tokens", code="invalid_value")
+        limits.check_prompts(req.prompt, llm.config.max_seq_len, param="prompt", one_prompt=False)
+        ids = await off_loop(encode_prompts, llm.tokenizer, req.prompt)
+        echo_texts = [p if isinstance(p, str) else llm.tokenizer.decode(p) for p in req.prompt] if req.echo else None
+        return await _answer(request, req, ids, req.max_tokens, chat=False, echo_texts=echo_texts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -283,11 +295,10 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
         return await _answer(request, req, ids, req.max_completion_tokens or req.max_tokens, chat=True)
 
     async def _answer(request: Request, req: _GenerationRequest, prompt_ids: list[list[int]],
-                      max_tokens: int | None, chat: bool):
+                      max_tokens: int | None, chat: bool, echo_texts: list[str] | None = None):
         context = llm.config.max_seq_len
-        settings = GenerationSettings(max_new_tokens=limits.max_new_tokens(max_tokens, chat, context),
-                                      temperature=req.temperature,
-                                      top_p=req.top_p, seed=req.seed, stop=req.stop_strings())
+        new_tokens = 1 if max_tokens == 0 else limits.max_new_tokens(max_tokens, chat, context)  # 0: echo only
+        settings = settings_for(req, new_tokens, req.stop_strings())
         for ids in prompt_ids:
             try:
                 fit_prompt(ids, context, settings.max_new_tokens, truncate=False)
@@ -295,11 +306,19 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                 raise APIError(400, f"the prompt is {len(ids)} tokens but the model's context holds {context} "
                                "(prompt + answer); shorten it", param="messages" if chat else "prompt",
                                code="context_length_exceeded") from None
+        generation = RequestGeneration(llm, prompt_ids, settings, n=req.n, echo=echo_texts is not None,
+                                       generate=max_tokens != 0)
+        if generation.echo:
+            await off_loop(generation.score_prompts)  # the prompt's log-probabilities: one forward, off the loop
         try:
-            job = queue.submit(prompt_ids, settings)
+            job = (queue.submit(generation.rows, settings, samplers=generation.samplers) if generation.generate
+                   else FinishedJob(len(generation.rows)))
         except QueueFull as error:
             raise APIError(429, str(error), type="requests", code="rate_limit_exceeded") from None
-        reply = _Reply(model_name, chat, [len(ids) for ids in prompt_ids])
+        generation.request = job.request
+        timer = metrics.request("chat" if chat else "completions", sum(len(ids) for ids in prompt_ids))
+        reply = Reply(model_name, chat, prompt_ids, tokenizer=llm.tokenizer, job=generation, n=req.n,
+                      echo_texts=echo_texts, timer=timer)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(_stream(job, reply, usage), media_type="text/event-stream",
@@ -320,71 +339,18 @@ class Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def _model_card(name: str, created: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "llama3"}
+def _model_card(name: str, created: int, context: int) -> dict:
+    """OpenAI's model object, plus the context length (vLLM's max_model_len) clients size prompts by."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "llama3", "max_model_len": context,
+            "context_length": context}
 
 
 # ------------------------------------------------------------------- responses
-class _Reply:
-    """Builds the response objects of one request (OpenAI's shapes) as its text arrives."""
-
-    def __init__(self, model: str, chat: bool, prompt_tokens: list[int]):
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-        self.texts = [""] * len(prompt_tokens)
-        self.finish: list[str | None] = [None] * len(prompt_tokens)
-        self.completion_tokens = self.cached_tokens = 0
-
-    def usage(self) -> dict:
-        prompt = sum(self.prompt_tokens)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion_tokens,
-                "total_tokens": prompt + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-    def _envelope(self, choices: list[dict], chunk: bool) -> dict:
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if chunk and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-
-    def whole(self) -> dict:
-        """The non-streamed response: every choice's full text, finish reason and usage."""
-        choices = []
-        for i, (text, finish) in enumerate(zip(self.texts, self.finish)):
-            body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": i, **body, "logprobs": None, "finish_reason": finish})
-        return {**self._envelope(choices, chunk=False), "usage": self.usage()}
-
-    def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
-        """One streamed event: new text of choice `index`, or its finish reason."""
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": index, "delta": delta}
-        else:
-            choice = {"index": index, "text": text or ""}
-        return self._envelope([{**choice, "logprobs": None, "finish_reason": finish}], chunk=True)
-
-    def usage_chunk(self) -> dict:
-        return {**self._envelope([], chunk=True), "usage": self.usage()}
-
-    def add(self, event: tuple) -> dict | None:
-        """Record an engine event ("text", i, piece) or ("end", i, finish, n_tokens, cached_tokens);
-        the chunk to stream."""
-        if event[0] == "text":
-            _, index, piece = event
-            self.texts[index] += piece
-            return self.chunk(index, text=piece) if piece else None
-        _, index, finish, n_tokens, cached = event
-        self.finish[index] = finish
-        self.completion_tokens += n_tokens
-        self.cached_tokens += cached
-        return self.chunk(index, finish=finish)
-
-
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events: (chat) a first chunk with the role, the text as it comes,
     a last chunk per choice with its finish reason, optional usage, then [DONE].
     An error after the stream has started is sent as an `{"error": ...}` event, without [DONE]."""
@@ -410,7 +376,7 @@ async def _stream(job: Job, reply: _Reply, include_usage: bool) -> AsyncIterator
         job.cancel()  # the client left (or we are done): stop generating for it
 
 
-async def _until_done_or_gone(request: Request, job: Job, reply: _Reply) -> dict | None:
+async def _until_done_or_gone(request: Request, job: Job, reply: Reply) -> dict | None:
     """The whole answer; None (and the job cancelled) if the client disconnects first."""
     async def collect():
         async for event in job.events():

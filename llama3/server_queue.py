@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 from llama3.engine import Cancelled, Engine, QueueFull, Request
 
-__all__ = ["Cancelled", "GenerationQueue", "Job", "QueueFull"]
+__all__ = ["Cancelled", "FinishedJob", "GenerationQueue", "Job", "QueueFull"]
 
 
 class Job:
@@ -54,6 +54,22 @@ class Job:
             yield event
 
 
+class FinishedJob:
+    """A request that generates nothing (`echo` with max_tokens 0): each choice ends at once."""
+
+    request = None
+
+    def __init__(self, choices: int):
+        self.choices = choices
+
+    def cancel(self) -> None:
+        pass
+
+    async def events(self) -> AsyncIterator[tuple]:
+        for index in range(self.choices):
+            yield ("end", index, "length", 0, 0)
+
+
 class GenerationQueue:
     """The server's handle on one `Engine`: submit jobs, read counters, stop it all."""
 
@@ -65,16 +81,23 @@ class GenerationQueue:
         """The engine's loop thread now (a never-started one while the engine idles without one)."""
         return self.engine.thread or threading.Thread()
 
-    def submit(self, prompt_ids: list[list[int]], settings) -> Job:
+    def submit(self, prompt_ids: list[list[int]], settings, samplers=None) -> Job:
         """Queue a request (call from the event loop); iterate `job.events()` for its output.
+        samplers: one per prompt (see Engine.submit).
         Raises QueueFull when the waiting queue is full, Cancelled when the server is stopping."""
         job = Job(asyncio.get_running_loop())
-        job.request = self.engine.submit(prompt_ids, settings, job.send)
+        job.request = self.engine.submit(prompt_ids, settings, job.send, samplers=samplers)
         self.engine.start()
         return job
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    def cache_stats(self) -> dict:
+        """What /metrics reports of the KV memory: blocks used/free, prefix-cache hits, preemptions."""
+        stats = self.engine.stats()
+        return {name: value for name, value in stats.items() if name.startswith(("kv_", "prefix_"))} | {
+            "preemptions": stats["preemptions"]}
 
     def cancel_all(self) -> None:
         """End the running and waiting requests with Cancelled, refuse new ones (safe from a signal handler)."""

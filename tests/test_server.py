@@ -168,13 +168,14 @@ def assert_error(response, status, param=None, code=None):
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "hi", "temperature": -1}, "temperature"),
     ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
     ({"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "hi", "n": 2}, "n"),
+    ({"prompt": "hi", "n": 17}, "n"),
     ({"prompt": "hi", "n": 0}, "n"),
     ({"prompt": "hi", "best_of": 0}, "best_of"),
-    ({"prompt": "hi", "logprobs": 0}, "logprobs"),
+    ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "hi", "top_p": 1e-300}, "top_p"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"max_tokens": 3}, "prompt"),
 ])
 def test_bad_values_are_400_naming_the_field(tiny, body, param):

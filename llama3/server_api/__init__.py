@@ -1,0 +1,12 @@
+"""The parts of OpenAI's API beyond plain text generation, kept out of server.py:
+
+    fields.py    request fields: n, penalties, logit_bias, logprobs / top_logprobs, echo, token-id prompts
+    jobs.py      what the worker runs for one request (echoed prompt log-probabilities, n choices)
+    reply.py     the response objects (choices, logprobs, usage), whole or streamed
+    tokenize.py  POST /tokenize, POST /detokenize
+    metrics.py   GET /metrics (Prometheus, through prometheus-client)
+"""
+
+from llama3.server_api.fields import RequestError
+
+__all__ = ["RequestError"]
