@@ -128,13 +128,15 @@ class LLM:
     def generate(self, prompt: str | list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop: str | list[str] | None = None, stream: bool = False,
-                 truncate: bool = False):
+                 truncate: bool = False, json_schema: dict | None = None, json_object: bool = False):
         """Continue `prompt` (raw text, no chat template) and return only the new text.
 
         A list of prompts runs as one batch and returns a list.  stream=True returns an
         iterator of text pieces instead (of (index, piece) pairs for a list).
         Defaults: greedy (temperature 0), every filter off, stop at the model's own stop
         tokens.  See `llama3.generate.GenerationSettings` for what each value means.
+        json_schema: the answer is JSON valid against this schema; json_object=True: any JSON
+        object (both enforced token by token, see `llama3.structured`).
         """
         from llama3.generate import GenerationSettings
 
@@ -143,17 +145,21 @@ class LLM:
                                       seed=seed, stop=stop, truncate=truncate)
         tokenizer = self._require_tokenizer()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        return self._complete([tokenizer.encode(p) for p in prompts], settings, stream, isinstance(prompt, str))
+        ids = [tokenizer.encode(p) for p in prompts]
+        return self._complete(ids, settings, stream, isinstance(prompt, str),
+                              self._json_samplers(ids, settings, json_schema, json_object))
 
     def chat(self, messages: list[dict] | list[list[dict]], *, max_new_tokens: int = 256,
              temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
-             stream: bool = False, truncate: bool = False):
+             stream: bool = False, truncate: bool = False, json_schema: dict | None = None,
+             json_object: bool = False):
         """Answer a conversation: messages like [{"role": "system"|"user"|"assistant", "content": ...}].
 
         Applies the model's chat template and returns the assistant's answer (a list of
         answers for a list of conversations; an iterator of pieces with stream=True).
         Defaults: temperature 0.7 with top_p 0.9, varied but on topic; temperature=0 is greedy.
+        json_schema / json_object: as in `generate`.
         """
         from llama3.generate import GenerationSettings
 
@@ -163,8 +169,17 @@ class LLM:
         tokenizer = self._require_tokenizer()
         single = not messages or isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
-        return self._complete([tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations],
-                              settings, stream, single)
+        ids = [tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
+        return self._complete(ids, settings, stream, single,
+                              self._json_samplers(ids, settings, json_schema, json_object))
+
+    def _json_samplers(self, prompt_ids, settings, json_schema, json_object):
+        """One Sampler per prompt with a JSON grammar processor, or None when no JSON is asked for."""
+        if json_schema is None and not json_object:
+            return None
+        from llama3.structured import json_samplers
+
+        return json_samplers(self, prompt_ids, settings, json_schema)
 
     def _require_tokenizer(self):
         if self.tokenizer is None:
@@ -185,11 +200,11 @@ class LLM:
     def __getstate__(self):  # copies and pickles carry the model, not the engine's threads and memory
         return {name: value for name, value in self.__dict__.items() if name != "_engine"}
 
-    def _complete(self, prompt_ids: list[list[int]], settings, stream: bool, single: bool):
+    def _complete(self, prompt_ids: list[list[int]], settings, stream: bool, single: bool, samplers=None):
         if stream:
-            events = self.engine.stream(prompt_ids, settings)
+            events = self.engine.stream(prompt_ids, settings, samplers=samplers)
             return (event[2] if single else (event[1], event[2]) for event in events if event[0] == "text")
-        texts = [result.text for result in self.engine.run(prompt_ids, settings)]
+        texts = [result.text for result in self.engine.run(prompt_ids, settings, samplers=samplers)]
         return texts[0] if single else texts
 
 

@@ -51,6 +51,7 @@ from llama3.server_api.fields import (ChatFields, CompletionFields, RequestError
 from llama3.server_api.jobs import RequestGeneration
 from llama3.server_api.metrics import Metrics
 from llama3.server_api.reply import Reply
+from llama3.server_api.structured import response_grammar
 from llama3.server_api.tokenize import register as register_tokenize
 from llama3.server_queue import Cancelled, FinishedJob, GenerationQueue, Job, QueueFull
 
@@ -152,7 +153,7 @@ class ChatCompletionRequest(ChatFields, _GenerationRequest):
 
 
 # Fields of OpenAI's API this server does not implement -> their "off" value.
-UNSUPPORTED = {"best_of": 1, "suffix": None, "tools": None, "functions": None, "response_format": None}
+UNSUPPORTED = {"best_of": 1, "suffix": None, "tools": None, "functions": None}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -160,8 +161,6 @@ def _refuse_unsupported(body: dict) -> None:
         value = body.get(name)
         empty = value is False or (isinstance(value, (dict, list)) and not value)  # not 0: 0 == False
         if value is not None and value != off and not empty:
-            if name == "response_format" and isinstance(value, dict) and value.get("type") == "text":
-                continue
             raise APIError(400, f"{name}={json.dumps(value)} is not supported by this server; leave it out",
                            param=name, code="unsupported_parameter")
 
@@ -196,6 +195,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     install_limits(app, limits, api_key)
     # /metrics: the engine's KV blocks, prefix-cache use and preemptions as llama3_cache_* gauges
     app.state.metrics = metrics = Metrics(queue, cache_stats=getattr(queue, "cache_stats", None))
+    if metrics.cache_stats is None:  # the engine's KV-block and prefix-cache counters, read at scrape time
+        metrics.cache_stats = lambda: {k: v for k, v in queue.stats().items() if k.startswith(("kv_", "prefix_cache_"))}
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
@@ -307,7 +308,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                                "(prompt + answer); shorten it", param="messages" if chat else "prompt",
                                code="context_length_exceeded") from None
         generation = RequestGeneration(llm, prompt_ids, settings, n=req.n, echo=echo_texts is not None,
-                                       generate=max_tokens != 0)
+                                       generate=max_tokens != 0, grammar=response_grammar(llm, req.response_format))
         if generation.echo:
             await off_loop(generation.score_prompts)  # the prompt's log-probabilities: one forward, off the loop
         try:

@@ -135,13 +135,15 @@ class Engine:
             self.lock.notify()
         return request
 
-    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> Stream:
+    def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None,
+               samplers=None) -> Stream:
         """Submit and iterate the events here, as the engine's thread makes them (see `Stream`)."""
-        return Stream(self, prompt_ids, settings, stop_ids)
+        return Stream(self, prompt_ids, settings, stop_ids, samplers)
 
-    def run(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None) -> list[Result]:
+    def run(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None,
+            samplers=None) -> list[Result]:
         """Generate to the end; one Result per prompt."""
-        stream = self.stream(prompt_ids, settings, stop_ids)
+        stream = self.stream(prompt_ids, settings, stop_ids, samplers)
         for _ in stream:
             pass
         return stream.results

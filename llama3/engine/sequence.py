@@ -130,9 +130,10 @@ class Stream:
     """A submitted request read from the caller's thread: iterate for its events; `results` then
     holds one Result per prompt.  Leaving the loop early (break, an exception, Ctrl-C) cancels it."""
 
-    def __init__(self, engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None):
+    def __init__(self, engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None,
+                 samplers=None):
         self._events: queue.Queue = queue.Queue()
-        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids)
+        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids, samplers)
         # what a progress notice reads (llama3.commands.generate.prefill_progress): the prompt sizes, and
         # the seconds until the first event (0 until then)
         self.prompt_lengths = [s.prompt_tokens for s in self.request.sequences]

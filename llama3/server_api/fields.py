@@ -30,6 +30,7 @@ class SamplingFields(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None               # {"token id": -100..100}
+    response_format: dict | None = None                      # text / json_object / json_schema (structured.py)
 
 
 class CompletionFields(BaseModel):

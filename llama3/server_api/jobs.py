@@ -10,6 +10,7 @@
          on the server's preparing thread.
     async for event in job.events(): ...   ("text", choice, piece), ("end", choice, reason, n, cached)
 
+grammar (response_format, `llama3.structured`): every choice's Sampler gets its own GrammarProcessor.
 Choice c = prompt c // n, its (c % n)-th sample.  `generated_logprobs(c)` reads the per-token
 log-probabilities the engine records for choice c's sequence.  With max_tokens 0 (echo only) no
 sequence is submitted (server_queue.FinishedJob ends every choice with "length" and no tokens).
@@ -25,7 +26,7 @@ from llama3.server_api.fields import RequestError
 
 class RequestGeneration:
     def __init__(self, llm, prompt_ids: list[list[int]], settings: GenerationSettings, *, n: int = 1,
-                 echo: bool = False, generate: bool = True):
+                 echo: bool = False, generate: bool = True, grammar=None):
         self.llm, self.prompt_ids, self.settings, self.n = llm, prompt_ids, settings, n
         self.echo, self.generate = echo, generate
         self.rows = [ids for ids in prompt_ids for _ in range(n)]
@@ -35,7 +36,8 @@ class RequestGeneration:
         if generate:
             vocab = llm.config.vocab_size
             try:
-                self.samplers = [Sampler.from_settings(settings, vocab, prompt_ids=ids, seed=seed, device=llm.device)
+                self.samplers = [Sampler.from_settings(settings, vocab, prompt_ids=ids, seed=seed, device=llm.device,
+                                                  processor=grammar.processor() if grammar else None)
                                  for ids in prompt_ids for seed in row_seeds(settings.seed, n)]
             except SamplingError as error:
                 raise RequestError(str(error), param=error.param) from None
