@@ -158,6 +158,7 @@ def test_metrics_parse_as_prometheus_text(tiny):
     after = scrape()
     assert after["llama3_requests_total"] == before.get("llama3_requests_total", 0) + 1
     assert after["llama3_prompt_tokens_total"] - before.get("llama3_prompt_tokens_total", 0) == 5
+    assert after["llama3_cache_kv_blocks_total"] > 0 and "llama3_cache_prefix_cache_hits" in after
     assert after["llama3_generation_tokens_total"] - before.get("llama3_generation_tokens_total", 0) == 5
     assert after["llama3_time_to_first_token_seconds_count"] == before.get(
         "llama3_time_to_first_token_seconds_count", 0) + 1
