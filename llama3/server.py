@@ -195,8 +195,6 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     install_limits(app, limits, api_key)
     # /metrics: the engine's KV blocks, prefix-cache use and preemptions as llama3_cache_* gauges
     app.state.metrics = metrics = Metrics(queue, cache_stats=getattr(queue, "cache_stats", None))
-    if metrics.cache_stats is None:  # the engine's KV-block and prefix-cache counters, read at scrape time
-        metrics.cache_stats = lambda: {k: v for k, v in queue.stats().items() if k.startswith(("kv_", "prefix_cache_"))}
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError):
