@@ -32,6 +32,8 @@ from llama3.config import ModelConfig
 from llama3.errors import CheckpointError
 
 ROWS_PER_CHUNK = 4096  # GGUF column slices dequantize this many rows at a time
+# GGUF types torch reads as they are (GGMLQuantizationType F32, F16, BF16)
+GGUF_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 
 
 def _narrow(w: torch.Tensor, dim: int | None, start: int, stop: int) -> torch.Tensor:
@@ -107,13 +109,11 @@ class GGUFSlices:
     def read(self, name: str, dim: int | None, start: int = 0, stop: int = 0) -> torch.Tensor:
         from gguf.quants import dequantize
 
-        from llama3.checkpoint.gguf import _TORCH_FLOATS
-
         tensor = self.tensors.get(name)
         if tensor is None:
             raise CheckpointError(f"{self.path}: lacks tensor {name!r}")
         shape = tuple(int(n) for n in reversed(tensor.shape))
-        stored = _TORCH_FLOATS.get(int(tensor.tensor_type))
+        stored = GGUF_FLOATS.get(int(tensor.tensor_type))
         if stored is not None:
             raw = torch.from_numpy(tensor.data)
             view = (raw.view(stored) if raw.dtype != stored else raw).reshape(shape)

@@ -201,14 +201,15 @@ def sample_on_rank0(tokens) -> None:
 
     @torch.inference_mode()
     def broadcast_pick(logits):
+        # ids [B]: the chosen id per row, -1 for a finished row (which TokenGeneration reports as None)
         if dist.get_rank() == 0:
-            next_ids, _ = pick(logits)
+            _, chosen = pick(logits)
+            ids = torch.tensor([-1 if i is None else i for i in chosen], dtype=torch.long, device=logits.device)
         else:
-            next_ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-        dist.broadcast(next_ids, src=0)
-        if dist.get_rank() != 0 and tokens.seen is not None:
-            tokens.seen.scatter_(1, next_ids[:, None], True)
-        return next_ids, next_ids.tolist()
+            ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        dist.broadcast(ids, src=0)
+        as_list = [None if i < 0 else i for i in ids.tolist()]
+        return ids.clamp(min=0), as_list
 
     tokens._pick = broadcast_pick
 
