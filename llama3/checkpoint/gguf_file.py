@@ -260,7 +260,7 @@ def dequantize(tensor: GGUFTensor, path: str, dtype: torch.dtype = torch.float32
 
 
 # GGUF float types whose bytes torch reads as they are: no dequantizing, at most a cast.
-_TORCH_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16
+TORCH_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # GGMLQuantizationType F32, F16, BF16
 
 
 def to_torch(tensor: GGUFTensor, path: str, dtype: torch.dtype) -> torch.Tensor:
@@ -270,7 +270,7 @@ def to_torch(tensor: GGUFTensor, path: str, dtype: torch.dtype) -> torch.Tensor:
     another float type is cast by torch; quantized ones go through `dequantize`.
     Whatever is copied has its mapped pages released, so the file is never held twice.
     """
-    stored = _TORCH_FLOATS.get(int(tensor.tensor_type))
+    stored = TORCH_FLOATS.get(int(tensor.tensor_type))
     if stored is None:
         return dequantize(tensor, path, dtype)
     raw = torch.from_numpy(tensor.data)

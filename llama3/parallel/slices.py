@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
+from llama3.checkpoint.gguf_file import TORCH_FLOATS
 from llama3.config import ModelConfig
 from llama3.errors import CheckpointError
 
 ROWS_PER_CHUNK = 4096  # GGUF column slices dequantize this many rows at a time
-# GGUF types torch reads as they are (GGMLQuantizationType F32, F16, BF16)
-GGUF_FLOATS = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
+GGUF_FLOATS = TORCH_FLOATS  # the GGUF types torch reads as they are: the one reader's table
 
 
 def _narrow(w: torch.Tensor, dim: int | None, start: int, stop: int) -> torch.Tensor:
