@@ -11,7 +11,7 @@
 set -euo pipefail
 DIR=${1:-/work/peers}
 VERSION=0.3.36
-PIP=${PIP:-"$(dirname "$0")/../.venv/bin/pip"}
+PIP=${PIP:-"$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/pip"}
 mkdir -p "$DIR/src"
 cd "$DIR/src"
 [ -f "llama_cpp_python-$VERSION.tar.gz" ] || "$PIP" download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d .
