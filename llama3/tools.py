@@ -9,6 +9,9 @@ makes the answer a valid call.
     style = call_style(tokenizer.chat_format)
     content, calls = parse_calls(answer_text, style, tools)
 
+    plan = plan_tools(tokenizer, vocab_size, tools, tool_choice, messages=messages)  # all of the above
+    plan.grammar, plan.message(answer_text)   # a forced call's grammar; {"role": "assistant", ...}
+
 How a model writes a call depends on its chat format (`call_style`):
 
     "meta"     Llama 3.1 / 3.2 (Meta's header format, or a template that writes "parameters" or
@@ -283,6 +286,41 @@ class CallStream:
         content = content or ""
         rest = content[len(self.sent):] if content.startswith(self.sent) else ""
         return rest, calls
+
+
+# ------------------------------------------------------------------ one request
+@dataclass
+class ToolPlan:
+    """One request's tools: what is rendered and parsed, and a forced call's grammar."""
+
+    tools: list[dict]              # as rendered and parsed (empty with tool_choice "none")
+    choice: str                    # auto / none / required / a function's name
+    style: str                     # call_style: "meta" or "hermes"
+    grammar: "CallGrammar | None"  # tool_choice required / named
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        return parse_calls(text, self.style, self.tools) if self.tools else (text, [])
+
+    def stream(self) -> CallStream:
+        return CallStream(self.style, self.tools)
+
+    def message(self, text: str) -> dict:
+        """The answer as OpenAI's assistant message (with tool_calls when it made calls)."""
+        content, calls = self.parse(text)
+        return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+
+
+def plan_tools(tokenizer, vocab_size: int, tools, tool_choice=None, parallel: bool = True,
+               messages: list[dict] | None = None) -> ToolPlan:
+    """Check tools, tool_choice and the messages' calls and results (ToolError), and make the grammar
+    of a forced call.  tool_choice "none": nothing is rendered or parsed."""
+    check_messages(messages or [])
+    tools = check_tools(tools)
+    choice = check_choice(tool_choice, tools)
+    style = call_style(tokenizer.chat_format)
+    if choice == "none":
+        return ToolPlan([], choice, style, None)
+    return ToolPlan(tools, choice, style, call_grammar(tokenizer, vocab_size, tools, choice, style, parallel))
 
 
 # ------------------------------------------------------------------ grammar
