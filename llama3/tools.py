@@ -42,6 +42,7 @@ from llama3.errors import Llama3Error
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
 PYTHON_TAG = "<|python_tag|>"
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+MAX_PARALLEL_CALLS = 4  # a forced answer with parallel_tool_calls holds 1-4 calls (a small model repeats one forever)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")            # OpenAI's rule for function names
 _BUILTIN_CALL = re.compile(r'^(?P<name>\w+)\.call\((?P<args>.*)\)$', re.S)
 _BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|$)", re.S)
@@ -324,16 +325,13 @@ def plan_tools(tokenizer, vocab_size: int, tools, tool_choice=None, parallel: bo
 
 
 # ------------------------------------------------------------------ grammar
-def call_schema(tools: list[dict], style: str, parallel: bool) -> dict:
-    """The JSON schema of what the model must write when it must call (one of) `tools`."""
+def call_schema(tools: list[dict], style: str) -> dict:
+    """The JSON schema of one call of (one of) `tools`, as the style writes it."""
     key = "parameters" if style == "meta" else "arguments"
     shapes = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                  key: t["function"]["parameters"]},
                "required": ["name", key], "additionalProperties": False} for t in tools]
-    one = shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
-    if parallel and style != "meta":  # Meta's format has one call per message
-        return {"type": "array", "items": one, "minItems": 1}
-    return one
+    return shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
 
 
 @dataclass
@@ -353,21 +351,27 @@ class CallGrammar:
 def call_grammar(tokenizer, vocab_size: int, tools: list[dict], choice: str, style: str,
                  parallel: bool = True) -> CallGrammar | None:
     """tool_choice "required" or a function's name -> the grammar the answer must follow
-    ("meta": the JSON call alone; "hermes": the JSON inside <tool_call> ... </tool_call>); otherwise None."""
+    ("meta": one JSON call alone, Meta's format has one call per message; "hermes": the JSON inside
+    <tool_call>\n ... \n</tool_call>, 1 to MAX_PARALLEL_CALLS such blocks on their own lines with
+    `parallel`); otherwise None."""
     if choice in ("auto", "none"):
         return None
     from llama3.structured import _compiler, _xgrammar
 
     xgr = _xgrammar()
     chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
-    schema = call_schema(chosen, style, parallel and choice == "required")
+    schema = call_schema(chosen, style)
     if not tokenizer.stop_ids:
         raise ToolError("a forced tool call needs a tokenizer with a stop token", "tool_choice")
     try:
         grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
         if style == "hermes":
-            grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{CALL_OPEN}\\n"'), grammar,
-                                         xgr.Grammar.from_ebnf(f'root ::= "\\n{CALL_CLOSE}"'))
+            block = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{CALL_OPEN}\\n"'), grammar,
+                                       xgr.Grammar.from_ebnf(f'root ::= "\\n{CALL_CLOSE}"'))
+            newline = xgr.Grammar.from_ebnf('root ::= "\\n"')
+            counts = range(1, (MAX_PARALLEL_CALLS if parallel and choice == "required" else 1) + 1)
+            grammar = xgr.Grammar.union(*[xgr.Grammar.concat(*([block, newline] * (k - 1) + [block]))
+                                          for k in counts])
         compiled = _compiler(tokenizer, vocab_size).compile_grammar(grammar)
     except (RuntimeError, ValueError, TypeError) as error:
         raise ToolError(f"the grammar engine cannot compile these tools' schemas: {str(error)[:200]}",
