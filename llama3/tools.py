@@ -112,8 +112,9 @@ def check_choice(tool_choice, tools: list[dict]) -> str:
         if tool_choice == "required" and not tools:
             raise ToolError("tool_choice \"required\" needs tools to choose from", "tool_choice")
         return tool_choice
-    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
-    if not isinstance(tool_choice, dict) or tool_choice.get("type") != "function" or not isinstance(name, str):
+    function = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or tool_choice.get("type") != "function":
         raise ToolError("tool_choice must be \"auto\", \"none\", \"required\" or "
                         "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
     if name not in tool_names(tools):
@@ -140,8 +141,9 @@ def arguments_of(call: dict, where: str) -> dict:
     return arguments
 
 
-def check_messages(messages: list[dict]) -> None:
-    """Assistant tool_calls well formed; every `tool` message answers a call made before it (tool_call_id)."""
+def check_messages(messages: list[dict], results: bool = True) -> None:
+    """Assistant tool_calls well formed; (results) every `tool` message answers a call made before it
+    (its tool_call_id; the chat formats render results without ids too, as Meta's ipython messages)."""
     called: set[str] = set()
     for i, message in enumerate(messages):
         calls = message.get("tool_calls")
@@ -158,7 +160,7 @@ def check_messages(messages: list[dict]) -> None:
                 arguments_of(call, where)
                 if isinstance(call.get("id"), str):
                     called.add(call["id"])
-        if message.get("role") == "tool":
+        if results and message.get("role") == "tool":
             call_id = message.get("tool_call_id")
             if call_id not in called:
                 raise ToolError(f"messages.{i} is a tool result for tool_call_id {call_id!r}, but no earlier "

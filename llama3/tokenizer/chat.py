@@ -133,7 +133,10 @@ class Llama3HeaderFormat:
         return "<|eom_id|>" if message["role"] == "assistant" and reason == "end_of_message" else "<|eot_id|>"
 
     def _messages(self, messages, tools) -> list[dict]:
+        from llama3.tools import check_messages
+
         messages = validate_messages(messages, LLAMA3_ROLES)
+        check_messages(messages, results=False)
         return meta_tool_messages(messages, tools) if tools else messages
 
     def render(self, messages, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
@@ -258,9 +261,12 @@ class JinjaChatFormat:
         their arguments as mappings (transformers' convention; OpenAI sends JSON strings); one that
         does not gets calls and results written as text (`calls_as_text`); one without a tools
         section gets the tools described in the system message (`describe_tools`)."""
+        from llama3.tools import check_messages
+
         messages = validate_messages(messages)
         if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
             return messages, None
+        check_messages(messages, results=False)
         if "tool_calls" in self.template:
             messages = [_arguments_as_dicts(m) for m in messages]
         else:
