@@ -20,6 +20,13 @@ Two kinds:
   (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`,
   `strftime_now`, a `tojson` that does not escape HTML).
 
+Tools (OpenAI's `tools`, an assistant's `tool_calls`, `tool` results; `encode(..., tools=...)`):
+Meta's format renders them as Meta's prompt format and ChatFormat do (`meta_tool_messages`,
+`<|python_tag|>` before code_interpreter calls, <|eom_id|> after calls); a template with a tools
+section gets them as transformers passes them; a template without one gets them described in the
+system message and calls/results written as text (`describe_tools`, `calls_as_text`).  Parsing
+what the model writes back is llama3/tools.py.
+
 In both, text inside a message that looks like a control token ("<|im_end|>",
 "<|eot_id|>") is encoded as plain text: a user cannot end a turn or forge a system
 message by typing one.  For ordinary messages the ids equal transformers'
