@@ -251,8 +251,8 @@ class CallStream:
     """One streamed choice: `feed(piece)` -> the content that can be sent now (text that may still
     turn out to be a call is held back), `finish()` -> (the rest of the content, the calls)."""
 
-    def __init__(self, style: str, tools: list[dict]):
-        self.style, self.tools = style, tools
+    def __init__(self, style: str, tools: list[dict], parallel: bool = True):
+        self.style, self.tools, self.parallel = style, tools, parallel
         self.text, self.sent = "", ""
         self.builtins = [n for n in tool_names(tools) if n in BUILTIN_TOOLS]
 
@@ -286,7 +286,7 @@ class CallStream:
 
     def finish(self) -> tuple[str, list[dict]]:
         content, calls = parse_calls(self.text, self.style, self.tools)
-        content = content or ""
+        calls, content = calls if self.parallel else calls[:1], content or ""
         rest = content[len(self.sent):] if content.startswith(self.sent) else ""
         return rest, calls
 
@@ -300,12 +300,14 @@ class ToolPlan:
     choice: str                    # auto / none / required / a function's name
     style: str                     # call_style: "meta" or "hermes"
     grammar: "CallGrammar | None"  # tool_choice required / named
+    parallel: bool = True          # False: only the first call is kept
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        return parse_calls(text, self.style, self.tools) if self.tools else (text, [])
+        content, calls = parse_calls(text, self.style, self.tools) if self.tools else (text, [])
+        return content, calls if self.parallel else calls[:1]
 
     def stream(self) -> CallStream:
-        return CallStream(self.style, self.tools)
+        return CallStream(self.style, self.tools, self.parallel)
 
     def message(self, text: str) -> dict:
         """The answer as OpenAI's assistant message (with tool_calls when it made calls)."""
@@ -323,7 +325,8 @@ def plan_tools(tokenizer, vocab_size: int, tools, tool_choice=None, parallel: bo
     style = call_style(tokenizer.chat_format)
     if choice == "none":
         return ToolPlan([], choice, style, None)
-    return ToolPlan(tools, choice, style, call_grammar(tokenizer, vocab_size, tools, choice, style, parallel))
+    return ToolPlan(tools, choice, style, call_grammar(tokenizer, vocab_size, tools, choice, style, parallel),
+                    parallel)
 
 
 # ------------------------------------------------------------------ grammar

@@ -477,3 +477,35 @@ def test_bad_tool_requests_are_openai_shaped_400s(server, extra, param):
 
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
     assert_error(post(server, "/v1/chat/completions", body), 400, param=param)
+
+
+def test_reply_parses_an_auto_answer_whole_and_streamed():
+    """The server's response objects for an answer the model wrote itself (tool_choice auto): the
+    same content and calls whole and streamed; finish_reason tool_calls; parallel_tool_calls false keeps one."""
+    from llama3.server_api.reply import Reply
+    from llama3.tokenizer.chat import JinjaChatFormat
+    from llama3.tools import plan_tools
+
+    class Chat:  # what plan_tools reads of a tokenizer: the chat format (a template without tools)
+        chat_format = JinjaChatFormat("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+    text = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>')
+    for parallel, expected in ((True, ["get_weather", "add"]), (False, ["get_weather"])):
+        plan = plan_tools(Chat(), 0, TOOLS, "auto", parallel)
+        whole, streamed = Reply("m", True, [[1]], tools=plan), Reply("m", True, [[1]], tools=plan)
+        chunks = []
+        for i in range(0, len(text), 7):  # the engine's events: text pieces, then the end
+            whole.add(("text", 0, text[i:i + 7]))
+            chunks.append(streamed.add(("text", 0, text[i:i + 7])))
+        whole.add(("end", 0, "stop", 30, 0))
+        chunks.append(streamed.add(("end", 0, "stop", 30, 0)))
+        message = whole.whole()["choices"][0]
+        assert message["finish_reason"] == "tool_calls" and message["message"]["content"] == "Checking both."
+        assert [c["function"]["name"] for c in message["message"]["tool_calls"]] == expected
+        deltas = [c["choices"][0] for c in chunks if c is not None]
+        assert "".join(d["delta"].get("content", "") for d in deltas) == "Checking both."
+        assert deltas[-1]["finish_reason"] == "tool_calls"
+        streamed_calls = [c for d in deltas for c in d["delta"].get("tool_calls", [])]
+        assert [c["index"] for c in streamed_calls] == list(range(len(expected)))
+        assert [c["function"] for c in streamed_calls] == [c["function"] for c in message["message"]["tool_calls"]]
