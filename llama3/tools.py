@@ -368,6 +368,9 @@ def call_grammar(tokenizer, vocab_size: int, tools: list[dict], choice: str, sty
     schema = call_schema(chosen, style)
     if not tokenizer.stop_ids:
         raise ToolError("a forced tool call needs a tokenizer with a stop token", "tool_choice")
+    if style == "hermes" and CALL_OPEN in tokenizer.special_tokens:  # the grammar engine never allows those
+        raise ToolError(f"this vocabulary has {CALL_OPEN} as a special token, which the grammar engine cannot "
+                        "write; use tool_choice auto", "tool_choice")
     try:
         grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
         if style == "hermes":

@@ -115,12 +115,12 @@ class Llama3HeaderFormat:
         """An assistant message's tool calls as Meta writes them (llama_models ToolUtils.encode_tool_call,
         JSON format): built-in tools as brave_search.call(query="..."), code_interpreter as its code,
         other functions as {"type": "function", "name": ..., "parameters": {...}}."""
-        from llama3.tools import arguments_of
+        from llama3.tools import BUILTIN_TOOLS, arguments_of
 
         texts = []
         for j, call in enumerate(message.get("tool_calls") or []):
             name, arguments = call["function"]["name"], arguments_of(call, f"tool_calls.{j}")
-            if name in ("brave_search", "wolfram_alpha", "photogen"):
+            if name in BUILTIN_TOOLS and name != "code_interpreter":
                 texts.append(f'{name}.call(query="{arguments.get("query", "")}")')
             elif name == "code_interpreter":
                 texts.append(str(arguments.get("code", "")))
@@ -187,8 +187,9 @@ def meta_tool_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
     prompt_format.md): a system message "Environment: ipython" (plus "Tools: brave_search, ..." for
     built-in tools), the date lines and the caller's system text; then, for other functions, a user
     message listing them as JSON ("JSON based tool calling"), before the first user message."""
-    builtin = [t["function"]["name"] for t in tools
-               if t["function"]["name"] in ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")]
+    from llama3.tools import BUILTIN_TOOLS
+
+    builtin = [t["function"]["name"] for t in tools if t["function"]["name"] in BUILTIN_TOOLS]
     custom = [t for t in tools if t["function"]["name"] not in builtin]
     shown = [name for name in builtin if name != "code_interpreter"]
     system = "Environment: ipython\n" + (f"Tools: {', '.join(shown)}\n" if shown else "\n")
