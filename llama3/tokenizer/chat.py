@@ -353,8 +353,9 @@ def calls_as_text(messages: list[dict]) -> list[dict]:
     out: list[dict] = []
     for m in messages:
         if m.get("tool_calls"):
-            blocks = [f"<tool_call>\n{json.dumps({'name': c['function']['name'], 'arguments': arguments_of(c, 'tool_calls')}, ensure_ascii=False)}\n</tool_call>"
-                      for c in m["tool_calls"]]
+            calls = [{"name": c["function"]["name"], "arguments": arguments_of(c, "tool_calls")}
+                     for c in m["tool_calls"]]
+            blocks = [f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls]
             content = message_text(m.get("content"))
             m = {k: v for k, v in m.items() if k != "tool_calls"}
             out.append({**m, "content": "\n".join(([content] if content else []) + blocks)})
