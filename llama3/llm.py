@@ -153,13 +153,19 @@ class LLM:
              temperature: float = 0.7, top_k: int = 0, top_p: float = 0.9, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
              stream: bool = False, truncate: bool = False, json_schema: dict | None = None,
-             json_object: bool = False):
+             json_object: bool = False, tools: list[dict] | None = None, tool_choice: str | dict | None = None,
+             parallel_tool_calls: bool = True):
         """Answer a conversation: messages like [{"role": "system"|"user"|"assistant", "content": ...}].
 
         Applies the model's chat template and returns the assistant's answer (a list of
         answers for a list of conversations; an iterator of pieces with stream=True).
         Defaults: temperature 0.7 with top_p 0.9, varied but on topic; temperature=0 is greedy.
         json_schema / json_object: as in `generate`.
+        tools: OpenAI's function list (`llama3.tools`); the answer is then OpenAI's assistant message,
+        {"role": "assistant", "content": ..., "tool_calls": [...]} (calls parsed, arguments a JSON
+        string), ready to append to the conversation.  tool_choice: "auto" (default), "none",
+        "required" or {"type": "function", "function": {"name": ...}} (a forced call follows the
+        function's schema through the grammar engine).  Not with stream=True.
         """
         from llama3.generate import GenerationSettings
 
@@ -169,9 +175,32 @@ class LLM:
         tokenizer = self._require_tokenizer()
         single = not messages or isinstance(messages[0], dict)
         conversations = [messages] if single else list(messages)
+        if tools or tool_choice is not None:
+            return self._chat_with_tools(conversations, settings, single, stream, tools, tool_choice,
+                                         parallel_tool_calls)
         ids = [tokenizer.encode_chat(c, add_generation_prompt=True) for c in conversations]
         return self._complete(ids, settings, stream, single,
                               self._json_samplers(ids, settings, json_schema, json_object))
+
+    def _chat_with_tools(self, conversations, settings, single, stream, tools, tool_choice, parallel):
+        from llama3.sampling import Sampler
+        from llama3.tools import plan_tools
+
+        if stream:
+            raise Llama3Error("chat(tools=...) returns whole messages; stream=True is for answers without tools "
+                              "(the server streams tool calls)")
+        plans = [plan_tools(self.tokenizer, self.config.vocab_size, tools, tool_choice, parallel, messages=c)
+                 for c in conversations]
+        ids = [self.tokenizer.encode_chat(c, add_generation_prompt=True, tools=plan.tools or None)
+               for c, plan in zip(conversations, plans)]
+        samplers = None
+        if plans[0].grammar is not None:
+            samplers = [Sampler.from_settings(settings, self.config.vocab_size, prompt_ids=row, seed=settings.seed,
+                                              processor=plans[0].grammar.processor(), device=self.device)
+                        for row in ids]
+        messages = [plan.message(text) for plan, text in zip(plans, self._complete(ids, settings, False, False,
+                                                                                      samplers))]
+        return messages[0] if single else messages
 
     def _json_samplers(self, prompt_ids, settings, json_schema, json_object):
         """One Sampler per prompt with a JSON grammar processor, or None when no JSON is asked for."""

@@ -52,6 +52,7 @@ from llama3.server_api.jobs import RequestGeneration
 from llama3.server_api.metrics import Metrics
 from llama3.server_api.reply import Reply
 from llama3.server_api.structured import response_grammar
+from llama3.server_api.tools import tool_plan
 from llama3.server_api.tokenize import register as register_tokenize
 from llama3.server_queue import Cancelled, FinishedJob, GenerationQueue, Job, QueueFull
 
@@ -134,9 +135,13 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list | None = None       # an assistant's calls (server_api/tools.py checks them)
+    tool_call_id: str | None = None      # a tool message: the call it answers
+    name: str | None = None
 
     def as_dict(self, index: int) -> dict:
-        """{"role", "content": str}: text parts joined; images, audio, ... refused."""
+        """{"role", "content": str} (+ tool_calls / tool_call_id / name): text parts joined;
+        images, audio, ... refused."""
         content = self.content
         if isinstance(content, list):
             if any(part.type != "text" or part.text is None for part in content):
@@ -144,7 +149,8 @@ class ChatMessage(BaseModel):
                                param=f"messages.{index}.content", code="unsupported_parameter")
             content = "".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for it
-        return {"role": role, "content": content or ""}
+        tool_fields = {"tool_calls": self.tool_calls, "tool_call_id": self.tool_call_id, "name": self.name}
+        return {"role": role, "content": content or "", **{k: v for k, v in tool_fields.items() if v is not None}}
 
 
 class ChatCompletionRequest(ChatFields, _GenerationRequest):
@@ -153,7 +159,7 @@ class ChatCompletionRequest(ChatFields, _GenerationRequest):
 
 
 # Fields of OpenAI's API this server does not implement -> their "off" value.
-UNSUPPORTED = {"best_of": 1, "suffix": None, "tools": None, "functions": None}
+UNSUPPORTED = {"best_of": 1, "suffix": None, "functions": None}
 
 
 def _refuse_unsupported(body: dict) -> None:
@@ -287,14 +293,17 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
         req: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
         messages = [m.as_dict(i) for i, m in enumerate(req.messages)]
         chars = limits.prompt_chars(llm.config.max_seq_len)
-        limits.check_prompts([m["content"] for m in messages], llm.config.max_seq_len, param="messages",
-                             one_prompt=True)
-        ids = [await off_loop(llm.tokenizer.encode_chat, messages, True, limits=limits,
+        tools = await off_loop(tool_plan, llm, req, messages)  # checked (400); a forced call's grammar
+        shown = tools.tools if tools else None
+        limits.check_prompts([m["content"] for m in messages] + ([json.dumps(shown)] if shown else []),
+                             llm.config.max_seq_len, param="messages", one_prompt=True)
+        ids = [await off_loop(lambda: llm.tokenizer.encode_chat(messages, True, tools=shown), limits=limits,
                               max_chars=2 * chars + 65536)]  # the template's output limit
-        return await _answer(request, req, ids, req.max_completion_tokens or req.max_tokens, chat=True)
+        return await _answer(request, req, ids, req.max_completion_tokens or req.max_tokens, chat=True,
+                             tools=tools if shown else None)
 
     async def _answer(request: Request, req: _GenerationRequest, prompt_ids: list[list[int]],
-                      max_tokens: int | None, chat: bool, echo_texts: list[str] | None = None):
+                      max_tokens: int | None, chat: bool, echo_texts: list[str] | None = None, tools=None):
         context = llm.config.max_seq_len
         new_tokens = 1 if max_tokens == 0 else limits.max_new_tokens(max_tokens, chat, context)  # 0: echo only
         settings = settings_for(req, new_tokens, req.stop_strings())
@@ -306,7 +315,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                                "(prompt + answer); shorten it", param="messages" if chat else "prompt",
                                code="context_length_exceeded") from None
         generation = RequestGeneration(llm, prompt_ids, settings, n=req.n, echo=echo_texts is not None,
-                                       generate=max_tokens != 0, grammar=response_grammar(llm, req.response_format))
+                                       generate=max_tokens != 0,
+                                       grammar=(tools and tools.grammar) or response_grammar(llm, req.response_format))
         if generation.echo:
             await off_loop(generation.score_prompts)  # the prompt's log-probabilities: one forward, off the loop
         try:
@@ -317,7 +327,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
         generation.request = job.request
         timer = metrics.request("chat" if chat else "completions", sum(len(ids) for ids in prompt_ids))
         reply = Reply(model_name, chat, prompt_ids, tokenizer=llm.tokenizer, job=generation, n=req.n,
-                      echo_texts=echo_texts, timer=timer)
+                      echo_texts=echo_texts, timer=timer, tools=tools)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
             return StreamingResponse(_stream(job, reply, usage), media_type="text/event-stream",

@@ -3,7 +3,8 @@
 Mixed into server.py's request models:
     SamplingFields     n, presence_penalty, frequency_penalty, logit_bias        (both endpoints)
     CompletionFields   logprobs: K (0-20), echo                                  (/v1/completions)
-    ChatFields         logprobs: bool, top_logprobs: K (0-20)                    (/v1/chat/completions)
+    ChatFields         logprobs: bool, top_logprobs: K (0-20),                   (/v1/chat/completions)
+                       tools, tool_choice, parallel_tool_calls (server_api/tools.py)
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class ChatFields(BaseModel):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    tools: list | None = None                                # [{"type": "function", "function": {...}}]
+    tool_choice: str | dict | None = None                    # auto / none / required / {"type": "function", ...}
+    parallel_tool_calls: bool = True                         # more than one call per answer
 
     @field_validator("echo")
     @classmethod

@@ -17,8 +17,9 @@ from llama3.logprobs import chat_logprobs, completion_logprobs, covering
 
 class Reply:
     def __init__(self, model: str, chat: bool, prompt_ids: list[list[int]], *, tokenizer=None, job=None,
-                 n: int = 1, echo_texts: list[str] | None = None, timer=None):
+                 n: int = 1, echo_texts: list[str] | None = None, timer=None, tools=None):
         self.model, self.chat, self.n = model, chat, n
+        self.tools = tools                  # server_api.tools.ToolPlan: answers parsed into tool_calls
         self.tokenizer, self.job, self.timer = tokenizer, job, timer    # timer: metrics.RequestTimer or None
         self.logprobs = job is not None and job.settings.logprobs is not None
         self.prompt_ids = prompt_ids
@@ -33,6 +34,7 @@ class Reply:
         self.sent = [0] * choices            # logprob entries already streamed, per choice
         self.offset = [0] * choices          # text_offset of the next streamed token, per choice
         self.opened = [False] * choices      # the first chunk (role / echoed prompt) was sent
+        self.call_streams = [tools.stream() for _ in range(choices)] if tools else None
 
     def usage(self) -> dict:
         prompt = sum(self.prompt_tokens)     # a prompt counts once, however many choices share it
@@ -76,14 +78,22 @@ class Reply:
                 if echo_logprobs is not None:
                     logprobs = {name: echo_logprobs[name] + logprobs[name] for name in logprobs}
             body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": echoed + text}
+            if self.tools:
+                content, calls = self.tools.parse(text)
+                if calls:
+                    body["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
             choices.append({"index": i, **body, "logprobs": logprobs, "finish_reason": finish})
         return {**self._envelope(choices, chunk=False), "usage": self.usage()}
 
     def chunk(self, index: int, text: str | None = None, finish: str | None = None, role: bool = False,
-              logprobs: dict | None = None) -> dict:
-        """One streamed event: new text of choice `index`, or its finish reason."""
+              logprobs: dict | None = None, tool_calls: list[dict] | None = None) -> dict:
+        """One streamed event: new text of choice `index`, or its finish reason (and tool calls:
+        each whole, with its id, name and arguments, in OpenAI's delta shape)."""
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            if tool_calls:
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta}
         else:
             choice = {"index": index, "text": text or ""}
@@ -108,9 +118,17 @@ class Reply:
                 logprobs, self.offset[index] = self._logprobs(entries, self.offset[index])
                 if echo_logprobs is not None:
                     logprobs = {name: echo_logprobs[name] + logprobs[name] for name in logprobs}
+        calls = None
+        if self.call_streams is not None:  # text that may be a call waits; calls come with the finish
+            stream = self.call_streams[index]
+            if finish is None:
+                piece = stream.feed(piece)
+            else:
+                piece, calls = stream.finish()   # (the end event brings no text of its own)
+                finish = "tool_calls" if calls and finish == "stop" else finish
         if not piece and finish is None and logprobs is None:
             return None
-        chunk = self.chunk(index, text=piece, finish=finish, logprobs=logprobs)
+        chunk = self.chunk(index, text=piece, finish=finish, logprobs=logprobs, tool_calls=calls)
         if self.chat and first and index > 0:  # choice 0's role chunk is the stream's first event
             chunk["choices"][0]["delta"]["role"] = "assistant"
         return chunk

@@ -193,17 +193,21 @@ class Tokenizer:
                 "tokenizer_config.json, or use generate() with a plain prompt")
         return self.chat_format
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> str:
         """The chat prompt as text, special tokens written out (what `encode_chat` encodes)."""
-        return self._require_chat_format().render(messages, add_generation_prompt)
+        return self._require_chat_format().render(messages, add_generation_prompt, tools=tools)
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None) -> list[int]:
         """OpenAI-style messages [{"role": "user", "content": "Hi"}, ...] -> prompt ids.
 
         Special-token text inside message contents is encoded as plain text, so a
-        user cannot forge an end of turn or a system header.
+        user cannot forge an end of turn or a system header.  tools: OpenAI's function
+        list, rendered by the chat format (chat.py; assistant "tool_calls" and "tool"
+        messages are rendered whether or not tools are given).
         """
-        return self._require_chat_format().encode(self, messages, add_generation_prompt)
+        return self._require_chat_format().encode(self, messages, add_generation_prompt, tools=tools)
 
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for one generated sequence: `.add(id) -> str`, `.flush() -> str`."""

@@ -20,6 +20,13 @@ Two kinds:
   (sandboxed environment, trim_blocks + lstrip_blocks, `raise_exception`,
   `strftime_now`, a `tojson` that does not escape HTML).
 
+Tools (OpenAI's `tools`, an assistant's `tool_calls`, `tool` results; `encode(..., tools=...)`):
+Meta's format renders them as Meta's prompt format and ChatFormat do (`meta_tool_messages`,
+`<|python_tag|>` before code_interpreter calls, <|eom_id|> after calls); a template with a tools
+section gets them as transformers passes them; a template without one gets them described in the
+system message and calls/results written as text (`describe_tools`, `calls_as_text`).  Parsing
+what the model writes back is llama3/tools.py.
+
 In both, text inside a message that looks like a control token ("<|im_end|>",
 "<|eot_id|>") is encoded as plain text: a user cannot end a turn or forge a system
 message by typing one.  For ordinary messages the ids equal transformers'
@@ -104,33 +111,101 @@ class Llama3HeaderFormat:
         return "ipython" if role == "tool" else role
 
     @staticmethod
-    def _end(message: dict) -> str:
-        eom = message["role"] == "assistant" and message.get("stop_reason") == "end_of_message"
-        return "<|eom_id|>" if eom else "<|eot_id|>"
+    def _calls(message: dict) -> list[str]:
+        """An assistant message's tool calls as Meta writes them (llama_models ToolUtils.encode_tool_call,
+        JSON format): built-in tools as brave_search.call(query="..."), code_interpreter as its code,
+        other functions as {"type": "function", "name": ..., "parameters": {...}}."""
+        from llama3.tools import BUILTIN_TOOLS, arguments_of
 
-    def render(self, messages, add_generation_prompt: bool = True) -> str:
+        texts = []
+        for j, call in enumerate(message.get("tool_calls") or []):
+            name, arguments = call["function"]["name"], arguments_of(call, f"tool_calls.{j}")
+            if name in BUILTIN_TOOLS and name != "code_interpreter":
+                texts.append(f'{name}.call(query="{arguments.get("query", "")}")')
+            elif name == "code_interpreter":
+                texts.append(str(arguments.get("code", "")))
+            else:
+                texts.append(json.dumps({"type": "function", "name": name, "parameters": arguments}))
+        return texts
+
+    @staticmethod
+    def _python_tag(message: dict) -> bool:
+        calls = message.get("tool_calls") or []
+        return bool(calls) and calls[0]["function"]["name"] == "code_interpreter"
+
+    def _end(self, message: dict) -> str:
+        """<|eom_id|> after a message that waits for a tool's result: "stop_reason": "end_of_message"
+        (Meta's name), and by default after tool calls (what the model writes in Environment: ipython)."""
+        reason = message.get("stop_reason", "end_of_message" if message.get("tool_calls") else None)
+        return "<|eom_id|>" if message["role"] == "assistant" and reason == "end_of_message" else "<|eot_id|>"
+
+    def _messages(self, messages, tools) -> list[dict]:
+        from llama3.tools import check_messages
+
+        messages = validate_messages(messages, LLAMA3_ROLES)
+        check_messages(messages, results=False)
+        return meta_tool_messages(messages, tools) if tools else messages
+
+    def render(self, messages, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         parts = ["<|begin_of_text|>"]
-        for m in validate_messages(messages, LLAMA3_ROLES):
+        for m in self._messages(messages, tools):
             parts.append(f"<|start_header_id|>{self._role(m['role'])}<|end_header_id|>\n\n"
-                         f"{message_text(m.get('content'))}{self._end(m)}")
+                         f"{'<|python_tag|>' if self._python_tag(m) else ''}{message_text(m.get('content'))}"
+                         f"{''.join(self._calls(m))}{self._end(m)}")
         if add_generation_prompt:
             parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
         return "".join(parts)
 
-    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
-        """As Meta encodes: each piece on its own, contents as plain text (never special tokens)."""
+    def encode(self, tokenizer, messages, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
+        """As Meta encodes (ChatFormat.encode_message): each piece on its own, contents as plain text
+        (never special tokens); a code_interpreter call after <|python_tag|>, each tool call encoded alone."""
         def header(role: str) -> list[int]:
             return [self._token(tokenizer, "<|start_header_id|>"), *tokenizer.encode(role, bos=False),
                     self._token(tokenizer, "<|end_header_id|>"), *tokenizer.encode("\n\n", bos=False)]
 
         ids = [self._token(tokenizer, "<|begin_of_text|>")]
-        for m in validate_messages(messages, LLAMA3_ROLES):
+        for m in self._messages(messages, tools):
             ids += header(self._role(m["role"]))
+            if self._python_tag(m):
+                ids.append(self._token(tokenizer, "<|python_tag|>"))
             ids += tokenizer.encode(message_text(m.get("content")), bos=False)
+            for call in self._calls(m):
+                ids += tokenizer.encode(call, bos=False)
             ids.append(self._token(tokenizer, self._end(m)))
         if add_generation_prompt:
             ids += header("assistant")
         return ids
+
+
+def _today() -> str:
+    return datetime.now().strftime("%d %B %Y")
+
+
+def meta_tool_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The conversation with Meta's tool prompts added (llama_models' Llama 3.1 prompt format,
+    prompt_format.md): a system message "Environment: ipython" (plus "Tools: brave_search, ..." for
+    built-in tools), the date lines and the caller's system text; then, for other functions, a user
+    message listing them as JSON ("JSON based tool calling"), before the first user message."""
+    from llama3.tools import BUILTIN_TOOLS
+
+    builtin = [t["function"]["name"] for t in tools if t["function"]["name"] in BUILTIN_TOOLS]
+    custom = [t for t in tools if t["function"]["name"] not in builtin]
+    shown = [name for name in builtin if name != "code_interpreter"]
+    system = "Environment: ipython\n" + (f"Tools: {', '.join(shown)}\n" if shown else "\n")
+    system += f"Cutting Knowledge Date: December 2023\nToday Date: {_today()}\n"
+    rest = list(messages)
+    text = message_text(rest.pop(0).get("content")) if rest and rest[0]["role"] == "system" else ""
+    system += f"\n{text}\n" if text else ""
+    added = [{"role": "system", "content": system}]
+    if custom:
+        added.append({"role": "user", "content": (
+            "Answer the user's question by making use of the following functions if needed.\n"
+            "If none of the function can be used, please say so.\n"
+            "Here is a list of functions in JSON format:\n"
+            + "".join(json.dumps(t, indent=4) + "\n" for t in custom)
+            + "\nReturn function calls in JSON format.")})
+    return added + rest
 
 
 # -------------------------------------------------------------------- Jinja
@@ -189,14 +264,33 @@ class JinjaChatFormat:
         self.variables = {k: v for k, v in (variables or {}).items() if v is not None}
         compile_template(template)  # fail early on a broken template
 
-    def _render(self, messages, add_generation_prompt: bool) -> str:
+    def _prepared(self, messages, tools) -> tuple[list[dict], list[dict] | None]:
+        """(messages, tools) as this template takes them.  A template that renders tool_calls gets
+        their arguments as mappings (transformers' convention; OpenAI sends JSON strings); one that
+        does not gets calls and results written as text (`calls_as_text`); one without a tools
+        section gets the tools described in the system message (`describe_tools`)."""
+        from llama3.tools import check_messages
+
+        messages = validate_messages(messages)
+        if not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            return messages, None
+        check_messages(messages, results=False)
+        if "tool_calls" in self.template:
+            messages = [_arguments_as_dicts(m) for m in messages]
+        else:
+            messages = calls_as_text(messages)
+        if tools and "tools" not in self.template:
+            return describe_tools(messages, tools), None
+        return messages, tools or None
+
+    def _render(self, messages, add_generation_prompt: bool, tools: list[dict] | None = None) -> str:
         import jinja2
 
         from llama3.tokenizer.template_sandbox import render
 
         try:
             return render(compile_template(self.template), dict(
-                messages=messages, tools=None, documents=None,
+                messages=messages, tools=tools, documents=None,
                 add_generation_prompt=add_generation_prompt, **self.variables))
         except TokenizerError:  # a time or size limit
             raise
@@ -206,10 +300,12 @@ class JinjaChatFormat:
             raise TokenizerError(f"the chat template failed on these messages ({type(e).__name__}: {str(e)[:200]}); "
                                  "check the messages' fields, or fix the template") from None
 
-    def render(self, messages, add_generation_prompt: bool = True) -> str:
-        return self._render(validate_messages(messages), add_generation_prompt)
+    def render(self, messages, add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        messages, tools = self._prepared(messages, tools)
+        return self._render(messages, add_generation_prompt, tools)
 
-    def encode(self, tokenizer, messages, add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, tokenizer, messages, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None) -> list[int]:
         """Render with control-token text in the messages marked, then encode: the template's
         own special tokens as special tokens, the marked user text as plain text."""
         control = sorted(tokenizer.special_tokens, key=len, reverse=True)
@@ -225,7 +321,8 @@ class JinjaChatFormat:
                 return [mark(v) for v in obj]
             return obj
 
-        text = self._render(mark(validate_messages(messages)), add_generation_prompt)
+        messages, tools = self._prepared(messages, tools)
+        text = self._render(mark(messages), add_generation_prompt, mark(tools))
         # split -> [template text, marked token, template text, marked token, ..., template text]
         pieces = re.split(f"{_MARK_START}({control_re.pattern}){_MARK_END}|[{_MARK_START}{_MARK_END}]", text)
         ids = tokenizer.encode(pieces[0], bos=False, allow_special=True)
@@ -234,6 +331,58 @@ class JinjaChatFormat:
             if piece:
                 ids += _encode_continuation(tokenizer, piece, allow_special=(i % 2 == 0), newline=newline)
         return ids
+
+
+def _arguments_as_dicts(message: dict) -> dict:
+    from llama3.tools import arguments_of
+
+    if not message.get("tool_calls"):
+        return message
+    calls = [{**call, "function": {**call["function"], "arguments": arguments_of(call, f"tool_calls.{j}")}}
+             for j, call in enumerate(message["tool_calls"])]
+    return {**message, "tool_calls": calls}
+
+
+def calls_as_text(messages: list[dict]) -> list[dict]:
+    """For a template that knows no tool calls: an assistant's calls appended to its content as
+    <tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call> blocks, and tool results (consecutive
+    ones together) as a user message of <tool_response>\n...\n</tool_response> blocks, as Qwen2.5's
+    template writes them."""
+    from llama3.tools import arguments_of
+
+    out: list[dict] = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [{"name": c["function"]["name"], "arguments": arguments_of(c, "tool_calls")}
+                     for c in m["tool_calls"]]
+            blocks = [f"<tool_call>\n{json.dumps(c, ensure_ascii=False)}\n</tool_call>" for c in calls]
+            content = message_text(m.get("content"))
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+            out.append({**m, "content": "\n".join(([content] if content else []) + blocks)})
+        elif m["role"] == "tool":
+            block = f"<tool_response>\n{message_text(m.get('content'))}\n</tool_response>"
+            if out and out[-1].get("_tool_results"):
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block, "_tool_results": True})
+        else:
+            out.append(m)
+    return [{k: v for k, v in m.items() if k != "_tool_results"} for m in out]
+
+
+def describe_tools(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """For a template without a tools section: the tools described at the end of the system message
+    (a new one if there is none) in the words of Qwen2.5's template, asking for <tool_call> blocks."""
+    text = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+            + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+            + "\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+            "within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>')
+    if messages and messages[0]["role"] == "system":
+        first = message_text(messages[0].get("content"))
+        return [{**messages[0], "content": f"{first}\n\n{text}" if first else text}, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
 
 
 def _encode_continuation(tokenizer, piece: str, allow_special: bool, newline: list[int]) -> list[int]:
