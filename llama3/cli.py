@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("llama3.commands.eval", "score a model on lm-evaluation-harness tasks"),
     "bench": ("llama3.commands.bench", "measure load time, prefill and decode speed here"),
     "convert": ("llama3.commands.convert", "convert a checkpoint between HF, Meta and GGUF formats"),
+    "download": ("llama3.commands.download", "fetch a model from the Hugging Face Hub into its cache"),
 }
 
 

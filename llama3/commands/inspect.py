@@ -128,7 +128,8 @@ def run(args) -> int:
             from llama3.checkpoint import read_config
             from llama3.llm import resolve_source
 
-            config, name = read_config(resolve_source(args.model)), args.model  # the config only, no weights
+            path = resolve_source(args.model, only="config")  # of a hf: folder, config.json alone
+            config, name = read_config(path), args.model  # the config only, no weights
         else:
             config, name = get_preset(args.preset), args.preset
         print(render_rope(config))

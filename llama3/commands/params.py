@@ -38,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
         from llama3.errors import Llama3Error
         from llama3.llm import BUILTIN_MODELS, resolve_source
 
-        if not os.path.exists(args.source) and args.source.lower() not in BUILTIN_MODELS:
+        hub = args.source.startswith("hf:")
+        if not hub and not os.path.exists(args.source) and args.source.lower() not in BUILTIN_MODELS:
             raise Llama3Error(f"{args.source}: no such file or folder, and not a preset ({', '.join(PRESETS)}) "
                               f"or a built-in model ({', '.join(BUILTIN_MODELS)})")
-        config = read_config(resolve_source(args.source))
+        config = read_config(resolve_source(args.source, only="config"))
     counts = count_params(config)
     print(f"{args.source}: D={config.dim} layers={config.n_layers} heads={config.n_heads} "
           f"kv_heads={config.n_kv_heads} F={config.hidden_dim} V={config.vocab_size}"
