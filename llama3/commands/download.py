@@ -7,7 +7,7 @@ import argparse
 EXAMPLES = """\
 examples:
   llama3 download HuggingFaceTB/SmolLM2-360M-Instruct        a model folder (config, tokenizer, safetensors)
-  llama3 download bartowski/Llama-3.2-1B-Instruct-GGUF --file Llama-3.2-1B-Instruct-Q4_0.gguf
+  llama3 download bartowski/Llama-3.2-1B-Instruct-GGUF --file Llama-3.2-1B-Instruct-Q8_0.gguf
   HF_TOKEN=hf_... llama3 download meta-llama/Llama-3.2-1B-Instruct   a gated model: accept its licence first
   llama3 generate --model hf:HuggingFaceTB/SmolLM2-360M-Instruct "Hello"   --model hf:... downloads by itself
 
@@ -23,13 +23,14 @@ environment (huggingface_hub's own):
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Download a model from the Hugging Face Hub through huggingface_hub (its progress bars, its cache, "
-        "resumed if interrupted), or find it already in the cache, and print its local path. Only the files "
-        "llama3 loads are fetched: of a model folder, config.json, generation_config.json, the tokenizer files "
-        "and the *.safetensors weights (not the repo's original/ copy, .bin pickles or other formats); of a GGUF "
-        "repo, one .gguf file (name it with --file when there are several). Meta-format repos (params.json + "
-        "consolidated.*.pth) come whole. The path works as --model PATH, and --model hf:ORG/NAME does the same "
-        "download by itself.")
+        "Download a model from the Hugging Face Hub through huggingface_hub (its progress bars, its cache,\n"
+        "resumed if interrupted), or find it already in the cache, and print its local path.\n\n"
+        "Only the files llama3 loads are fetched: of a model folder, config.json (checked first: a model\n"
+        "llama3 cannot run is refused before its weights come), generation_config.json, the tokenizer files\n"
+        "and the *.safetensors weights, never the repo's original/ copy, .bin pickles or other formats;\n"
+        "of a GGUF repo, its one .gguf file (name it with --file when there are several); of a repo in\n"
+        "Meta's format, params.json, consolidated.*.pth and tokenizer.model.\n\n"
+        "The printed path works as --model PATH; --model hf:ORG/NAME does the same download by itself.")
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("repo", metavar="ORG/NAME",
