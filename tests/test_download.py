@@ -76,6 +76,14 @@ def hub_cache(tmp_path_factory):
     return cache, snapshots, root / "tiny"
 
 
+@pytest.fixture(autouse=True)
+def forget_resolved(monkeypatch):
+    """Each test asks huggingface_hub afresh (a process remembers what it resolved)."""
+    import llama3.checkpoint.hub
+
+    monkeypatch.setattr(llama3.checkpoint.hub, "_RESOLVED", {})
+
+
 @pytest.fixture
 def offline(hub_cache, monkeypatch):
     """In this process: huggingface_hub reads the test cache and may not use the network.
@@ -142,9 +150,11 @@ def test_the_test_cache_is_what_huggingface_hub_reads(hub_cache):
 # --------------------------------------------------------------- through the real library, offline
 
 def test_generate_from_hf_equals_the_folder(hub_cache):
-    """`--model hf:ORG/NAME` (HF_HUB_OFFLINE=1, the cache) prints what `--model FOLDER` prints."""
+    """`--model hf:ORG/NAME` (HF_HUB_OFFLINE=1, the cache) prints what `--model FOLDER` prints.
+    (--plain: what is tested is where the model comes from; the decoding plan costs a tiny model
+    most of its load time, and test_load_hf_equals_the_folder_in_python loads with it.)"""
     cache, _, folder = hub_cache
-    args = ["generate", "--max-new-tokens", "8", "--temperature", "0", "Once upon a time"]
+    args = ["generate", "--plain", "--max-new-tokens", "8", "--temperature", "0", "Once upon a time"]
     from_hub = cli(*args, "--model", f"hf:{TINY}", cache=cache)
     direct = cli(*args, "--model", str(folder), cache=cache)
     assert from_hub.returncode == 0 and direct.returncode == 0, from_hub.stderr + direct.stderr
@@ -280,6 +290,11 @@ GATED = "meta-llama/Llama-3.2-1B-Instruct"
      ["rate-limiting", "(429)"]),
     ("model_info", lambda: hub_http_error(hub_errors.HfHubHTTPError, 503), None, f"hf:{GATED}",
      ["huggingface.co failed (503: 503 Client Error. (Request ID: test)); try again later"]),
+    ("model_info", lambda: hub_http_error(hub_errors.HfHubHTTPError, 403), None, f"hf:{GATED}",
+     [f"huggingface.co refused access to {GATED} (403 forbidden): set HF_TOKEN to a token that can read it"]),
+    ("hf_hub_download", lambda: OSError(28, "No space left on device"), None, f"hf:{GATED}",
+     [f"downloading {GATED} into ", "failed: [Errno 28] No space left on device (free some space, or set "
+      "HF_HUB_CACHE"]),
 ])
 def test_hub_errors_are_one_line(online, monkeypatch, capsys, where, error, token, source, parts):
     """Each huggingface_hub error, raised where the library raises it, -> exit 2 and one line."""
@@ -429,6 +444,132 @@ def test_a_bad_hf_name_is_one_line(source, capsys):
     error_line(capsys.readouterr().err, "name a Hugging Face model as hf:ORG/NAME")
 
 
+def test_a_name_the_hub_refuses_is_one_line(offline):
+    """huggingface_hub's own name check (HFValidationError), before any request."""
+    with pytest.raises(Llama3Error, match=r"'org/bad\.\.name' is not a Hugging Face repository name"):
+        huggingface_hub_resolve("hf:org/bad..name")
+
+
 def test_download_refuses_two_different_files(capsys):
     assert main(["download", f"{GGUFS}/a.gguf", "--file", "b.gguf"]) == 2
     assert "names file 'a.gguf' and --file says 'b.gguf'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- a fake Hub on a local port
+
+class FakeHubServer:
+    """The few Hub routes huggingface_hub's model_info, hf_hub_download and snapshot_download use,
+    on 127.0.0.1, serving repos from bytes in memory (GET /api/models/R[/revision/V], GET
+    /api/models/R/tree/V, HEAD/GET /R/resolve/V/PATH); a gated repo answers its files with 403 and
+    X-Error-Code: GatedRepo, an unknown repo 401 RepoNotFound, as huggingface.co does. `fetched`
+    records every file body sent.  Speaks only what this test needs; the client code is the real one."""
+
+    def __init__(self, repos: dict[str, dict[str, bytes]], gated: tuple[str, ...] = ()):
+        import http.server
+        import threading
+
+        self.repos, self.gated, self.fetched = repos, gated, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                self.answer(body=False)
+
+            def do_GET(self):
+                self.answer(body=True)
+
+            def answer(self, body: bool):
+                status, headers, data = server.route(self.command, self.path)
+                self.send_response(status)
+                for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+    @staticmethod
+    def commit(repo: str) -> str:
+        return hashlib.sha1(f"commit of {repo}".encode()).hexdigest()
+
+    def route(self, method: str, raw_path: str):
+        import json
+        import re
+        from urllib.parse import unquote, urlsplit
+
+        path = unquote(urlsplit(raw_path).path)
+        if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
+            repo, revision = m.group(1), m.group(2) or "main"
+        elif m := re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path):
+            repo, revision = m.groups()
+        elif m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+            repo, revision = m.group(1), m.group(2)
+        else:
+            return 404, {}, b"no such route"
+        if repo not in self.repos:
+            return 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, b"{}"
+        files, commit = self.repos[repo], self.commit(repo)
+        if revision not in ("main", commit):
+            return 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, b"{}"
+        if path.startswith("/api/") and "/tree/" not in path:
+            info = {"id": repo, "modelId": repo, "sha": commit, "private": False,
+                    "gated": "manual" if repo in self.gated else False,
+                    "siblings": [{"rfilename": name} for name in files]}
+            return 200, {"Content-Type": "application/json"}, json.dumps(info).encode()
+        if path.startswith("/api/"):
+            tree = [{"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in files.items()]
+            return 200, {"Content-Type": "application/json"}, json.dumps(tree).encode()
+        name = m.group(3)
+        if repo in self.gated:
+            return 403, {"X-Error-Code": "GatedRepo", "X-Error-Message": "Access restricted"}, b"{}"
+        if name not in files:
+            return 404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}, b"{}"
+        if method == "GET":
+            self.fetched.append((repo, name))
+        return 200, {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha256(files[name]).hexdigest()}"'}, files[name]
+
+
+def test_a_real_download_from_a_fake_hub(hub_cache, tmp_path):
+    """huggingface_hub's real download code against a local stand-in for huggingface.co: only the
+    files llama3 loads arrive (not original/, .bin, onnx/, README), laid out in a fresh cache that
+    loads as the folder itself; a gated repo's real 403 becomes the licence line."""
+    import torch
+
+    import llama3
+
+    folder = hub_cache[2]
+    repo = {path.name: path.read_bytes() for path in folder.iterdir()}
+    wanted = set(repo)
+    repo.update({"README.md": b"# tiny", ".gitattributes": b"*.safetensors filter=lfs", "pytorch_model.bin": b"x",
+                 "original/params.json": b"{}", "original/consolidated.00.pth": b"x", "onnx/model.onnx": b"x"})
+    hub = FakeHubServer({TINY: repo, GATED: dict(repo)}, gated=(GATED,))
+    try:
+        cache = tmp_path / "fresh-cache"
+        online = dict(HF_HUB_OFFLINE="", HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1")
+        result = cli("download", TINY, cache=cache, **online)
+        assert result.returncode == 0, result.stderr
+        snapshot = cache / f"models--{TINY.replace('/', '--')}" / "snapshots" / hub.commit(TINY)
+        assert result.stdout == f"{snapshot}\n"
+        assert {name for _, name in hub.fetched} == wanted  # config.json first (checked), then the rest
+        assert hub.fetched[0] == (TINY, "config.json")
+        assert sorted(p.name for p in snapshot.iterdir()) == sorted(wanted)
+        assert (cache / f"models--{TINY.replace('/', '--')}" / "refs" / "main").read_text() == hub.commit(TINY)
+        downloaded, direct = llama3.load(snapshot), llama3.load(folder)
+        for (name, a), (_, b) in zip(downloaded.model.state_dict().items(), direct.model.state_dict().items()):
+            assert torch.equal(a, b), name
+
+        one_error_line(cli("download", GATED, cache=cache, **online),
+                       f"{GATED} is gated: accept the licence at https://huggingface.co/{GATED} and set HF_TOKEN")
+    finally:
+        hub.close()

@@ -11,9 +11,10 @@
 Only what the loader reads is fetched, not every file of the repo: for a folder, the top-level
 config.json, generation_config.json, tokenizer.json, tokenizer_config.json, special_tokens_map.json,
 chat_template.jinja, tokenizer.model and *.safetensors (+ index), never the repo's `original/`
-Meta copy, .bin pickles or other formats; for a GGUF repo, one file.  The repo's file list
-(one API request, model_info) decides which kind of model it is; a folder's config.json is fetched and checked
-first, so a model this package cannot run (a Qwen, a Mistral) is refused before gigabytes arrive.
+Meta copy, .bin pickles or other formats; for a GGUF repo, one file.  The repo's file list (one
+`model_info` request) decides which kind of model it is; a folder's config.json is fetched and
+checked first, so a model this package cannot run (a Qwen, a Mistral) is refused before
+gigabytes arrive.
 
 Everything else is huggingface_hub's: its cache (`HF_HUB_CACHE`, else `HF_HOME/hub`, else
 ~/.cache/huggingface/hub, shared with transformers and every other tool that uses it), its
@@ -43,6 +44,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "generation_config.json")  # (its stop ids)
 FOLDER_FILES = ("config.json", *TOKENIZER_FILES)
 META_FILES = ("params.json", "tokenizer.model")  # + consolidated.NN.pth, in the repo root or original/
+
+# What this process has resolved: (cache, offline, repo, file, revision, only) -> local path.  A
+# command may resolve one source twice (load_fast, then load); the Hub is asked once.
+_RESOLVED: dict[tuple, str] = {}
 
 # A repo id: ORG/NAME, letters, digits, '-', '_', '.' (the Hub's own rule, checked again by huggingface_hub).
 _REPO = r"[A-Za-z0-9][\w.\-]*/[\w.\-]+"
@@ -92,6 +97,17 @@ def download(repo_id: str, *, file: str | None = None, revision: str | None = No
     """
     hub = _huggingface_hub()
     model = HubModel(repo_id, file, revision)
+    key = (hub.constants.HF_HUB_CACHE, hub.constants.HF_HUB_OFFLINE, repo_id, file, revision)
+    for known in ((*key, only), (*key, None)):  # a whole model serves a config-only request too
+        if os.path.exists(_RESOLVED.get(known, "")):
+            return _RESOLVED[known]
+    _RESOLVED[(*key, only)] = path = _download(hub, model, only)
+    return path
+
+
+def _download(hub, model: HubModel, only: str | None) -> str:
+    """`download`'s work: list the repo, choose its files, fetch them; Hub errors -> one line."""
+    repo_id, revision = model.repo_id, model.revision
     try:
         files, from_cache = _list_files(hub, model)
         kind, names, subfolder = choose_files(model, files, from_cache)
@@ -159,7 +175,8 @@ def choose_files(model: HubModel, files: list[str], from_cache: bool) -> tuple[s
         if model.file not in files:
             if from_cache:
                 raise Llama3Error(not_cached(model, None))
-            listed = f"; its GGUF files: {', '.join(ggufs)}" if ggufs else ""
+            listed = (f"; its GGUF files: {', '.join(ggufs)}" if ggufs else
+                      f"; see its files at https://huggingface.co/{repo}/tree/{model.revision or 'main'}")
             raise Llama3Error(f"{repo} has no file {model.file!r}{_at(model)}{listed}")
         return "file", [model.file], ""
     top = [f for f in files if "/" not in f]
@@ -243,8 +260,9 @@ def explain(error: Exception, model: HubModel, hub) -> str | None:
             return (f"huggingface.co wants a login for {repo} (401 unauthorized): set HF_TOKEN to an access "
                     "token (https://huggingface.co/settings/tokens)")
         if status == 403:
-            return (f"huggingface.co refused access to {repo} (403 forbidden): your token lacks read permission "
-                    "for it; make a token that can read it at https://huggingface.co/settings/tokens")
+            fix = "your token lacks read permission for it; make one" if has_token else "set HF_TOKEN to a token"
+            return (f"huggingface.co refused access to {repo} (403 forbidden): {fix} that can read it "
+                    "(https://huggingface.co/settings/tokens)")
         if status == 429:
             return ("huggingface.co is rate-limiting these requests (429); wait a minute and retry "
                     "(a HF_TOKEN raises the limit)")
@@ -271,8 +289,9 @@ def network_errors(hub) -> tuple[type[BaseException], ...]:
     http_base = next(c for c in hub.errors.HfHubHTTPError.__mro__[1:]
                      if c.__module__.split(".")[0] != "huggingface_hub")
     http = importlib.import_module(http_base.__module__.split(".")[0])
-    extra = [error for error in (getattr(http, name, None) for name in ("TransportError", "ConnectionError", "Timeout"))
-             if isinstance(error, type) and issubclass(error, BaseException)]  # (httpx.Timeout is a setting)
+    candidates = (getattr(http, name, None) for name in ("TransportError", "ConnectionError", "Timeout"))
+    extra = [error for error in candidates  # (httpx.Timeout is a setting, not an error)
+             if isinstance(error, type) and issubclass(error, BaseException)]
     return (ConnectionError, TimeoutError, hub.errors.OfflineModeIsEnabled, *extra)
 
 
