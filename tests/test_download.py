@@ -99,8 +99,12 @@ def offline(hub_cache, monkeypatch):
 def online(offline, monkeypatch):
     """As if the network were up; every huggingface_hub function the test uses must be monkeypatched
     (the real ones would fail: the endpoint is a closed local port)."""
+    import huggingface_hub.hf_api
+
+    closed = f"http://127.0.0.1:{closed_port()}"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed)
+    monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", closed)  # behind huggingface_hub.model_info
     return offline
 
 
