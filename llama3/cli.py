@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("llama3.commands.eval", "score a model on lm-evaluation-harness tasks"),
     "bench": ("llama3.commands.bench", "measure load time, prefill and decode speed here"),
     "convert": ("llama3.commands.convert", "convert a checkpoint between HF, Meta and GGUF formats"),
+    "download": ("llama3.commands.download", "fetch a model from the Hugging Face Hub into its cache"),
 }
 
 
@@ -42,7 +43,8 @@ def build_parser(chosen: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llama3",
         description="Llama 3 from scratch: run, chat, serve, train and look inside Llama 3 models. "
-                    "Without --model, commands use the embedded SmolLM2-135M-Instruct.",
+                    "Without --model, commands use the embedded SmolLM2-135M-Instruct; --model takes a model "
+                    "folder, a .gguf file or hf:ORG/NAME from the Hugging Face Hub (llama3 download).",
         epilog="Run 'llama3 COMMAND --help' for a command's options.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,7 +1,8 @@
 """`LLM`: a model, its configuration and its tokenizer, loaded from any supported source.
 
 `load(source)` resolves the source (a built-in name, a Hugging Face folder, a
-Meta folder, a .gguf file, or None for the embedded default model), reads the
+Meta folder, a .gguf file, hf:ORG/NAME on the Hugging Face Hub, or None for the
+embedded default model), reads the
 checkpoint through `llama3.checkpoint`, and returns an `LLM`.
 """
 
@@ -37,16 +38,19 @@ def _smollm2_path() -> str:
 BUILTIN_MODELS = {DEFAULT_MODEL: _smollm2_path}
 
 
-def resolve_source(source: str | os.PathLike | None) -> str:
-    """A built-in name, or a path that must exist, -> a local path."""
+def resolve_source(source: str | os.PathLike | None, *, only: str | None = None) -> str:
+    """A built-in name, 'hf:ORG/NAME[/FILE.gguf]' (llama3.checkpoint.hub), or a path that must exist,
+    -> a local path.  only="config": the caller reads only the configuration, so of a Hub model's
+    folder only config.json is fetched (see `llama3.checkpoint.hub.download`)."""
     if source is None:
         source = DEFAULT_MODEL
     source = str(source)
     if source.lower() in BUILTIN_MODELS:
         return BUILTIN_MODELS[source.lower()]()
-    if source.startswith("hf:"):
-        raise Llama3Error(f"{source}: downloading from a model hub is not supported here; "
-                          "download the folder yourself and pass its path")
+    if source.startswith("hf:"):  # a Hugging Face Hub model: fetched into (or found in) its cache
+        from llama3.checkpoint.hub import resolve
+
+        return resolve(source, only=only)
     if not os.path.exists(source):
         raise Llama3Error(f"{source}: no such file or folder (and not a built-in model: "
                           f"{', '.join(BUILTIN_MODELS)})")
@@ -239,9 +243,11 @@ class LLM:
 
 def load(source: str | os.PathLike | None = None, *, dtype: str | torch.dtype | None = None,
          device: str | torch.device | None = None, plain: bool = False) -> LLM:
-    """Load a model from a built-in name, a HF folder, a Meta folder or a .gguf file.
+    """Load a model from a built-in name, a HF folder, a Meta folder, a .gguf file or the Hub.
 
-    source=None loads the embedded default model (SmolLM2-135M-Instruct).
+    source=None loads the embedded default model (SmolLM2-135M-Instruct); "hf:ORG/NAME" (or
+    "hf:ORG/NAME/FILE.gguf") downloads from the Hugging Face Hub into its cache, or reads it
+    from there (`llama3.checkpoint.hub`).
     dtype: torch dtype or its name ("float32", "bfloat16", "float16"); default float32
     (or the checkpoint's own floating type where that is what the format stores).
     plain=False (default) applies the decoding plan for this device and dtype (`llm.plan`:

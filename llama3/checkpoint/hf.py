@@ -75,6 +75,7 @@ IGNORED_CONFIG_KEYS = {
     "attention_dropout", "_name_or_path", "output_attentions", "output_hidden_states",
     "return_dict", "tokenizer_class", "is_llama_config", "rope_interleaved", "id2label",
     "label2id", "quantization_config", "unsloth_version", "tie_word_embeddings_", "chunk_size_feed_forward",
+    "transformers.js_config",  # the ONNX export's settings (SmolLM2 repos carry onnx/ beside the safetensors)
 }
 
 

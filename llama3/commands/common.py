@@ -12,7 +12,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model SOURCE and --dtype, for every command that runs a model."""
     parser.add_argument("--model", metavar="SOURCE", default=None,
                         help="a Hugging Face folder, a Meta folder (consolidated.*.pth + params.json), a .gguf "
-                             "file or a built-in name (default: the embedded smollm2-135m-instruct)")
+                             "file, hf:ORG/NAME or hf:ORG/NAME/FILE.gguf (fetched from the Hugging Face Hub into "
+                             "its cache: see `llama3 download --help`), or a built-in name (default: the embedded "
+                             "smollm2-135m-instruct)")
     parser.add_argument("--dtype", default=None, choices=DTYPE_CHOICES,
                         help="weights' dtype in memory (default float32; bfloat16 halves memory and the bytes "
                              "each decoded token reads; `llama3 bench` shows what it gains on this CPU)")

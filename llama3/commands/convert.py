@@ -14,12 +14,13 @@ examples:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
-        "Load a checkpoint (HF folder, Meta folder, .gguf file or built-in name) and write it in another "
+        "Load a checkpoint (HF folder, Meta folder, .gguf file, hf:ORG/NAME or built-in name) and write it in another "
         "format. HF <-> Meta conversion renames the tensors and permutes the rows of wq/wk between the two "
         "rotary layouts; the numbers are otherwise copied exactly. The output is written atomically.")
     parser.epilog = EXAMPLES
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("source", help="the checkpoint to read")
+    parser.add_argument("source", help="the checkpoint to read: a HF/Meta folder, a .gguf file, "
+                                       "hf:ORG/NAME[/FILE.gguf] (from the Hugging Face Hub) or a built-in name")
     parser.add_argument("--to", required=True, choices=("hf", "meta", "gguf"), help="the format to write")
     parser.add_argument("output", help="the folder (hf, meta) or .gguf file to write")
     parser.add_argument("--dtype", default="auto",

@@ -15,7 +15,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "transformers' and reports, stage by stage, max |Δ| and cosine similarity of the hidden states and "
         "the first layer where they diverge. Exit status 1 when anything is flagged.")
     parser.add_argument("source", nargs="?", default=None,
-                        help="HF/Meta folder, .gguf file or built-in name (default: the embedded model)")
+                        help="HF/Meta folder, .gguf file, hf:ORG/NAME[/FILE.gguf] (from the Hugging Face Hub) or "
+                             "built-in name (default: the embedded model)")
     parser.add_argument("--reference", choices=["transformers"], default=None,
                         help="also compare hidden states with this independent implementation")
     parser.add_argument("--prompt", default="The capital of France is",

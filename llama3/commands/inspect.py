@@ -71,7 +71,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "pairs down to reach 128K tokens. Uses a preset's shape (default "
                                    "llama-3.1-8b), or --model's.")
     p.add_argument("--preset", default="llama-3.1-8b", help="config preset to draw (default llama-3.1-8b)")
-    p.add_argument("--model", metavar="SOURCE", default=None, help="use this checkpoint's config instead")
+    p.add_argument("--model", metavar="SOURCE", default=None,
+                   help="use this checkpoint's config instead (a folder, .gguf file, or hf:ORG/NAME: of a Hub "
+                        "model folder, config.json alone is fetched)")
     p.add_argument("--out", default=None, help="also draw the curves to this picture file")
 
     p = sub.add_parser("walkthrough", help="regenerate docs/walkthrough.md, walkthrough.zh.md and their pictures",
@@ -128,7 +130,8 @@ def run(args) -> int:
             from llama3.checkpoint import read_config
             from llama3.llm import resolve_source
 
-            config, name = read_config(resolve_source(args.model)), args.model  # the config only, no weights
+            path = resolve_source(args.model, only="config")  # of a hf: folder, config.json alone
+            config, name = read_config(path), args.model  # the config only, no weights
         else:
             config, name = get_preset(args.preset), args.preset
         print(render_rope(config))

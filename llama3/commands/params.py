@@ -9,6 +9,7 @@ examples:
   llama3 params llama-3-8b          a named preset (see the list below)
   llama3 params llama-3.2-1b        tied embeddings: the output head adds nothing
   llama3 params path/to/hf-folder   a checkpoint: reads only its config where it can
+  llama3 params hf:meta-llama/Llama-3.1-8B   a model on the Hugging Face Hub: fetches config.json alone
 """
 
 
@@ -22,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXAMPLES + "presets: " + ", ".join(PRESETS)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("source", metavar="PRESET|SOURCE",
-                        help="a preset name, a built-in model name, a HF/Meta folder or a .gguf file")
+                        help="a preset name, a built-in model name, a HF/Meta folder, a .gguf file, or "
+                             "hf:ORG/NAME (of a Hugging Face Hub model folder, only config.json is fetched)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,10 +40,11 @@ def run(args: argparse.Namespace) -> int:
         from llama3.errors import Llama3Error
         from llama3.llm import BUILTIN_MODELS, resolve_source
 
-        if not os.path.exists(args.source) and args.source.lower() not in BUILTIN_MODELS:
+        hub = args.source.startswith("hf:")
+        if not hub and not os.path.exists(args.source) and args.source.lower() not in BUILTIN_MODELS:
             raise Llama3Error(f"{args.source}: no such file or folder, and not a preset ({', '.join(PRESETS)}) "
                               f"or a built-in model ({', '.join(BUILTIN_MODELS)})")
-        config = read_config(resolve_source(args.source))
+        config = read_config(resolve_source(args.source, only="config"))
     counts = count_params(config)
     print(f"{args.source}: D={config.dim} layers={config.n_layers} heads={config.n_heads} "
           f"kv_heads={config.n_kv_heads} F={config.hidden_dim} V={config.vocab_size}"

@@ -29,8 +29,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, metavar="PATH", help="a text file, a JSONL file or a folder")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write the shards into")
     parser.add_argument("--tokenizer", metavar="SOURCE", default=None,
-                        help="a tokenizer folder (e.g. from train-tokenizer), a model folder, a .gguf file or "
-                             "a built-in name (default: Meta's Llama 3 tokenizer, 128,256 tokens)")
+                        help="a tokenizer folder (e.g. from train-tokenizer), a model folder, a .gguf file, "
+                             "hf:ORG/NAME (a Hugging Face Hub model's tokenizer) or a built-in name (default: Meta's "
+                             "Llama 3 tokenizer, 128,256 tokens)")
     parser.add_argument("--val-fraction", type=float, default=0.05, metavar="X",
                         help="share of documents held out for validation (default 0.05)")
     parser.add_argument("--shard-tokens", type=int, default=None, metavar="N",

@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "  echo 'def f(x): return x' | llama3 tokenize -\n")
     parser.add_argument("text", help="the text to tokenize; '-' reads it from stdin")
     parser.add_argument("--tokenizer", "--model", "-t", dest="tokenizer", default=None, metavar="SOURCE",
-                        help="a model folder, .gguf file, tokenizer.json/tokenizer.model, a built-in name "
+                        help="a model folder, .gguf file, tokenizer.json/tokenizer.model, hf:ORG/NAME (a Hugging "
+                             "Face Hub model: only its tokenizer files are fetched), a built-in name "
                              "(smollm2-135m-instruct), or llama3 for Meta's Llama 3 tokenizer; default: the default "
                              "model's (smollm2-135m-instruct), so the ids are the ones `llama3 generate` feeds it")
     parser.add_argument("--chat", action="store_true",

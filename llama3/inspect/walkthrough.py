@@ -277,7 +277,9 @@ def write_walkthrough(out: str | os.PathLike = "docs", model: str | None = None,
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Regenerate the Llama walkthrough (English and Chinese).")
     parser.add_argument("--out", default="docs", help="folder to write into (default docs/)")
-    parser.add_argument("--model", default=None, help="model source (default: the embedded model)")
+    parser.add_argument("--model", default=None,
+                        help="model source: a folder, .gguf file, hf:ORG/NAME or built-in name (default: the "
+                             "embedded model)")
     args = parser.parse_args(argv)
     for path in write_walkthrough(args.out, model=args.model):
         print(f"wrote {path}")

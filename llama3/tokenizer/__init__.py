@@ -87,12 +87,17 @@ def load_tokenizer(source: str | os.PathLike | None = None) -> Tokenizer:
 
     source: a folder (tokenizer.json or tokenizer.model), a tokenizer.json /
     tokenizer.model / .gguf file, a built-in model name ("smollm2-135m-instruct"),
-    or "llama3" for Meta's Llama 3 tokenizer.  Missing or unusable -> TokenizerError.
+    "hf:ORG/NAME" (a model on the Hugging Face Hub), or "llama3" for Meta's Llama 3 tokenizer.
+    Missing or unusable -> TokenizerError.
     """
     if source is None or str(source).lower() in ("llama3", "llama-3", "meta-llama3"):
         from llama3.tokenizer.llama3_tiktoken import Llama3Tokenizer
 
         return Llama3Tokenizer(llama3_tokenizer_path())
+    if str(source).startswith("hf:"):  # a model on the Hugging Face Hub: its tokenizer files (or GGUF)
+        from llama3.checkpoint.hub import resolve
+
+        source = resolve(str(source), only="tokenizer")
     path = Path(source)
     if not path.exists():
         from llama3.llm import BUILTIN_MODELS  # (imports torch: only for names that are not paths)

@@ -93,7 +93,7 @@ def _flat_name(group: str, name: str) -> str:
 class TrainConfig:
     out: str = "out"                       # the model folder to write (checkpoints/ and metrics inside)
     preset: str = "tiny-cpu"               # model shape from llama3.config.PRESETS (its vocab_size follows the tokenizer)
-    model: str | None = None               # start from this model (folder, .gguf, built-in name), not from scratch
+    model: str | None = None               # start from this model (folder, .gguf, hf:ORG/NAME, built-in name), not from scratch
     seed: int = 1337                       # decides the initial weights and the data order
     eval_interval: int = 100               # steps between validation runs (0: only at the end)
     eval_batches: int = 8                  # micro-batches per validation run
