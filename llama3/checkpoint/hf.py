@@ -176,7 +176,7 @@ def _rotary_heads(meta_name: str, config: ModelConfig) -> int | None:
 
 
 # ------------------------------------------------------------------- reading
-def _weight_files(folder: Path) -> dict[Path, list[str] | None]:
+def weight_files(folder: Path) -> dict[Path, list[str] | None]:
     """The safetensors files to read -> the tensor names the index assigns to each (None: all)."""
     if (folder / INDEX_FILE).is_file():
         weight_map = read_json(folder / INDEX_FILE).get("weight_map")
@@ -231,7 +231,7 @@ def read_hf(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tupl
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder")
     config = read_hf_config(folder)
-    files = _weight_files(folder)
+    files = weight_files(folder)
     present = [name for file, listed in files.items() for name in (listed or _tensor_names(file))]
     check_layers(config, present, r"model\.layers\.(\d+)\.", str(folder / "config.json"), "num_hidden_layers")
     check_fits(config, sum(file.stat().st_size for file in files), 8, str(folder / "config.json"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
+from llama3.parallel.launch import add_tp_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default 128)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_tp_argument(parser)  # --tp N under torchrun: llama3/parallel/launch.py
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,8 +48,13 @@ def run(args: argparse.Namespace) -> int:
             raise Llama3Error(f"--threads {args.threads}: give a positive number of threads")
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain,
-                    compile=args.compile)
+    if args.tp:  # tensor parallel: every rank runs the same measurements, rank 0 prints its own
+        from llama3.parallel.launch import lockstep_llm
+
+        llm = lockstep_llm(args)
+    else:
+        llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain,
+                        compile=args.compile)
     load_seconds = time.perf_counter() - start
     try:
         report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens)
@@ -58,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
                           "run without --compile") from None
     # measured after the report, so its test matrix stays out of the peak RSS
-    bound = decode_bound(llm.model) if llm.device.type == "cpu" else None
+    bound = decode_bound(llm.model) if llm.device.type == "cpu" and not args.tp else None
     if args.json:
         extra = {} if bound is None else {"weight_bytes_per_token": bound.weight_bytes,
                                           "memory_read_bytes_per_second": bound.read_bytes_per_second,

@@ -18,6 +18,7 @@ from llama3.commands.common import add_model_arguments, add_speed_arguments
 from llama3.commands.generate import (add_sampling_arguments, cli_wording, load_model, prefill_progress,
                                      settings_from_args)
 from llama3.commands.text_input import argument_text
+from llama3.parallel.launch import add_tp_argument
 
 HELP = ("/reset clears the conversation, /explain explains the last answer, /exit or Ctrl-D leaves, "
         "Ctrl-C stops an answer")
@@ -43,6 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--explain", action="store_true",
                         help="after each answer, show the prompt's tokens and ids, each step's top candidates "
                              "with probabilities, the newest token's attention per head, and what ended it")
+    add_tp_argument(parser)  # --tp N under torchrun: llama3/parallel/launch.py
 
 
 def answer(llm, messages: list[dict], settings, out=None, record: dict | None = None) -> str:
@@ -126,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
         raise Llama3Error("standard input is closed, so chat has no messages to read; run it in a terminal "
                           "or pipe the messages in, one per line")
     system = None if args.system is None else argument_text(args.system, "--system")
-    llm = load_model(args)
+    if args.tp:  # tensor parallel: only rank 0 returns (and chats); the other ranks follow its engine
+        from llama3.parallel.launch import lead_engine
+
+        llm = lead_engine(args)
+    else:
+        llm = load_model(args)
     interactive = sys.stdin.isatty()
     if interactive:
         import readline  # noqa: F401  (line editing and history for input())

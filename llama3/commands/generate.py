@@ -15,6 +15,7 @@ import time
 
 from llama3.commands.common import add_model_arguments, add_speed_arguments
 from llama3.commands.text_input import add_errors_argument, argument_text, text_or_stdin
+from llama3.parallel.launch import add_tp_argument
 
 PREFILL_NOTICE_S = 2.0  # a prefill still running after this long gets a progress line on stderr
 
@@ -148,12 +149,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true",
                         help="if the prompt is longer than the context, keep its last tokens instead of failing")
     add_errors_argument(parser)
+    add_tp_argument(parser)  # --tp N under torchrun: llama3/parallel/launch.py
 
 
 def run(args: argparse.Namespace) -> int:
     from llama3.errors import Llama3Error
     from llama3.generate import TextGeneration
 
+    if args.tp:  # tensor parallel: every rank generates in step, rank 0 reads and writes
+        from llama3.parallel.launch import generate
+
+        return generate(args)
     settings = settings_from_args(args, truncate=args.truncate)  # check the values before the slow load
     prompt = text_or_stdin(args.prompt, "PROMPT", args.errors)
     if not prompt:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llama3.commands.common import add_model_arguments
+from llama3.parallel.launch import add_tp_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "weight-only quantization costs (see llama3.fast)")
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="score only the first N tokens of the file (a quick estimate)")
+    add_tp_argument(parser)  # --tp N under torchrun: llama3/parallel/launch.py
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise Llama3Error(f"{args.file}: cannot read it as UTF-8 text ({e.__class__.__name__}); "
                           "pass a plain text file") from None
-    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=False)
+    if args.tp:  # tensor parallel: every rank scores the same windows, rank 0 prints
+        from llama3.parallel.launch import lockstep_llm
+
+        llm = lockstep_llm(args)
+    else:
+        llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=False)
     result = perplexity(llm, text, args.context, args.stride, max_tokens=args.max_tokens, progress=True)
     print(f"perplexity {result.perplexity:.4f}  (nll {result.nll:.4f} nats = {result.bits_per_token:.3f} "
           f"bits per token; {result.n_scored} tokens scored in {result.n_windows} windows of "

@@ -14,10 +14,12 @@ Then point any OpenAI client at it:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from llama3.commands.common import add_listen_arguments, add_model_arguments, add_speed_arguments, check_port, listen
+from llama3.parallel.launch import add_tp_argument
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lab", action="store_true",
                         help="also serve the Lab page at /lab (llama3 lab), with the same API key rule")
     add_limit_arguments(parser)
+    add_tp_argument(parser)  # --tp N under torchrun: llama3/parallel/launch.py
     engine = parser.add_argument_group("engine (continuous batching)")
     engine.add_argument("--kv-memory", default=None, metavar="SIZE",
                         help="memory for the KV cache of all requests together: 2GB, 512MiB or 25%% of the "
@@ -135,14 +138,20 @@ def run(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(kv_memory=args.kv_memory, parallel=args.parallel, max_queued=args.max_queued,
                                  prefix_cache=not args.no_prefix_cache)  # bad values: an error before loading
     parse_memory(args.kv_memory, device or torch.device("cpu"))
-    sock = listen(args.host, args.port)
+    sock = listen(args.host, args.port) if not args.tp or os.environ.get("RANK", "0") == "0" else None  # rank 0's
     name = args.name or model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
     start = time.perf_counter()
     # llama3.load, then llama3.fast's inference speed-ups unless --plain (same tokens up to float rounding)
-    llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
+    if args.tp:  # tensor parallel: only rank 0 returns (and serves); the other ranks follow its engine
+        from llama3.parallel.launch import lead_engine
+
+        llm = lead_engine(args, engine_config)
+        engine = llm.engine
+    else:
+        llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
+        engine = Engine(llm.model, llm.tokenizer, engine_config)
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
-    engine = Engine(llm.model, llm.tokenizer, engine_config)
     print(engine.describe(), file=sys.stderr)
     app = create_app(llm, name, api_key=args.api_key, limits=server_limits(args), queue=GenerationQueue(engine))
     if args.lab:  # the page's views hook the served (fast) model's modules, on their own thread

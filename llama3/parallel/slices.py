@@ -44,12 +44,12 @@ class HFSlices:
     def __init__(self, folder: Path, config: ModelConfig):
         from safetensors import safe_open
 
-        from llama3.checkpoint.hf import _weight_files, name_map
+        from llama3.checkpoint.hf import weight_files, name_map
 
         self.config = config
         names = name_map(config.n_layers)
         self.where: dict[str, tuple[object, str]] = {}
-        for file in _weight_files(folder):
+        for file in weight_files(folder):
             handle = safe_open(str(file), framework="pt")
             for hf_name in handle.keys():
                 if hf_name in names:

@@ -66,7 +66,7 @@ def check_world(tp: int) -> None:
     if world is None:
         raise Llama3Error(f"--tp {tp} needs {tp} processes: run it as "
                           f"`torchrun --nproc-per-node {tp} -m llama3 ... --tp {tp}`")
-    if int(world) != tp:
+    if not world.isdigit() or int(world) != tp:
         raise Llama3Error(f"--tp {tp} but torchrun started {world} processes (WORLD_SIZE={world}); "
                           f"use --nproc-per-node {tp}, or --tp {world}")
 
@@ -151,7 +151,7 @@ def parallelize(config: ModelConfig, reader, mesh, dtype: torch.dtype):
 
 def load_tp(source, tp: int, dtype: torch.dtype | str | None = None):
     """Join the torchrun group and load `source` split over its `tp` ranks -> LLM (model = this rank's part)."""
-    from llama3.checkpoint import _find_tokenizer
+    from llama3.tokenizer import find_tokenizer
     from llama3.llm import LLM, parse_dtype, resolve_source
     from llama3.parallel.slices import open_slices
 
@@ -161,7 +161,7 @@ def load_tp(source, tp: int, dtype: torch.dtype | str | None = None):
     mesh = init_mesh(tp)
     with collective_errors():
         model = parallelize(config, reader, mesh, parse_dtype(dtype) or torch.float32)
-    return LLM(model=model, config=config, tokenizer=_find_tokenizer(path), source=str(source or path))
+    return LLM(model=model, config=config, tokenizer=find_tokenizer(path), source=str(source or path))
 
 
 def local_weight_bytes(model: nn.Module) -> int:
@@ -177,9 +177,16 @@ def local_weight_bytes(model: nn.Module) -> int:
     return total
 
 
+class CollectiveError(Llama3Error):
+    """A collective failed or timed out: another rank stopped, or did not answer in time."""
+
+
 @contextlib.contextmanager
 def collective_errors():
-    """A collective that fails (a peer died) or times out -> Llama3Error naming this rank."""
+    """A collective that fails (a peer died) or times out -> CollectiveError naming this rank.
+    A rank other than 0 also writes it to the real stderr (its sys.stderr is quiet, see launch.py)."""
+    import sys
+
     import torch.distributed as dist
 
     try:
@@ -188,9 +195,11 @@ def collective_errors():
         if isinstance(e, Llama3Error) or not dist.is_initialized():
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise Llama3Error(f"rank {dist.get_rank()}: a tensor-parallel collective failed ({first}); another "
-                          f"rank stopped or did not answer within LLAMA3_TP_TIMEOUT={timeout_seconds():g} s"
-                          ) from None
+        error = CollectiveError(f"rank {dist.get_rank()}: a tensor-parallel collective failed ({first}); another "
+                                f"rank stopped or did not answer within LLAMA3_TP_TIMEOUT={timeout_seconds():g} s")
+        if dist.get_rank() != 0:
+            print(f"error: {error}", file=sys.__stderr__, flush=True)
+        raise error from None
 
 
 def sample_on_rank0(tokens) -> None:
