@@ -64,3 +64,29 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def per_rank_params(config: ModelConfig, tp: int) -> int:
+    """Parameters the largest rank holds when the model is split over `tp` ranks (`llama3.parallel.tp`):
+    wq wk wv w1 w3 by output rows, wo w2 by input columns, the embedding and head by vocabulary
+    (each split cut like torch.chunk: ceil(size / tp) for rank 0), the norms whole on every rank."""
+    d, dh = config.dim, config.head_dim
+    share = lambda n: -(-n // tp)  # noqa: E731  (rank 0's part of n rows)
+    per_layer = (d * dh * (share(config.n_heads) * 2 + share(config.n_kv_heads) * 2)  # wq wo, wk wv
+                 + 3 * d * share(config.hidden_dim))                                   # w1 w3, w2
+    vocab = share(config.vocab_size) * d
+    return config.n_layers * per_layer + vocab * (1 if config.tie_embeddings else 2) + config.n_layers * 2 * d + d
+
+
+def tp_plan_lines(config: ModelConfig, tp: int, context: int, batch: int) -> list[str]:
+    """What one rank of `--tp tp` needs: its weights (float32, bfloat16) and its KV cache (bfloat16) for
+    `batch` sequences of `context` tokens; each rank keeps only its n_kv_heads / tp heads' keys and values."""
+    weights = per_rank_params(config, tp)
+    kv = kv_cache_bytes_per_token(config) // tp * context * batch
+    return [f"tensor parallel over {tp} ranks (--tp {tp}), per rank:",
+            f"  weights   {weights:>17,} parameters: {human_bytes(weights * 4)} float32, "
+            f"{human_bytes(weights * 2)} bfloat16",
+            f"  KV cache  {human_bytes(kv):>17} at bfloat16 for {batch} x {context:,} tokens "
+            f"({config.n_kv_heads // tp} key/value heads of {config.n_kv_heads})",
+            f"  total     {human_bytes(weights * 2 + kv):>17} at bfloat16 (plus activations, and the full "
+            f"[batch, vocabulary] logits every rank gathers)"]
