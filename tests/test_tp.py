@@ -34,11 +34,35 @@ def results(stdout: str) -> dict[tuple[str, int], dict]:
     return {(row["case"], row["rank"]): row for row in rows}
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(script: str, *args: str, stdin: str = "") -> list[subprocess.Popen]:
+    """`script args` as ranks 0 and 1 of a gloo group, started by hand (torchrun's agent would cost a third
+    Python and would stop a survivor itself) -> the finished processes, with .out and .err."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(HELPERS / script), *args], cwd=REPO,
+                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    try:
+        for r, p in enumerate(procs):
+            p.out, p.err = p.communicate(stdin if r == 0 else "", timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+    return procs
+
+
 def test_two_ranks_equal_one_process(checkpoints):
-    run = subprocess.run([*TORCHRUN, str(HELPERS / "tp_parity.py"), json.dumps({c: p for c, p in checkpoints.items() if c != "cli"})], cwd=REPO, env=ENV,
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    got = results(run.stdout)
+    cases = {c: p for c, p in checkpoints.items() if c != "cli"}
+    procs = two_ranks("tp_parity.py", json.dumps(cases))
+    assert [p.returncode for p in procs] == [0, 0], procs[0].err[-3000:] + procs[1].err[-3000:]
+    got = results(procs[0].out + procs[1].out)
     cases = [c for c in checkpoints if c not in ("medium", "cli")]
     assert {c for c, _ in got} == {*cases, "medium", "engine"}
     for case in cases:
@@ -55,44 +79,29 @@ def test_two_ranks_equal_one_process(checkpoints):
 
 
 def test_cli_generate_tp2_equals_one_process(checkpoints, capsys):
-    """`torchrun --nproc-per-node 2 -m llama3 generate --tp 2` prints what `llama3 generate` prints (greedy),
-    once: rank 1 writes nothing."""
+    """`torchrun --nproc-per-node 2 -m llama3 generate --tp 2 -` (the prompt on stdin, which only rank 0
+    reads) prints what `llama3 generate` prints (greedy), once: rank 1 writes nothing."""
     args = ["generate", "--model", checkpoints["cli"], "--max-new-tokens", "6"]
     assert main([*args, "--plain", "the lazy"]) == 0
     one = capsys.readouterr().out
-    two = subprocess.run([*TORCHRUN, "-m", "llama3", *args, "--tp", "2", "the lazy"], capture_output=True,
+    two = subprocess.run([*TORCHRUN, "-m", "llama3", *args, "--tp", "2", "-"], input="the lazy", capture_output=True,
                          text=True, cwd=REPO, env=ENV, timeout=180)
     assert two.returncode == 0, two.stderr[-2000:]
     assert two.stdout == one and one.strip()
     assert two.stderr.count("new tokens; prefill") == 1
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("scenario, survivor", [("follower", 0), ("leader", 1)])
 def test_a_rank_that_dies_stops_the_other_with_one_line(checkpoints, scenario, survivor):
     """Rank 1 dies during `generate --tp 2`, or rank 0 during `chat --tp 2` while rank 1 follows its
-    engine: the survivor ends within the collectives' timeout, saying so in one line."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(HELPERS / "tp_die.py"), scenario, checkpoints["cli"]], cwd=REPO,
-                              env={**ENV, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
-    try:
-        outputs = [p.communicate("hello\n" if r == 0 else "", timeout=120) for r, p in enumerate(procs)]
-    finally:
-        for p in procs:
-            p.kill()
+    engine: the survivor ends (within the collectives' timeout at worst), saying so in one line."""
+    procs = two_ranks("tp_die.py", scenario, checkpoints["cli"], stdin="hello\n")
     assert procs[1 - survivor].returncode == 3                      # the one made to die
-    assert procs[survivor].returncode == 2, outputs[survivor][1][-2000:]
-    errors = [line for line in outputs[survivor][1].splitlines() if line.startswith("error:")]
+    err = procs[survivor].err
+    assert procs[survivor].returncode == 2, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"rank {survivor}: a tensor-parallel collective failed" in errors[0], errors
-    assert "Traceback" not in outputs[survivor][1]
+    assert "Traceback" not in err
 
 
 def test_tp_without_torchrun_or_with_another_world_size(checkpoints, monkeypatch, capsys):
