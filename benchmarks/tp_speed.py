@@ -8,7 +8,8 @@ processes with the same CPU cores in all:
     tp 1          the tensor-parallel path with one rank (DTensor's bookkeeping, no communication)
     tp N          `torchrun --nproc-per-node N`: each rank 1/N of every matrix, cores / N threads each
 Each measures prefill (one forward over --prefill-tokens) and greedy decoding (`llama3.fast.measure`'s
-functions, best of repeats), the weight bytes each rank holds and its RSS after loading.  Prints a
+functions, best of repeats), the weight bytes each rank holds and how much its RSS grew while loading
+(the largest rank's, under torchrun; modules imported and the process group joined beforehand).  Prints a
 markdown table (ratios are against "one process" in the same run).
 
 On a machine with few cores tensor parallelism is not expected to be faster: the ranks share the
@@ -41,20 +42,26 @@ def worker(args) -> None:
 
     from llama3.fast.measure import decode_speed, prefill_tokens_per_second
 
-    if args.tp:
+    if args.tp:  # the modules and the process group first, so that the RSS growth is the load's
         import torch.distributed as dist
+        import torch.distributed.tensor.parallel  # noqa: F401
 
-        from llama3.parallel import lockstep, tp
+        from llama3.parallel import lockstep, slices, tp  # noqa: F401
 
+        tp.init_mesh(args.tp)
+    else:
+        import llama3.checkpoint.hf  # noqa: F401
+    before = rss_bytes()
+    if args.tp:
         llm = tp.load_tp(args.worker, args.tp)
-        lockstep._state.active = True   # every rank runs the same measurements
+        lockstep.always_inside()   # every rank runs the same measurements
         held, ranks = tp.local_weight_bytes(llm.model), args.tp
     else:
         import llama3
 
         llm = llama3.load(args.worker, plain=True)
         held, ranks = sum(p.numel() * p.element_size() for p in llm.model.parameters()), 1
-    rss = rss_bytes()
+    rss = rss_bytes() - before   # what loading added (the process group's buffers too, under torchrun)
     prefill = prefill_tokens_per_second(llm.model, args.prefill_tokens, repeats=2)
     _, decode, _ = decode_speed(llm.model, new_tokens=args.new_tokens, repeats=2)
     row = {"ranks": ranks, "threads": torch.get_num_threads(), "prefill": prefill, "decode": decode,
@@ -115,7 +122,7 @@ def main() -> None:
           f"V={config.vocab_size}: {count_params(config).total / 1e6:.1f}M parameters, float32; "
           f"{cores} cores; prefill {args.prefill_tokens} tokens, decode {args.new_tokens} (greedy)\n")
     print("| run | ranks x threads | prefill tokens/s | decode tokens/s | decode vs one process "
-          "| weights per rank | RSS per rank |")
+          "| weights per rank | RSS growth of the load, per rank |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['ranks']} x {r['threads']} | {r['prefill']:.0f} | {r['decode']:.1f} | "

@@ -4,6 +4,7 @@ weights per rank, and one-line errors (never a hang) when N is wrong or a rank d
 The reference is one process loading the same file with the checkpoint readers (`llama3.load`), whose
 whole-tensor path shares nothing with the sliced reads; the Meta shards are cut by the test itself."""
 
+import io
 import json
 import os
 import socket
@@ -92,10 +93,16 @@ def test_cli_generate_tp2_equals_one_process(checkpoints, capsys):
 
 
 @pytest.mark.parametrize("scenario, survivor", [("follower", 0), ("leader", 1)])
-def test_a_rank_that_dies_stops_the_other_with_one_line(checkpoints, scenario, survivor):
-    """Rank 1 dies during `generate --tp 2`, or rank 0 during `chat --tp 2` while rank 1 follows its
-    engine: the survivor ends (within the collectives' timeout at worst), saying so in one line."""
-    procs = two_ranks("tp_die.py", scenario, checkpoints["cli"], stdin="hello\n")
+def test_a_rank_that_dies_stops_the_other_with_one_line(checkpoints, scenario, survivor, monkeypatch, capsys):
+    """Rank 1 dies during `generate --tp 2`, or rank 0 during `chat --tp 2` (after its first answer, which
+    equals one process's) while rank 1 follows its engine: the survivor ends (within the collectives'
+    timeout at worst), saying so in one line."""
+    procs = two_ranks("tp_die.py", scenario, checkpoints["cli"], stdin="the lazy\n")
+    if scenario == "leader":
+        monkeypatch.setattr(sys, "stdin", io.StringIO("the lazy\n"))
+        assert main(["chat", "--model", checkpoints["cli"], "--max-new-tokens", "8", "--temperature", "0",
+                     "--plain"]) == 0
+        assert procs[0].out == capsys.readouterr().out and procs[0].out.strip()
     assert procs[1 - survivor].returncode == 3                      # the one made to die
     err = procs[survivor].err
     assert procs[survivor].returncode == 2, err[-2000:]

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             raise Llama3Error(f"--threads {args.threads}: give a positive number of threads")
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    if args.tp:  # tensor parallel: every rank runs the same measurements, rank 0 prints its own
+    if args.tp is not None:  # tensor parallel: every rank runs the same measurements, rank 0 prints its own
         from llama3.parallel.launch import lockstep_llm
 
         llm = lockstep_llm(args)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
                           "run without --compile") from None
     # measured after the report, so its test matrix stays out of the peak RSS
-    bound = decode_bound(llm.model) if llm.device.type == "cpu" and not args.tp else None
+    bound = decode_bound(llm.model) if llm.device.type == "cpu" and args.tp is None else None
     if args.json:
         extra = {} if bound is None else {"weight_bytes_per_token": bound.weight_bytes,
                                           "memory_read_bytes_per_second": bound.read_bytes_per_second,

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise Llama3Error("standard input is closed, so chat has no messages to read; run it in a terminal "
                           "or pipe the messages in, one per line")
     system = None if args.system is None else argument_text(args.system, "--system")
-    if args.tp:  # tensor parallel: only rank 0 returns (and chats); the other ranks follow its engine
+    if args.tp is not None:  # tensor parallel: only rank 0 returns (and chats); the other ranks follow its engine
         from llama3.parallel.launch import lead_engine
 
         llm = lead_engine(args)

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     from llama3.errors import Llama3Error
     from llama3.generate import TextGeneration
 
-    if args.tp:  # tensor parallel: every rank generates in step, rank 0 reads and writes
+    if args.tp is not None:  # tensor parallel: every rank generates in step, rank 0 reads and writes
         from llama3.parallel.launch import generate
 
         return generate(args)

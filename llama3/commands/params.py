@@ -76,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
           f"for the full {config.max_seq_len:,}-token context)")
     if args.tp is not None:  # tensor parallelism: llama3/params.py's per-rank plan
         from llama3.params import tp_plan_lines
+
         print("\n".join(tp_plan_lines(config, args.tp, args.context or config.max_seq_len, args.batch)))
     return 0

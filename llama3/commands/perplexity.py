@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as e:
         raise Llama3Error(f"{args.file}: cannot read it as UTF-8 text ({e.__class__.__name__}); "
                           "pass a plain text file") from None
-    if args.tp:  # tensor parallel: every rank scores the same windows, rank 0 prints
+    if args.tp is not None:  # tensor parallel: every rank scores the same windows, rank 0 prints
         from llama3.parallel.launch import lockstep_llm
 
         llm = lockstep_llm(args)

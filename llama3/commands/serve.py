@@ -138,12 +138,12 @@ def run(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(kv_memory=args.kv_memory, parallel=args.parallel, max_queued=args.max_queued,
                                  prefix_cache=not args.no_prefix_cache)  # bad values: an error before loading
     parse_memory(args.kv_memory, device or torch.device("cpu"))
-    sock = listen(args.host, args.port) if not args.tp or os.environ.get("RANK", "0") == "0" else None  # rank 0's
+    sock = listen(args.host, args.port) if args.tp is None or os.environ.get("RANK", "0") == "0" else None  # rank 0's
     name = args.name or model_name(args.model)
     print(f"loading {args.model or name}...", file=sys.stderr)
     start = time.perf_counter()
     # llama3.load, then llama3.fast's inference speed-ups unless --plain (same tokens up to float rounding)
-    if args.tp:  # tensor parallel: only rank 0 returns (and serves); the other ranks follow its engine
+    if args.tp is not None:  # tensor parallel: only rank 0 returns (and serves); the other ranks follow its engine
         from llama3.parallel.launch import lead_engine
 
         llm = lead_engine(args, engine_config)

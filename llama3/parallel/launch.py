@@ -83,7 +83,7 @@ def lockstep_llm(args: argparse.Namespace):
     from llama3.parallel import lockstep
 
     llm = start(args)
-    lockstep._state.active = True   # this (main) thread's forwards: every rank makes the same ones
+    lockstep.always_inside()   # this (main) thread's forwards: every rank makes the same ones
     return llm
 
 

@@ -56,6 +56,16 @@ def inside():
         _state.active = before
 
 
+def always_inside() -> None:
+    """Mark this thread's forwards, from now on, as run by every rank together (perplexity, bench)."""
+    _state.active = True
+
+
+def leave() -> None:
+    """Undo `always_inside` for this thread."""
+    _state.active = False
+
+
 def guard(model) -> None:
     """Refuse a forward that the other ranks would not run (it would wait on them forever)."""
     def check(module, args):
@@ -82,8 +92,10 @@ def lead(engine) -> None:
 
     def mirrored(tokens: torch.Tensor, rows, want):
         # tokens [1, N]; rows [(block table, first position, end)] per sequence; want: token indices
-        broadcast((tokens[0].tolist(), [(list(t), b, e) for t, b, e in rows], list(want)))
-        with inside():
+        from llama3.parallel.tp import collective_errors
+
+        with collective_errors(), inside():
+            broadcast((tokens[0].tolist(), [(list(t), b, e) for t, b, e in rows], list(want)))
             return forward(tokens, rows, want)
 
     engine.forward = mirrored

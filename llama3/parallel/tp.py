@@ -161,6 +161,13 @@ def load_tp(source, tp: int, dtype: torch.dtype | str | None = None):
     mesh = init_mesh(tp)
     with collective_errors():
         model = parallelize(config, reader, mesh, parse_dtype(dtype) or torch.float32)
+    forward = model.forward
+
+    def forward_or_one_line(*args, **kwargs):  # a peer gone mid-forward: CollectiveError, not a traceback
+        with collective_errors():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_or_one_line
     return LLM(model=model, config=config, tokenizer=find_tokenizer(path), source=str(source or path))
 
 

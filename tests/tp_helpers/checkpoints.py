@@ -87,7 +87,8 @@ def write_all(root: Path) -> dict[str, str]:
         llm.save(root / f"{name}.gguf", format="gguf")
         write_q8_0(root / f"{name}.gguf", root / f"{name}-q8_0.gguf")
         write_meta_shards(llm.model, config, root / f"{name}-meta2", 2)
-        paths.update({f"{name}/hf": f"{name}-hf", f"{name}/q8_0": f"{name}-q8_0.gguf", f"{name}/meta2": f"{name}-meta2"})
+        paths.update({f"{name}/hf": f"{name}-hf", f"{name}/q8_0": f"{name}-q8_0.gguf",
+                      f"{name}/meta2": f"{name}-meta2"})
         if not config.tie_embeddings:  # the float GGUF view and the one-shard Meta read: one config is enough
             llm.save(root / f"{name}-meta1", format="meta")
             paths.update({f"{name}/gguf": f"{name}.gguf", f"{name}/meta1": f"{name}-meta1"})

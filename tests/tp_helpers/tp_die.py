@@ -2,8 +2,8 @@
 kills the survivor): the real CLI, with one rank made to die on cue.
 
     tp_die.py follower MODEL   `generate --tp 2`; rank 1 dies at its 3rd forward, rank 0 must stop with an error
-    tp_die.py leader MODEL     `chat --tp 2`; rank 0 dies as it starts to answer, while rank 1 waits for its
-                               engine's next step: rank 1 must stop
+    tp_die.py leader MODEL     `chat --tp 2`; rank 0 answers the first message, then dies while rank 1 waits
+                               for its engine's next step: rank 1 must stop
 """
 
 import os
@@ -32,7 +32,13 @@ if scenario == "follower" and rank == 1:
 if scenario == "leader" and rank == 0:
     import llama3.commands.chat as chat
 
-    chat.answer = lambda *args, **kwargs: os._exit(3)
+    answer = chat.answer
+
+    def answer_then_die(*args, **kwargs):  # rank 1 is then waiting for the engine's next step
+        answer(*args, **kwargs)
+        sys.stdout.flush()
+        os._exit(3)
+    chat.answer = answer_then_die
 
 common = ["--model", model, "--tp", "2", "--max-new-tokens", "8"]
 argv = ["generate", *common, "the lazy"] if scenario == "follower" else ["chat", *common, "--temperature", "0"]

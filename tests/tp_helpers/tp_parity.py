@@ -44,7 +44,7 @@ def tokens(model, prompt, settings, rank0_samples):
 
 
 tp.init_mesh(2)
-lockstep._state.active = True   # this test runs the same forwards on both ranks
+lockstep.always_inside()   # this test runs the same forwards on both ranks
 
 # resident memory: what a split load of 60 MB of weights costs each rank (after a first load of a tiny
 # model, so that imports and the process group's first buffers are not counted)
@@ -69,13 +69,14 @@ for case, path in paths.items():
         x = torch.tensor([prompt])
         diff = float((split.model(x) - whole.model(x)).abs().max())
     same = all(tokens(split.model, prompt, s, True) == tokens(whole.model, prompt, s, False) for s in (greedy, seeded))
-    report(case=case, seconds=time.perf_counter() - begin, diff=diff, same_tokens=same, local=tp.local_weight_bytes(split.model),
+    report(case=case, seconds=time.perf_counter() - begin, diff=diff, same_tokens=same,
+           local=tp.local_weight_bytes(split.model),
            whole=tp.local_weight_bytes(whole.model), planned=per_rank_params(split.config, 2) * 4)
 
 # the engine path of chat/serve: rank 0 schedules two prompts of different lengths into batched steps
 from llama3.engine import Engine  # noqa: E402
 
-lockstep._state.active = False  # from here on only lead/follow may run forwards
+lockstep.leave()  # from here on only lead/follow may run forwards
 path = paths["gqa-untied/hf"]
 split, whole = tp.load_tp(path, 2), llama3.load(path, plain=True)
 prompts = [prompt, prompt[:4] + prompt[:2]]
