@@ -118,7 +118,7 @@ def test_tp_without_torchrun_or_with_another_world_size(checkpoints, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["bench", "--model", checkpoints["cli"], "--tp", "2"]) == 2
     assert "--tp 2 but torchrun started 3 processes" in capsys.readouterr().err
-    assert main(["serve", "--model", checkpoints["cli"], "--tp", "2", "--quantize", "int8"]) == 2
+    assert main(["chat", "--model", checkpoints["cli"], "--tp", "2", "--quantize", "int8"]) == 2
     assert "--quantize is not available with --tp" in capsys.readouterr().err
 
 

@@ -22,7 +22,9 @@ checkpoint (`llama3.parallel.slices`): no rank ever holds a whole weight matrix.
 
 Sampling runs once, on rank 0, and the token is broadcast, so every rank feeds the same id and
 seeded output equals one process's.  Every collective has a timeout (LLAMA3_TP_TIMEOUT seconds,
-default 600), and a failed or timed-out collective becomes a Llama3Error naming the rank.
+default 600), and a failed or timed-out collective (while loading, in a forward, in a broadcast)
+becomes a CollectiveError naming the rank.  How the ranks keep their forwards together is
+lockstep.py's; the commands' `--tp` is launch.py's.
 The NCCL path (CUDA) is written but was not tested: the machine this was built on has no GPUs.
 """
 
