@@ -144,3 +144,59 @@ def test_params_plans_each_rank(capsys):
     assert "1.2 GiB at bfloat16 for 4 x 8,192 tokens (1 key/value heads of 8)" in out
     assert main(["params", "llama-3.1-70b", "--tp", "3"]) == 2
     assert "possible --tp values: 1, 2, 4, 8" in capsys.readouterr().err
+
+
+def test_serve_tp2_listens_on_rank0_and_answers_like_one_process(checkpoints):
+    """`torchrun ... serve --tp 2`: two concurrent requests (batched engine steps that rank 1 mirrors) get
+    one process's greedy text; echo, a forward only rank 0 would run, is a 400; SIGTERM stops every rank."""
+    import signal
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    import llama3
+
+    port = free_port()
+    server = subprocess.Popen([*TORCHRUN, "-m", "llama3", "serve", "--model", checkpoints["cli"], "--tp", "2",
+                               "--port", str(port), "--kv-memory", "4MB"], cwd=REPO, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def post(body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.communicate()[1][-2000:]
+                time.sleep(0.5)
+        prompts = ["the lazy", "def f(x):"]
+        answers = [None, None]
+
+        def ask(i):
+            answers[i] = post({"prompt": prompts[i], "max_tokens": 8, "temperature": 0})
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        status, echo = post({"prompt": "the lazy", "max_tokens": 1, "echo": True, "logprobs": 1})
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            _, err = server.communicate(timeout=60)
+        finally:
+            server.kill()
+    one = llama3.load(checkpoints["cli"], plain=True)
+    assert [a[1]["choices"][0]["text"] for a in answers] == [one.generate(p, max_new_tokens=8) for p in prompts]
+    assert status == 400 and "not available with --tp" in echo["error"]["message"]
+    assert err.count("serving ") == 1                                  # rank 0 alone says it, and listens
