@@ -36,7 +36,9 @@ def pyproject() -> dict:
 
 def test_core_dependencies_are_the_core_and_torch_is_a_range():
     core = {d.split("=")[0].split(">")[0].split("<")[0].split("[")[0].strip().lower() for d in pyproject()["dependencies"]}
-    assert core == {"torch", "numpy", "safetensors", "gguf", "tiktoken", "tokenizers", "jinja2", "tqdm", "llama-models"}
+    # huggingface-hub: `hf:ORG/NAME` downloads; `tokenizers` requires it anyway, so it adds nothing to an install
+    assert core == {"torch", "numpy", "safetensors", "gguf", "tiktoken", "tokenizers", "jinja2", "tqdm", "llama-models",
+                    "huggingface-hub"}
     torch_spec = next(d for d in pyproject()["dependencies"] if d.startswith("torch"))
     assert "==" not in torch_spec and ">=2" in torch_spec       # a user's CUDA build of another 2.x stays
     extras = pyproject()["optional-dependencies"]
