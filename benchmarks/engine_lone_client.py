@@ -1,47 +1,105 @@
-"""One client alone: the engine's step (the readable forward over the paged cache) against the
-one-batch generator's C decoding step, on the same int4 model, alternately in one process.
+"""One client alone: how fast the engine decodes a lone request, against `llama3 bench`'s decode
+(the one-batch TokenGeneration over a contiguous KVCache) on the same model and threads, in one
+process, rounds alternating so a busy machine slows them alike.
 
-    python benchmarks/engine_lone_client.py [--rounds 3] [--new 64]
+    python benchmarks/engine_lone_client.py [--rounds 3] [--new 128] [--context 16,1000] [--threads 2]
+    python benchmarks/engine_lone_client.py --serve      # also one streaming client of `llama3 serve`
 
-What a lone request costs now that every caller goes through the engine (the C step reads a
-contiguous KVCache and is not used by the engine; see BENCHMARKS.md).
+Per prompt length (--context: random token ids, as `llama3 bench` uses) and round, decode
+tokens/s (from the first new token to the last, so prefill is not in it) of:
+    bench     llama3.fast.measure's decode: TokenGeneration, contiguous KVCache
+    gather    the engine reading keys side by side (the way before paged_attend)
+    engine    the engine attending in the blocks (llama3/fast/paged_attention.cpp)
+    served    (--serve) one streaming client of the server in this process (uvicorn on a free
+              port, the same Engine settings), tokens counted from the SSE chunks
+Ratios are within one round.  Prints a markdown table at the end (medians over rounds).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
 
 from llama3.engine import Engine, EngineConfig
 from llama3.fast import load_fast
+from llama3.fast.measure import prompt_of
 from llama3.generate import GenerationSettings, generate_tokens
+
+
+def bench_decode(model, prompt, new: int) -> float:
+    """`llama3 bench`'s decode: TokenGeneration's decode seconds per step."""
+    run = generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=new))
+    for _ in run:
+        pass
+    return run.decode_steps / run.decode_seconds
+
+
+def engine_decode(engine: Engine, prompt, new: int, in_blocks: bool) -> float:
+    """Decode tokens/s of one request alone in the engine: first event to last."""
+    engine.cache.attend_in_blocks = in_blocks
+    first = None
+    count = 0
+    for event in engine.stream([prompt], GenerationSettings(max_new_tokens=new)):
+        if event[0] in ("token", "text"):
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+    engine.cache.attend_in_blocks = True
+    return (count - 1) / (time.perf_counter() - first)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--context", default="16,1000", help="prompt lengths, comma-separated (default 16,1000)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", default="int4")
+    parser.add_argument("--serve", action="store_true", help="also measure one streaming client of the server")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    llm = load_fast(None, quantize="int4")
-    ids = llm.tokenizer.encode("Write a long story about a lighthouse keeper. Chapter 1:")
-    settings = GenerationSettings(max_new_tokens=args.new)
-    engine = Engine(llm.model, llm.tokenizer, EngineConfig(kv_memory="1GB"))
-    engine.run([ids], GenerationSettings(max_new_tokens=4))                      # warm-up both
-    list(generate_tokens(llm.model, [ids], GenerationSettings(max_new_tokens=4)))
+    llm = load_fast(None, quantize=args.quantize)
+    engine = Engine(llm.model, None, EngineConfig(kv_memory="1GB", prefix_cache=False))
+    server = None
+    if args.serve:
+        from serve_client import InProcessServer
+
+        server = InProcessServer(llm, EngineConfig(kv_memory="1GB", prefix_cache=False))
+    lengths = [int(n) for n in args.context.split(",")]
+    prompts = {n: prompt_of(n, llm.model.config.vocab_size, seed=1) for n in lengths}
+    bench_decode(llm.model, prompts[lengths[0]], 4)                                 # warm-up
+    engine_decode(engine, prompts[lengths[0]], 4, True)
+    results: dict[tuple[int, str], list[float]] = {}
     for r in range(args.rounds):
-        run = generate_tokens(llm.model, [ids], settings, llm.tokenizer.stop_ids)
-        start = time.perf_counter()
-        list(run)
-        c_step = len(run.tokens[0]) / (time.perf_counter() - start)
-        start = time.perf_counter()
-        result = engine.run([ids], settings)[0]
-        ours = len(result.token_ids) / (time.perf_counter() - start)
-        print(f"round {r}: TokenGeneration (C step) {c_step:.1f} tok/s, engine {ours:.1f} tok/s, "
-              f"ratio {ours / c_step:.2f}", flush=True)
+        for n in lengths:
+            row = {"bench": bench_decode(llm.model, prompts[n], args.new),
+                   "gather": engine_decode(engine, prompts[n], args.new, False),
+                   "engine": engine_decode(engine, prompts[n], args.new, True)}
+            if server is not None:
+                row["served"] = server.decode_speed(prompts[n], args.new)
+            for name, value in row.items():
+                results.setdefault((n, name), []).append(value)
+            print(f"round {r}, prompt {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
+                  + f" tok/s; engine/bench {row['engine'] / row['bench']:.2f}, engine/gather "
+                  f"{row['engine'] / row['gather']:.2f}"
+                  + (f", served/engine {row['served'] / row['engine']:.2f}" if server else ""), flush=True)
+    if server is not None:
+        server.close()
+    names = ["bench", "gather", "engine"] + (["served"] if server else [])
+    print(f"\n{args.quantize} SmolLM2-135M, {args.threads} threads, {args.new} new tokens, "
+          f"median of {args.rounds} rounds (ratios per round, then median)\n")
+    print("| prompt tokens | " + " | ".join(f"{n} tok/s" for n in names) + " | engine / bench | engine / gather |"
+          + (" served / engine |" if server else ""))
+    print("|---" * (len(names) + 3 + bool(server)) + "|")
+    for n in lengths:
+        med = {name: statistics.median(results[(n, name)]) for name in names}
+        ratio = lambda a, b: statistics.median(x / y for x, y in zip(results[(n, a)], results[(n, b)]))  # noqa: E731
+        print(f"| {n} | " + " | ".join(f"{med[name]:.1f}" for name in names)
+              + f" | {ratio('engine', 'bench'):.2f} | {ratio('engine', 'gather'):.2f} |"
+              + (f" {ratio('served', 'engine'):.2f} |" if server else ""))
 
 
 if __name__ == "__main__":

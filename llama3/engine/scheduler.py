@@ -8,7 +8,8 @@ Each `step()`:
        chunks of the sequences still prefilling, up to `step_tokens` in all, so a long new
        prompt never stalls the running streams for more than one chunk;
     3. runs ONE forward of the readable model (`Transformer.forward`) over all of them side
-       by side, with the paged cache's per-token positions and mask (`paged_cache.py`);
+       by side, with the paged cache's per-token positions; each layer's attention reads the
+       keys in their blocks (`paged_cache.py`, `llama3/fast/paged_attention.cpp`);
     4. samples the next token of each sequence whose tokens are all computed, each with its
        own settings and generator, so a greedy or seeded request gives the same tokens alone
        or in a crowd; a finished sequence leaves at once and its blocks go back to the pool.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from llama3.engine.blocks import BlockPool, NoFreeBlock, chain_key
-from llama3.engine.memory import default_parallel, human, parse_memory
+from llama3.engine.memory import default_parallel, human, memory_budget
 from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
 from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
@@ -77,7 +78,7 @@ class Engine:
         dtype, self.device = model_dtype_device(model)
         if not dtype.is_floating_point:
             dtype = torch.float32
-        self.budget = parse_memory(cfg.kv_memory, self.device)
+        self.budget, self.budget_note = memory_budget(cfg.kv_memory, self.device)
         block_bytes = bytes_per_token(model_config, dtype) * cfg.block_size
         n_blocks = self.budget // block_bytes
         if n_blocks < 2:
@@ -95,10 +96,28 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.closed = self._exit_hook = False
 
+    @classmethod
+    def sized_for(cls, model: Transformer, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
+                  **config) -> "Engine":
+        """An engine whose KV memory holds just these prompts and their new tokens, all running at
+        once (what `llama3 generate` and the benchmarks use: memory proportional to the request)."""
+        size = config.pop("block_size", EngineConfig.block_size)
+        dtype, _ = model_dtype_device(model)
+        per_token = bytes_per_token(model.config, dtype if dtype.is_floating_point else torch.float32)
+        blocks = 0
+        for row, ids in enumerate(prompt_ids):
+            n = len(checked_prompt(row, ids, model.config, settings))
+            blocks += -(-(min(n + settings.max_new_tokens, model.config.max_seq_len) + 1) // size)
+        config.setdefault("parallel", len(prompt_ids))
+        config.setdefault("prefix_cache", False)
+        return cls(model, tokenizer, EngineConfig(kv_memory=max(2, blocks) * size * per_token, block_size=size,
+                                                  **config))
+
     def describe(self) -> str:
         """The start-up line: the budget, its blocks and tokens, the parallel limit."""
         tokens = self.pool.n_blocks * self.pool.block_size
-        return (f"KV cache: {human(self.budget)} in {self.pool.n_blocks} blocks of {self.pool.block_size} tokens "
+        return (f"KV cache: {human(self.budget)} ({self.budget_note}) in {self.pool.n_blocks} blocks of "
+                f"{self.pool.block_size} tokens "
                 f"({tokens:,} positions, {self.cache.k.dtype}); up to {self.parallel} sequences at once, "
                 f"{self.config.max_queued} waiting")
 
@@ -242,9 +261,13 @@ class Engine:
                 return None
             return (args[0][:, picked],)
 
+        # attention attends in the blocks (`StepCache.attend`); only the explicit path (inspection
+        # hooks, `Attention.fused = False`) reads keys side by side and needs the step's mask
+        explicit = not self.cache.attend_in_blocks or any(not layer.attention.fused for layer in self.model.layers)
         hook = self.model.norm.register_forward_pre_hook(only_wanted)
         try:
-            logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions, mask=step.mask)
+            logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions,
+                                         mask=step.mask if explicit else None)
         finally:
             hook.remove()
         return logits[0]
