@@ -10,8 +10,9 @@ tokens/s (from the first new token to the last, so prefill is not in it) of:
     bench     llama3.fast.measure's decode: TokenGeneration, contiguous KVCache
     gather    the engine reading keys side by side (the way before paged_attend)
     engine    the engine attending in the blocks (llama3/fast/paged_attention.cpp)
-    served    (--serve) one streaming client of the server in this process (uvicorn on a free
-              port, the same Engine settings), tokens counted from the SSE chunks
+    served    (--serve) one streaming client of `llama3 serve` (a subprocess: --quantize, 1 GB of
+              KV, no prefix cache, OMP_NUM_THREADS=--threads), POST /v1/completions with the same
+              token ids, greedy, streamed; usage's completion tokens over first to last chunk
 Ratios are within one round.  Prints a markdown table at the end (medians over rounds).
 """
 
@@ -51,6 +52,50 @@ def engine_decode(engine: Engine, prompt, new: int, in_blocks: bool) -> float:
     return (count - 1) / (time.perf_counter() - first)
 
 
+class ServedClient:
+    """`llama3 serve` in a subprocess and one streaming client of it."""
+
+    def __init__(self, quantize: str, threads: int):
+        import os
+        import subprocess
+        import sys
+
+        from serve_concurrency import ROOT, free_port, wait_healthy
+
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(threads)}
+        self.process = subprocess.Popen([sys.executable, "-m", "llama3", "serve", "--port", self.url.rsplit(":", 1)[1],
+                                         "--quantize", quantize, "--kv-memory", "1GB", "--no-prefix-cache"],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_healthy(self.url, self.process)
+
+    def decode_speed(self, prompt: list[int], new: int) -> float:
+        import json
+
+        import httpx
+
+        body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        first = last = None
+        tokens = 0
+        with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+                if event.get("choices") and event["choices"][0].get("text"):
+                    last = time.perf_counter()
+                    first = first or last
+        return (tokens - 1) / (last - first)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -63,15 +108,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     llm = load_fast(None, quantize=args.quantize)
     engine = Engine(llm.model, None, EngineConfig(kv_memory="1GB", prefix_cache=False))
-    server = None
-    if args.serve:
-        from serve_client import InProcessServer
-
-        server = InProcessServer(llm, EngineConfig(kv_memory="1GB", prefix_cache=False))
+    server = ServedClient(args.quantize, args.threads) if args.serve else None
     lengths = [int(n) for n in args.context.split(",")]
     prompts = {n: prompt_of(n, llm.model.config.vocab_size, seed=1) for n in lengths}
     bench_decode(llm.model, prompts[lengths[0]], 4)                                 # warm-up
     engine_decode(engine, prompts[lengths[0]], 4, True)
+    if server is not None:
+        server.decode_speed(prompts[lengths[0]], 4)
     results: dict[tuple[int, str], list[float]] = {}
     for r in range(args.rounds):
         for n in lengths:

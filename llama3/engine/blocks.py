@@ -8,7 +8,9 @@ The KV memory is cut into blocks of `block_size` token positions.  A block is
              that starts the same way.  Cached blocks are lent out least recently used first
              when no free block is left.
 A block is only shared once it is full, and nobody writes into a full block, so
-sharing needs no copying (no copy-on-write).
+sharing needs no copying.  (The n choices of one prompt share its full blocks from the
+moment it is prefilled; each gets its own copy of the prompt's last, partial block:
+`Engine._fork`.)
 
 Keys: `chain_key(parent, tokens)` hashes the block's tokens together with the key of
 the block before it, so a block is found only after the same whole prefix; a key
@@ -63,6 +65,12 @@ class BlockPool:
         else:
             raise NoFreeBlock
         self.refs[block] = 1
+        return block
+
+    def share(self, block: int) -> int:
+        """One more holder of a held, full block (a sibling choice of the same prompt)."""
+        assert self.refs[block] > 0, f"block {block} is shared but nobody holds it"
+        self.refs[block] += 1
         return block
 
     def release(self, block: int) -> None:

@@ -71,6 +71,12 @@ class PagedKVCache:
         size = self.block_size
         return [table[p // size] * size + p % size for p in range(begin, end)]
 
+    def copy_positions(self, source: int, target: int, count: int) -> None:
+        """Copy the first `count` positions of block `source` into block `target` (every layer)."""
+        s, t = source * self.block_size, target * self.block_size
+        self.k[:, t:t + count] = self.k[:, s:s + count]
+        self.v[:, t:t + count] = self.v[:, s:s + count]
+
     def step(self, rows: list[tuple[list[int], int, int]]) -> "StepCache":
         """The cache of one forward.  rows: per sequence (block table, first new position, end),
         in the order their new tokens are laid side by side; positions 0..end-1 are read."""

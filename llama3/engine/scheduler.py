@@ -15,6 +15,8 @@ Each `step()`:
        or in a crowd; a finished sequence leaves at once and its blocks go back to the pool.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are released and it waits at the head of the queue to be recomputed.
+The n choices of one prompt are scheduled as one sequence until its prompt is prefilled, then
+forked (`_fork`): they share the prompt's blocks and each decodes on in its own.
 
 `submit()` is safe from any thread; the loop runs in one daemon thread (`start()`), or a
 caller (a test) calls `step()` itself.
@@ -149,10 +151,22 @@ class Engine:
             if len(self.waiting) + len(self.inbox) >= self.config.max_queued:
                 raise QueueFull(f"{self.config.max_queued} requests are already waiting (--max-queued); "
                                 "try again in a moment")
-            self.inbox.extend(request.sequences)
+            self.inbox.extend(self._group_choices(request.sequences))
             self.requests += 1
             self.lock.notify()
         return request
+
+    @staticmethod
+    def _group_choices(sequences: list[Sequence]) -> list[Sequence]:
+        """The sequences to schedule: a run of equal prompts (the n choices of one prompt) is its
+        first sequence, the others its `siblings`, which take its prompt's KV once it is prefilled."""
+        leaders: list[Sequence] = []
+        for seq in sequences:
+            if leaders and seq.ids == leaders[-1].ids:
+                leaders[-1].siblings.append(seq)
+            else:
+                leaders.append(seq)
+        return leaders
 
     def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None,
                samplers=None) -> Stream:
@@ -241,6 +255,10 @@ class Engine:
             seq.computed += n
             self._offer_full_blocks(seq)
         for seq, row_logits in zip(sampling, logits):
+            for sibling in self._fork(seq):  # n choices: the prompt was prefilled once, for all
+                sibling.accept(sibling.pick(row_logits.clone()))
+                if sibling.finished:
+                    self._finish(sibling, sibling.result.finish_reason)
             seq.accept(seq.pick(row_logits))
             if seq.finished:
                 self._finish(seq, seq.result.finish_reason)
@@ -276,8 +294,11 @@ class Engine:
         size = self.pool.block_size
         while self.waiting and len(self.running) < self.parallel:
             seq = self.waiting[0]
+            if self.running and len(self.running) + 1 + len(seq.siblings) > self.parallel:
+                return  # its n choices run together
             matched = self._match_prefix(seq)
-            needed = -(-(len(seq.ids) + 1) // size) - len(matched)
+            # its blocks, and one for each sibling's copy of the prompt's last, partial block
+            needed = -(-(len(seq.ids) + 1) // size) - len(matched) + len(seq.siblings)
             if needed > self.pool.available and self.running:
                 for block in matched:
                     self.pool.release(block)
@@ -290,6 +311,33 @@ class Engine:
                 self.pool.hits += 1
                 self.pool.hit_tokens += seq.computed
             self.running.append(seq)
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """seq has just computed its whole prompt: its waiting siblings (the other choices of the
+        same prompt) hold its full blocks too (one more reference each) and get their own copy of
+        the last, partial block, so each writes its answer in blocks of its own; they join the
+        running sequences and sample their first token from seq's logits.  A sibling that finds
+        no free block prefills by itself instead (the prefix cache holds the prompt's full blocks)."""
+        siblings, seq.siblings = seq.siblings, []
+        full, partial = divmod(seq.computed, self.pool.block_size)
+        forked = []
+        for sibling in siblings:
+            if sibling.left:
+                continue
+            try:
+                own = self.pool.allocate() if partial else None
+            except NoFreeBlock:
+                self.waiting.appendleft(sibling)
+                continue
+            sibling.blocks = [self.pool.share(block) for block in seq.blocks[:full]]
+            if own is not None:
+                self.cache.copy_positions(seq.blocks[full], own, partial)
+                sibling.blocks.append(own)
+            sibling.computed, sibling.keys = seq.computed, list(seq.keys[:full])
+            sibling.result.cached_tokens = seq.result.cached_tokens  # the prompt's, reported by each choice
+            self.running.append(sibling)
+            forked.append(sibling)
+        return forked
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks that start seq.ids (held now); the last token is always computed."""

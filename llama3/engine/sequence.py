@@ -63,6 +63,9 @@ class Sequence:
         self.left = False                    # the engine is done with it (finished, cancelled, failed)
         self.blocks: list[int] = []
         self.keys: list[bytes] = []          # prefix-cache keys of its full blocks, in order
+        # the later choices of the same prompt (n > 1): they wait, unscheduled, until this one has
+        # prefilled the prompt, then take its blocks and sample from its logits (Engine._fork)
+        self.siblings: list[Sequence] = []
         self.result = Result(prompt_tokens=len(prompt))
         self.submitted = time.perf_counter()
         self.first_token_at: float | None = None
