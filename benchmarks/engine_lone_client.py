@@ -10,6 +10,8 @@ tokens/s (from the first new token to the last, so prefill is not in it) of:
     bench     llama3.fast.measure's decode: TokenGeneration, contiguous KVCache
     gather    the engine reading keys side by side (the way before paged_attend)
     engine    the engine attending in the blocks (llama3/fast/paged_attention.cpp)
+(the engine rows with the tokenizer making text as the server does, the stop ids banned by
+logit_bias so every run makes --new tokens)
     served    (--serve) one streaming client of `llama3 serve` (a subprocess: --quantize, 1 GB of
               KV, no prefix cache, OMP_NUM_THREADS=--threads), POST /v1/completions with the same
               token ids, greedy, streamed; usage's completion tokens over first to last chunk
@@ -38,24 +40,21 @@ def bench_decode(model, prompt, new: int) -> float:
     return run.decode_steps / run.decode_seconds
 
 
-def engine_decode(engine: Engine, prompt, new: int, in_blocks: bool) -> float:
-    """Decode tokens/s of one request alone in the engine: first event to last."""
+def engine_decode(engine: Engine, prompt, settings: GenerationSettings, in_blocks: bool) -> float:
+    """Decode tokens/s of one request alone in the engine (with the tokenizer: text pieces are made
+    as the server makes them), from its first new token to its last."""
     engine.cache.attend_in_blocks = in_blocks
-    first = None
-    count = 0
-    for event in engine.stream([prompt], GenerationSettings(max_new_tokens=new)):
-        if event[0] in ("token", "text"):
-            count += 1
-            if first is None:
-                first = time.perf_counter()
-    engine.cache.attend_in_blocks = True
-    return (count - 1) / (time.perf_counter() - first)
+    try:
+        return engine.run([prompt], settings)[0].decode_tokens_per_second
+    finally:
+        engine.cache.attend_in_blocks = True
 
 
 class ServedClient:
     """`llama3 serve` in a subprocess and one streaming client of it."""
 
-    def __init__(self, quantize: str, threads: int):
+    def __init__(self, quantize: str, threads: int, stop_ids):
+        self.stop_ids = stop_ids
         import os
         import subprocess
         import sys
@@ -75,7 +74,7 @@ class ServedClient:
         import httpx
 
         body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in self.stop_ids}}
         first = last = None
         tokens = 0
         with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as response:
@@ -107,20 +106,22 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = load_fast(None, quantize=args.quantize)
-    engine = Engine(llm.model, None, EngineConfig(kv_memory="1GB", prefix_cache=False))
-    server = ServedClient(args.quantize, args.threads) if args.serve else None
+    engine = Engine(llm.model, llm.tokenizer, EngineConfig(kv_memory="1GB", prefix_cache=False))
+    server = ServedClient(args.quantize, args.threads, llm.tokenizer.stop_ids) if args.serve else None
+    # the same work everywhere: no stop before --new tokens (the stop ids banned, as the server is asked)
+    settings = GenerationSettings(max_new_tokens=args.new, logit_bias={i: -100.0 for i in llm.tokenizer.stop_ids})
     lengths = [int(n) for n in args.context.split(",")]
     prompts = {n: prompt_of(n, llm.model.config.vocab_size, seed=1) for n in lengths}
     bench_decode(llm.model, prompts[lengths[0]], 4)                                 # warm-up
-    engine_decode(engine, prompts[lengths[0]], 4, True)
+    engine_decode(engine, prompts[lengths[0]], GenerationSettings(max_new_tokens=4), True)
     if server is not None:
         server.decode_speed(prompts[lengths[0]], 4)
     results: dict[tuple[int, str], list[float]] = {}
     for r in range(args.rounds):
         for n in lengths:
             row = {"bench": bench_decode(llm.model, prompts[n], args.new),
-                   "gather": engine_decode(engine, prompts[n], args.new, False),
-                   "engine": engine_decode(engine, prompts[n], args.new, True)}
+                   "gather": engine_decode(engine, prompts[n], settings, False),
+                   "engine": engine_decode(engine, prompts[n], settings, True)}
             if server is not None:
                 row["served"] = server.decode_speed(prompts[n], args.new)
             for name, value in row.items():
