@@ -15,12 +15,15 @@ logit_bias so every run makes --new tokens)
     served    (--serve) one streaming client of `llama3 serve` (a subprocess: --quantize, 1 GB of
               KV, no prefix cache, OMP_NUM_THREADS=--threads), POST /v1/completions with the same
               token ids, greedy, streamed; usage's completion tokens over first to last chunk
-Ratios are within one round.  Prints a markdown table at the end (medians over rounds).
+Also CPU milliseconds per new token of the whole request (every thread of the process that runs
+it: this process for the engine, the server's for served), which a busy machine disturbs less
+than wall time.  Ratios are within one round.  Prints markdown tables at the end (medians).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -40,14 +43,60 @@ def bench_decode(model, prompt, new: int) -> float:
     return run.decode_steps / run.decode_seconds
 
 
-def engine_decode(engine: Engine, prompt, settings: GenerationSettings, in_blocks: bool) -> float:
-    """Decode tokens/s of one request alone in the engine (with the tokenizer: text pieces are made
-    as the server makes them), from its first new token to its last."""
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU time (user + system, every thread) of this process or of process `pid`."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def engine_decode(engine: Engine, prompt, settings: GenerationSettings, in_blocks: bool) -> tuple[float, float]:
+    """(decode tokens/s, CPU ms per new token of the whole request) of one request alone in the
+    engine (with the tokenizer: text pieces are made as the server makes them); tokens/s from
+    its first new token to its last."""
     engine.cache.attend_in_blocks = in_blocks
     try:
-        return engine.run([prompt], settings)[0].decode_tokens_per_second
+        cpu = cpu_seconds()
+        result = engine.run([prompt], settings)[0]
+        return result.decode_tokens_per_second, 1000 * (cpu_seconds() - cpu) / result.completion_tokens
     finally:
         engine.cache.attend_in_blocks = True
+
+
+@torch.inference_mode()
+def step_milliseconds(llm, engine: Engine, prompt, repeats: int) -> dict:
+    """The fastest of `repeats` single decoding steps after `prompt` (a busy machine only ever
+    slows a step down, so the minimum is the step's own cost): model.py's forward over the
+    contiguous KVCache (bench's step), the engine's forward reading keys side by side (gather)
+    and attending in the blocks (engine).  The same position is rewritten each time."""
+    from llama3.model import KVCache
+
+    model, n = llm.model, len(prompt)
+    cache = KVCache(model.config, 1, n + 1, dtype=model.dtype if model.dtype.is_floating_point else torch.float32)
+    model(torch.tensor([prompt]), 0, cache, last_only=True)
+    token = torch.tensor([[prompt[-1]]])
+    table = engine.pool.allocate_many(-(-(n + 1) // engine.pool.block_size))
+    engine.forward(torch.tensor([prompt]), [(table, 0, n)], [n - 1])
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * min(times)
+
+    out = {"bench": best(lambda: model(token, n, cache, last_only=True))}
+    engine.cache.attend_in_blocks = False
+    out["gather"] = best(lambda: engine.forward(token, [(table, n, n + 1)], [0]))
+    engine.cache.attend_in_blocks = True
+    out["engine"] = best(lambda: engine.forward(token, [(table, n, n + 1)], [0]))
+    for block in table:
+        engine.pool.release(block)
+    return out
 
 
 class ServedClient:
@@ -55,7 +104,6 @@ class ServedClient:
 
     def __init__(self, quantize: str, threads: int, stop_ids):
         self.stop_ids = stop_ids
-        import os
         import subprocess
         import sys
 
@@ -77,6 +125,7 @@ class ServedClient:
                 "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in self.stop_ids}}
         first = last = None
         tokens = 0
+        cpu = cpu_seconds(self.process.pid)
         with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as response:
             response.raise_for_status()
             for line in response.iter_lines():
@@ -88,7 +137,7 @@ class ServedClient:
                 if event.get("choices") and event["choices"][0].get("text"):
                     last = time.perf_counter()
                     first = first or last
-        return (tokens - 1) / (last - first)
+        return (tokens - 1) / (last - first), 1000 * (cpu_seconds(self.process.pid) - cpu) / tokens
 
     def close(self) -> None:
         self.process.terminate()
@@ -103,35 +152,54 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="int4")
     parser.add_argument("--serve", action="store_true", help="also measure one streaming client of the server")
+    parser.add_argument("--step-repeats", type=int, default=40, help="single steps timed per context (default 40)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = load_fast(None, quantize=args.quantize)
     engine = Engine(llm.model, llm.tokenizer, EngineConfig(kv_memory="1GB", prefix_cache=False))
     server = ServedClient(args.quantize, args.threads, llm.tokenizer.stop_ids) if args.serve else None
-    # the same work everywhere: no stop before --new tokens (the stop ids banned, as the server is asked)
-    settings = GenerationSettings(max_new_tokens=args.new, logit_bias={i: -100.0 for i in llm.tokenizer.stop_ids})
-    lengths = [int(n) for n in args.context.split(",")]
-    prompts = {n: prompt_of(n, llm.model.config.vocab_size, seed=1) for n in lengths}
-    bench_decode(llm.model, prompts[lengths[0]], 4)                                 # warm-up
-    engine_decode(engine, prompts[lengths[0]], GenerationSettings(max_new_tokens=4), True)
-    if server is not None:
-        server.decode_speed(prompts[lengths[0]], 4)
+    try:
+        # the same work everywhere: no stop before --new tokens (the stop ids banned, as the server is asked)
+        settings = GenerationSettings(max_new_tokens=args.new, logit_bias={i: -100.0 for i in llm.tokenizer.stop_ids})
+        lengths = [int(n) for n in args.context.split(",")]
+        prompts = {n: prompt_of(n, llm.model.config.vocab_size, seed=1) for n in lengths}
+        bench_decode(llm.model, prompts[lengths[0]], 4)                                 # warm-up
+        engine_decode(engine, prompts[lengths[0]], GenerationSettings(max_new_tokens=4), True)
+        if server is not None:
+            server.decode_speed(prompts[lengths[0]], 4)
+        steps = {n: step_milliseconds(llm, engine, prompts[n], args.step_repeats) for n in lengths}
+        print("\nOne decoding step, fastest of", args.step_repeats, "(ms):\n")
+        print("| context | bench (KVCache) | gather | engine (paged_attend) | engine / bench | engine / gather |")
+        print("|---|---|---|---|---|---|")
+        for n, ms in steps.items():
+            print(f"| {n} | {ms['bench']:.2f} | {ms['gather']:.2f} | {ms['engine']:.2f} "
+                  f"| {ms['engine'] / ms['bench']:.2f} | {ms['engine'] / ms['gather']:.2f} |", flush=True)
+        print()
+        measure(args, llm, engine, server, settings, lengths, prompts)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
     results: dict[tuple[int, str], list[float]] = {}
+    cpu: dict[str, float] = {}
     for r in range(args.rounds):
         for n in lengths:
-            row = {"bench": bench_decode(llm.model, prompts[n], args.new),
-                   "gather": engine_decode(engine, prompts[n], settings, False),
-                   "engine": engine_decode(engine, prompts[n], settings, True)}
+            row = {"bench": bench_decode(llm.model, prompts[n], args.new)}
+            row["gather"], _ = engine_decode(engine, prompts[n], settings, False)
+            row["engine"], cpu["engine"] = engine_decode(engine, prompts[n], settings, True)
             if server is not None:
-                row["served"] = server.decode_speed(prompts[n], args.new)
+                row["served"], cpu["served"] = server.decode_speed(prompts[n], args.new)
             for name, value in row.items():
                 results.setdefault((n, name), []).append(value)
+            for name, value in cpu.items():
+                results.setdefault((n, name + " cpu"), []).append(value)
             print(f"round {r}, prompt {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
                   + f" tok/s; engine/bench {row['engine'] / row['bench']:.2f}, engine/gather "
                   f"{row['engine'] / row['gather']:.2f}"
-                  + (f", served/engine {row['served'] / row['engine']:.2f}" if server else ""), flush=True)
-    if server is not None:
-        server.close()
+                  + (f", served/engine {row['served'] / row['engine']:.2f}" if server else "")
+                  + "; CPU ms per token: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()), flush=True)
     names = ["bench", "gather", "engine"] + (["served"] if server else [])
     print(f"\n{args.quantize} SmolLM2-135M, {args.threads} threads, {args.new} new tokens, "
           f"median of {args.rounds} rounds (ratios per round, then median)\n")
@@ -144,6 +212,16 @@ def main() -> None:
         print(f"| {n} | " + " | ".join(f"{med[name]:.1f}" for name in names)
               + f" | {ratio('engine', 'bench'):.2f} | {ratio('engine', 'gather'):.2f} |"
               + (f" {ratio('served', 'engine'):.2f} |" if server else ""))
+    print("\nCPU ms per new token (the whole request, every thread of the process that runs it):\n")
+    print("| prompt tokens | engine | " + ("served | served / engine |" if server else ""))
+    print("|---|---|" + ("---|---|" if server else ""))
+    for n in lengths:
+        line = f"| {n} | {statistics.median(results[(n, 'engine cpu')]):.1f} |"
+        if server:
+            served, alone = results[(n, "served cpu")], results[(n, "engine cpu")]
+            ratio = statistics.median(s / e for s, e in zip(served, alone))
+            line += f" {statistics.median(served):.1f} | {ratio:.2f} |"
+        print(line)
 
 
 if __name__ == "__main__":

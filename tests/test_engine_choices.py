@@ -79,3 +79,19 @@ def test_n_choices_report_the_prompts_cached_tokens_once_and_survive_a_tiny_budg
     results = small.run([prompt] * 3, sampled, samplers=samplers(sampled, prompt, seeds))
     assert [r.token_ids for r in results] == [alone(model, prompt, sampled, seed) for seed in seeds]
     assert small.pool.held == 0
+
+
+@pytest.mark.parametrize("settings", [GenerationSettings(max_new_tokens=40),
+                                      GenerationSettings(max_new_tokens=40, temperature=0.8, top_p=0.9, seed=11)],
+                         ids=["greedy", "seeded"])
+def test_engine_sized_for_one_request_gives_the_one_batch_generators_tokens(settings):
+    """`llama3 generate`'s engine (Engine.sized_for: KV for just this request) runs it to the end
+    without preempting and gives what TokenGeneration (the path before the engine) gives."""
+    model = make_model(make_config(max_seq_len=256))
+    prompt = prompt_of(29, seed=4)
+    engine = Engine.sized_for(model, None, [prompt], settings)
+    assert engine.pool.n_blocks * engine.pool.block_size < 29 + 40 + 2 * engine.pool.block_size
+    result = engine.run([prompt], settings)[0]
+    assert result.token_ids == alone(model, prompt, settings, settings.seed)
+    assert result.finish_reason == "length" and engine.preemptions == 0
+    assert result.decode_steps == 39 and result.prefill_seconds > 0

@@ -73,6 +73,10 @@ class BlockPool:
         self.refs[block] += 1
         return block
 
+    def allocate_many(self, count: int) -> list[int]:
+        """`count` blocks (a block table for a benchmark or a test)."""
+        return [self.allocate() for _ in range(count)]
+
     def release(self, block: int) -> None:
         """One holder lets go; with none left the block becomes idle (if cached) or free."""
         self.refs[block] -= 1

@@ -12,11 +12,12 @@ model's `Attention.forward` calls `StepCache.attend(layer_id, start_pos, q, k, v
 the N new keys/values are written to their slots and each new token attends over the keys
 of its own sequence at positions up to its own, read from the blocks where they lie:
 
-    C++   `torch.ops.llama3.paged_attend` (llama3/fast/paged_attention.cpp): every query of
-          the step in one call, through each sequence's block table, grouped-query heads
-          sharing their key/value head without copies;
+    C++   `torch.ops.llama3.paged_attend` (llama3/fast/paged_attention.cpp): every decoding
+          sequence of the step in one call, through each sequence's block table, grouped-query
+          heads sharing their key/value head without copies;
     else  `paged_attention_torch`: per sequence, its keys gathered from its blocks and
-          model.py's own `fused_attention` (the CUDA path, and where the C++ does not build).
+          model.py's own `fused_attention` (prompt chunks; the CUDA path; where the C++ does
+          not build).
 
 A model whose attention runs the explicit path (`Attention.fused = False`: inspection hooks)
 calls `update` instead: the keys/values of every sequence side by side [1, Hkv, S, Dh]
@@ -30,9 +31,10 @@ import torch
 from llama3.config import ModelConfig
 from llama3.model import fused_attention
 
-# Steps with more new tokens than this (long prompt chunks) attend through PyTorch's SDPA per
-# sequence: its blocked kernel beats one dot product per (query, key) on many queries.
-KERNEL_MAX_TOKENS = 64
+# A sequence with more new tokens than this in a step (a prompt chunk) attends through PyTorch's
+# SDPA over its gathered blocks: its blocked kernel beats one dot product per (query, key) on many
+# queries (measured: 25 new tokens over 1,500 cached ones took seconds through the C++ loop).
+KERNEL_MAX_QUERIES = 4
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -83,18 +85,28 @@ class PagedKVCache:
         return StepCache(self, rows)
 
 
+def gathered_blocks(table: list[int], end: int, block_size: int, device) -> torch.Tensor:
+    """The blocks holding positions 0..end-1 of a sequence, as an index tensor."""
+    return torch.tensor(table[:-(-end // block_size)], dtype=torch.long, device=device)
+
+
 def paged_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          rows: list[tuple[list[int], int, int]], block_size: int) -> torch.Tensor:
+                          rows: list[tuple[list[int], int, int]], block_size: int,
+                          out: torch.Tensor | None = None, firsts: list[int] | None = None,
+                          blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """What paged_attend computes, in PyTorch: q [N, H, Dh] (the rows' new tokens side by side);
     keys, values [slots, Hkv, Dh] (one layer of the pool) -> [N, H, Dh].  Each row's keys are
     gathered from its blocks and attended by model.py's `fused_attention`, its new tokens being
-    the last of its positions (causal within the row)."""
-    out, first = torch.empty_like(q), 0
-    for table, begin, end in rows:
+    the last of its positions (causal within the row).  firsts: where each row's tokens start
+    in q (default: one after the other); out: written in place; blocks: the rows' block indices."""
+    out = torch.empty_like(q) if out is None else out
+    first = 0
+    for index, (table, begin, end) in enumerate(rows):
+        first = firsts[index] if firsts is not None else first
         new = end - begin
-        blocks = torch.tensor(table[:-(-end // block_size)], dtype=torch.long, device=keys.device)
-        k = keys.unflatten(0, (-1, block_size))[blocks].flatten(0, 1)[:end]      # [S, Hkv, Dh]
-        v = values.unflatten(0, (-1, block_size))[blocks].flatten(0, 1)[:end]
+        held = blocks[index] if blocks is not None else gathered_blocks(table, end, block_size, keys.device)
+        k = keys.unflatten(0, (-1, block_size))[held].flatten(0, 1)[:end]        # [S, Hkv, Dh]
+        v = values.unflatten(0, (-1, block_size))[held].flatten(0, 1)[:end]
         heads = fused_attention(q[first:first + new].transpose(0, 1)[None],       # [1, H, T, Dh]
                                 k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype), None)
         out[first:first + new] = heads[0].transpose(0, 1)                         # [T, H, Dh]
@@ -104,7 +116,11 @@ def paged_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
 
 class StepCache:
     """What one forward sees: `positions` [1, N] to pass to the model, `attend` (and `update`,
-    `mask` for the explicit attention path) for the model to call in each layer."""
+    `mask` for the explicit attention path) for the model to call in each layer.
+
+    Which rows take which path: a row with at most KERNEL_MAX_QUERIES new tokens (decoding) goes
+    to the C++ kernel, all such rows in one call; a prompt chunk goes to SDPA over its gathered
+    blocks (blocked matrix products beat one dot product per query and key on many queries)."""
 
     def __init__(self, pool: PagedKVCache, rows: list[tuple[list[int], int, int]]):
         self.pool, self.rows = pool, rows
@@ -118,13 +134,30 @@ class StepCache:
         self.write = torch.tensor(write, dtype=torch.long, device=device)               # [N]
         self.query_pos = torch.tensor(query_pos, dtype=torch.long, device=device)       # [N]
         self.positions = self.query_pos[None, :]                                        # [1, N]
-        self.use_kernel = pool.kernel is not None and self.n_tokens <= KERNEL_MAX_TOKENS
-        if self.use_kernel:
-            width = max(-(-end // size) for _, _, end in rows)
-            self.tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table, _, _ in rows],
-                                       dtype=torch.long)                                # [R, M]
-            self.query_row = torch.tensor(query_row, dtype=torch.long)                  # [N]
         self._query_row, self._mask, self._read = query_row, None, None
+        # split the rows between the kernel and SDPA; firsts: where each row's tokens start
+        firsts = [0]
+        for _, begin, end in rows:
+            firsts.append(firsts[-1] + end - begin)
+        short = [pool.kernel is not None and end - begin <= KERNEL_MAX_QUERIES for _, begin, end in rows]
+        self.kernel_rows = [i for i, yes in enumerate(short) if yes]
+        self.sdpa_rows = [rows[i] for i, yes in enumerate(short) if not yes]
+        self.sdpa_firsts = [firsts[i] for i, yes in enumerate(short) if not yes]
+        self.sdpa_blocks = [gathered_blocks(table, end, size, device) for table, _, end in self.sdpa_rows]
+        self.kernel_tokens = None                    # all tokens go to the kernel (or none do)
+        if self.kernel_rows:
+            kernel = [rows[i] for i in self.kernel_rows]
+            width = max(-(-end // size) for _, _, end in kernel)
+            self.tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table, _, _ in kernel],
+                                       dtype=torch.long)                                # [R', M]
+            self.kernel_row = torch.tensor([j for j, (_, b, e) in enumerate(kernel) for _ in range(b, e)],
+                                           dtype=torch.long)                           # [N']
+            if self.sdpa_rows:
+                tokens = [t for i in self.kernel_rows for t in range(firsts[i], firsts[i + 1])]
+                self.kernel_tokens = torch.tensor(tokens, dtype=torch.long)             # [N']
+                self.kernel_pos = self.query_pos[self.kernel_tokens]
+            else:
+                self.kernel_pos = self.query_pos
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [1, Hkv, N, Dh] into their slots; -> the layer's pool [slots, Hkv, Dh] twice."""
@@ -141,12 +174,19 @@ class StepCache:
             return None
         keys, values = self._store(layer, k, v)
         queries = q[0].transpose(0, 1)                                                  # [N, H, Dh]
-        if self.use_kernel:
-            out = self.pool.kernel.paged_attend(queries, keys, values, self.tables, self.query_row,
-                                                self.query_pos, self.pool.block_size)
+        if not self.sdpa_rows:                                                          # decoding only
+            out = self._kernel(queries, keys, values)
         else:
-            out = paged_attention_torch(queries, keys, values, self.rows, self.pool.block_size)
+            out = paged_attention_torch(queries, keys, values, self.sdpa_rows, self.pool.block_size,
+                                        out=torch.empty_like(queries), firsts=self.sdpa_firsts,
+                                        blocks=self.sdpa_blocks)
+            if self.kernel_rows:
+                out[self.kernel_tokens] = self._kernel(queries[self.kernel_tokens], keys, values)
         return out.transpose(0, 1)[None]                                                # [1, H, N, Dh]
+
+    def _kernel(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return self.pool.kernel.paged_attend(queries, keys, values, self.tables, self.kernel_row,
+                                             self.kernel_pos, self.pool.block_size)
 
     # ---------------------------------------------- the explicit path (Attention.fused = False)
     @property
