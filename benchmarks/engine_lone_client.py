@@ -35,25 +35,30 @@ from llama3.fast.measure import prompt_of
 from llama3.generate import GenerationSettings, generate_tokens
 
 
+def in_a_thread(fn):
+    """fn() run in a fresh thread (see bench_decode: the main thread's OpenMP team is not what the
+    engine's thread gets)."""
+    import threading
+
+    out = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
 def bench_decode(model, prompt, new: int) -> float:
     """`llama3 bench`'s decode: TokenGeneration's decode seconds per step, run in a fresh thread
     as the engine runs in its own: on a busy 2-core machine, 2 OpenMP threads driven from the
     main thread decoded at 0.5-3 tok/s where a new thread's (or 1 thread) did ~30 (measured
     2026-12-02, load 10-13), so comparing the main thread with the engine's thread measures that."""
-    import threading
-
-    out = []
-
     def run_it():
         run = generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=new))
         for _ in run:
             pass
-        out.append(run.decode_steps / run.decode_seconds)
+        return run.decode_steps / run.decode_seconds
 
-    thread = threading.Thread(target=run_it)
-    thread.start()
-    thread.join()
-    return out[0]
+    return in_a_thread(run_it)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -182,7 +187,8 @@ def main() -> None:
         engine_decode(engine, prompts[lengths[0]], GenerationSettings(max_new_tokens=4), True)
         if server is not None:
             server.decode_speed(prompts[lengths[0]], 4)
-        steps = {n: step_milliseconds(llm, engine, prompts[n], args.step_repeats) for n in lengths}
+        steps = in_a_thread(lambda: {n: step_milliseconds(llm, engine, prompts[n], args.step_repeats)
+                                     for n in lengths})
         print(f"\nOne decoding step, fastest of {args.step_repeats}: wall ms (CPU ms of all threads):\n")
         print("| context | bench (KVCache) | gather | engine (paged_attend) | engine / bench | engine / gather |")
         print("|---|---|---|---|---|---|")
