@@ -146,8 +146,8 @@ def kv_per_prompt(llm, config) -> dict:
         engine.submit(prompts, GenerationSettings(max_new_tokens=2), lambda event: None)  # still held after one step
         engine.step()
         used = engine.stats()["kv_blocks_used"]
-        return used, used * engine.pool.block_size * engine.cache.k[0, 0].numel() * 2 * engine.cache.k.shape[0] \
-            * engine.cache.k.element_size()
+        block_bytes = engine.cache.k[0, 0].numel() * 2 * engine.cache.k.shape[0] * engine.cache.k.element_size()
+        return used, used * block_bytes  # k[0, 0]: one block of one layer, [Hkv, block_size, Dh]
 
     (one, one_bytes), (many, many_bytes) = blocks(1), blocks(32)
     from llama3.engine.paged_cache import bytes_per_token

@@ -38,8 +38,8 @@ def test_paged_attend_equals_model_attention_per_sequence(use_kernel, dtype):
     attention = Attention(config, 0)
     size, heads, kv_heads, dh = 4, 6, 2, 8
     gen = torch.Generator().manual_seed(0)
-    keys = torch.randn(40 * size, kv_heads, dh, generator=gen).to(dtype)
-    values = torch.randn(40 * size, kv_heads, dh, generator=gen).to(dtype)
+    keys = torch.randn(40, kv_heads, size, dh, generator=gen).to(dtype)     # [n_blocks, Hkv, block_size, Dh]
+    values = torch.randn(40, kv_heads, size, dh, generator=gen).to(dtype)
     rows = [([7, 3, 33, 12, 20], 17, 18), ([0, 25, 9], 5, 11), ([38, 14], 0, 6)]  # (table, begin, end)
     n = sum(end - begin for _, begin, end in rows)
     q = torch.randn(n, heads, dh, generator=gen).to(dtype)
@@ -52,8 +52,9 @@ def test_paged_attend_equals_model_attention_per_sequence(use_kernel, dtype):
         got = paged_attention_torch(q, keys, values, rows, size)
     first = 0
     for table, begin, end in rows:
-        slots = [table[p // size] * size + p % size for p in range(end)]
-        want = reference(attention, q[first:first + end - begin].float(), keys[slots].float(), values[slots].float())
+        blocks, offsets = [table[p // size] for p in range(end)], [p % size for p in range(end)]
+        k, v = keys[blocks, :, offsets].float(), values[blocks, :, offsets].float()     # [S, Hkv, Dh]
+        want = reference(attention, q[first:first + end - begin].float(), k, v)
         tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
         torch.testing.assert_close(got[first:first + end - begin].float(), want, **tol)
         first += end - begin

@@ -1,10 +1,13 @@
 """The paged KV cache: every sequence's keys and values in one pool of fixed-size blocks.
 
-    k, v: [n_layers, n_blocks * block_size, Hkv, Dh]    slot = block * block_size + offset
+    k, v: [n_layers, n_blocks, Hkv, block_size, Dh]
 
-A sequence owns a list of blocks (its block table); position p of it sits in slot
-table[p // block_size] * block_size + p % block_size.  The pool is allocated once, with
-`torch.empty`, so on the CPU its pages cost memory only once tokens are written into them.
+A sequence owns a list of blocks (its block table); position p of it sits in block
+table[p // block_size] at offset p % block_size (its "slot" is block * block_size + offset).
+Within a block each key/value head's positions are contiguous (head-major, as in KVCache): a
+head reading its keys streams 16 rows at a time instead of striding over the other heads.
+The pool is allocated once, with `torch.empty`, so on the CPU its pages cost memory only once
+tokens are written into them.
 
 One engine step runs ONE forward of the readable model over every running sequence's new
 tokens laid side by side (`tokens [1, N]`, each with its own position).  In each layer the
@@ -60,7 +63,7 @@ class PagedKVCache:
 
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, use_kernel: bool = True):
-        shape = (config.n_layers, n_blocks * block_size, config.n_kv_heads, config.head_dim)
+        shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.block_size, self.n_blocks = block_size, n_blocks
@@ -75,9 +78,8 @@ class PagedKVCache:
 
     def copy_positions(self, source: int, target: int, count: int) -> None:
         """Copy the first `count` positions of block `source` into block `target` (every layer)."""
-        s, t = source * self.block_size, target * self.block_size
-        self.k[:, t:t + count] = self.k[:, s:s + count]
-        self.v[:, t:t + count] = self.v[:, s:s + count]
+        self.k[:, target, :, :count] = self.k[:, source, :, :count]
+        self.v[:, target, :, :count] = self.v[:, source, :, :count]
 
     def step(self, rows: list[tuple[list[int], int, int]]) -> "StepCache":
         """The cache of one forward.  rows: per sequence (block table, first new position, end),
@@ -95,7 +97,7 @@ def paged_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
                           out: torch.Tensor | None = None, firsts: list[int] | None = None,
                           blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """What paged_attend computes, in PyTorch: q [N, H, Dh] (the rows' new tokens side by side);
-    keys, values [slots, Hkv, Dh] (one layer of the pool) -> [N, H, Dh].  Each row's keys are
+    keys, values [n_blocks, Hkv, block_size, Dh] (one layer of the pool) -> [N, H, Dh].  Each row's keys are
     gathered from its blocks and attended by model.py's `fused_attention`, its new tokens being
     the last of its positions (causal within the row).  firsts: where each row's tokens start
     in q (default: one after the other); out: written in place; blocks: the rows' block indices."""
@@ -105,10 +107,10 @@ def paged_attention_torch(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
         first = firsts[index] if firsts is not None else first
         new = end - begin
         held = blocks[index] if blocks is not None else gathered_blocks(table, end, block_size, keys.device)
-        k = keys.unflatten(0, (-1, block_size))[held].flatten(0, 1)[:end]        # [S, Hkv, Dh]
-        v = values.unflatten(0, (-1, block_size))[held].flatten(0, 1)[:end]
+        k = keys[held].transpose(0, 1).flatten(1, 2)[:, :end]                    # [Hkv, S, Dh]
+        v = values[held].transpose(0, 1).flatten(1, 2)[:, :end]
         heads = fused_attention(q[first:first + new].transpose(0, 1)[None],       # [1, H, T, Dh]
-                                k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype), None)
+                                k[None].to(q.dtype), v[None].to(q.dtype), None)
         out[first:first + new] = heads[0].transpose(0, 1)                         # [T, H, Dh]
         first += new
     return out
@@ -131,7 +133,8 @@ class StepCache:
             query_row += [row] * (end - begin)
             query_pos += range(begin, end)
         self.n_tokens = len(write)
-        self.write = torch.tensor(write, dtype=torch.long, device=device)               # [N]
+        write = torch.tensor(write, dtype=torch.long, device=device)                    # [N] slots
+        self.write_block, self.write_offset = write // size, write % size              # [N] each
         self.query_pos = torch.tensor(query_pos, dtype=torch.long, device=device)       # [N]
         self.positions = self.query_pos[None, :]                                        # [1, N]
         self._query_row, self._mask, self._read = query_row, None, None
@@ -160,10 +163,10 @@ class StepCache:
                 self.kernel_pos = self.query_pos
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [1, Hkv, N, Dh] into their slots; -> the layer's pool [slots, Hkv, Dh] twice."""
+        """Write k, v [1, Hkv, N, Dh] into their slots; -> the layer's pool twice, [n_blocks, Hkv, block_size, Dh]."""
         keys, values = self.pool.k[layer], self.pool.v[layer]
-        keys.index_copy_(0, self.write, k[0].transpose(0, 1).to(keys.dtype))
-        values.index_copy_(0, self.write, v[0].transpose(0, 1).to(values.dtype))
+        keys[self.write_block, :, self.write_offset] = k[0].transpose(0, 1).to(keys.dtype)      # [N, Hkv, Dh]
+        values[self.write_block, :, self.write_offset] = v[0].transpose(0, 1).to(values.dtype)
         return keys, values
 
     def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
@@ -200,7 +203,8 @@ class StepCache:
                 key_pos += range(end)
                 read += self.pool.slots(table, 0, end)
             as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-            self._read = as_tensor(read)
+            read = as_tensor(read)
+            self._read = (read // self.pool.block_size, read % self.pool.block_size)
             self._mask = ((as_tensor(self._query_row)[:, None] == as_tensor(key_row)[None, :])
                           & (as_tensor(key_pos)[None, :] <= self.query_pos[:, None]))[None, None]
         return self._mask
@@ -210,5 +214,6 @@ class StepCache:
         return the keys and values of the step's sequences side by side, [1, Hkv, S, Dh]."""
         keys, values = self._store(layer, k, v)
         self.mask  # noqa: B018  (builds the read slots)
-        return (keys.index_select(0, self._read).transpose(0, 1)[None],                # [1, Hkv, S, Dh]
-                values.index_select(0, self._read).transpose(0, 1)[None])
+        blocks, offsets = self._read
+        return (keys[blocks, :, offsets].transpose(0, 1)[None],                        # [1, Hkv, S, Dh]
+                values[blocks, :, offsets].transpose(0, 1)[None])

@@ -4,8 +4,8 @@
  *   paged_attend(q, k_cache, v_cache, tables, query_row, query_pos, block_size) -> [T, H, Dh]
  *
  *   q          [T, H, Dh]          the step's new queries, side by side (any float type)
- *   k_cache,   [slots, Hkv, Dh]    one layer of the block pool, contiguous, float32 or bfloat16;
- *   v_cache                        slot = block * block_size + offset
+ *   k_cache,   [n_blocks, Hkv, block_size, Dh]   one layer of the block pool, contiguous, float32
+ *   v_cache                        or bfloat16; within a block each head's positions are contiguous
  *   tables     int64 [R, M]        row r's block table (its blocks in position order; padding unused)
  *   query_row  int64 [T]           which row (sequence) query t belongs to
  *   query_pos  int64 [T]           its position: it sees keys 0..query_pos[t] of its own row
@@ -74,7 +74,7 @@ template <typename T>
 void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables, int64_t table_width,
                 const int64_t *rows, const int64_t *positions, float *op, int64_t T_, int64_t H, int64_t Hkv,
                 int64_t Dh, int64_t block_size) {
-    const int64_t n_rep = H / Hkv, token_stride = Hkv * Dh;
+    const int64_t n_rep = H / Hkv, block_stride = Hkv * block_size * Dh, head_stride = block_size * Dh;
     const float scale = 1.f / std::sqrt((float)Dh);
     // Each thread gets at least MIN_WORK multiply-adds: a decoding step over a short context is a
     // few microseconds of work, less than waking the pool's threads (and on a busy machine a
@@ -92,22 +92,25 @@ void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables
             const float *q = qp + th * Dh;
             scores.resize(seen);
             float top = -INFINITY;
-            for (int64_t p = 0; p < seen; p++) {
-                const int64_t slot = table[p / block_size] * block_size + p % block_size;
-                const float s = dot_row<T>(q, kp + slot * token_stride + g * Dh, Dh) * scale;
-                scores[p] = s;
-                top = s > top ? s : top;
+            for (int64_t b = 0, p = 0; p < seen; b++) {  // block by block: its 16 rows of head g are contiguous
+                const T *k = kp + table[b] * block_stride + g * head_stride;
+                for (int64_t i = 0; i < block_size && p < seen; i++, p++) {
+                    const float s = dot_row<T>(q, k + i * Dh, Dh) * scale;
+                    scores[p] = s;
+                    top = s > top ? s : top;
+                }
             }
             float total = 0.f;
             for (int64_t p = 0; p < seen; p++) total += (scores[p] = std::exp(scores[p] - top));
             const float inverse = 1.f / total;
             float *o = op + th * Dh;
             for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
-            for (int64_t p = 0; p < seen; p++) {
-                const float w = scores[p] * inverse;
-                if (w == 0.f) continue;
-                const int64_t slot = table[p / block_size] * block_size + p % block_size;
-                add_row<T>(o, w, vp + slot * token_stride + g * Dh, Dh);
+            for (int64_t b = 0, p = 0; p < seen; b++) {
+                const T *v = vp + table[b] * block_stride + g * head_stride;
+                for (int64_t i = 0; i < block_size && p < seen; i++, p++) {
+                    const float w = scores[p] * inverse;
+                    if (w != 0.f) add_row<T>(o, w, v + i * Dh, Dh);
+                }
             }
         }
     });
@@ -116,10 +119,11 @@ void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables
 at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
                         const at::Tensor &tables, const at::Tensor &query_row, const at::Tensor &query_pos,
                         int64_t block_size) {
-    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && k_cache.sizes() == v_cache.sizes(),
-                "paged_attend: q [T, H, Dh], k_cache and v_cache [slots, Hkv, Dh]");
+    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+                "paged_attend: q [T, H, Dh], k_cache and v_cache [n_blocks, Hkv, block_size, Dh]");
     const int64_t T_ = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(2) == Dh && H % Hkv == 0 && block_size > 0, "paged_attend: head sizes do not match");
+    TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && block_size > 0,
+                "paged_attend: head or block sizes do not match");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
                 "paged_attend: a contiguous cache layer, keys and values of one type");
     const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
@@ -131,14 +135,14 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     at::Tensor qf = q.to(at::kFloat).contiguous();
     at::Tensor tab = tables.contiguous(), rows = query_row.contiguous(), pos = query_pos.contiguous();
     const int64_t *row_p = rows.data_ptr<int64_t>(), *pos_p = pos.data_ptr<int64_t>();
-    const int64_t R = tab.size(0), M = tab.size(1), slots = k_cache.size(0);
+    const int64_t R = tab.size(0), M = tab.size(1), n_blocks = k_cache.size(0);
     const int64_t *tab_p = tab.data_ptr<int64_t>();
     for (int64_t t = 0; t < T_; t++) {  // every slot read must be inside the pool
         TORCH_CHECK(row_p[t] >= 0 && row_p[t] < R && pos_p[t] >= 0 && pos_p[t] / block_size < M,
                     "paged_attend: query ", t, " is outside its block table");
         for (int64_t b = 0; b <= pos_p[t] / block_size; b++) {
             const int64_t block = tab_p[row_p[t] * M + b];
-            TORCH_CHECK(block >= 0 && (block + 1) * block_size <= slots, "paged_attend: block ", block,
+            TORCH_CHECK(block >= 0 && block < n_blocks, "paged_attend: block ", block,
                         " is outside the pool");
         }
     }
