@@ -12,7 +12,7 @@ Model shapes (weights are random, seeded: the real files do not travel):
 Every variant reports:
     prefill    tokens/s of one forward over a 512-token prompt, into a fresh KV cache (best of 3)
     decode     tokens/s of the one-token-at-a-time loop after a 16-token prompt, 128 greedy tokens
-               (ours: the generation engine `generate_tokens` and its own per-step timer, every step
+               (ours: the serving engine `llama3.engine`, one request alone, its own timer, every step
                ends in a device->host read of the new id; transformers: the same loop written with
                its DynamicCache, `.item()` per step), best of 2
     e2e        seconds for the whole 128-token request (prefill + decode), best of 2
@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from llama3.checkpoint.hf import config_to_hf  # noqa: E402
 from llama3.config import ModelConfig, get_preset  # noqa: E402
 from llama3.fast.measure import prompt_of  # noqa: E402
-from llama3.generate import GenerationSettings, generate_tokens  # noqa: E402
+from llama3.engine import Engine  # noqa: E402
+from llama3.generate import GenerationSettings  # noqa: E402
 from llama3.model import KVCache, Transformer  # noqa: E402
 
 CONFIGS = {
@@ -123,25 +124,27 @@ def ours_prefill(model, config: ModelConfig, n: int, device: torch.device, dtype
 
 def ours_decode(model, config: ModelConfig, prompt_len: int, new: int, device: torch.device,
                 warm_new: int) -> dict:
-    """Greedy generation with our engine; decode rate from its own per-step timer (each step
-    ends in `.tolist()`, a device->host sync), end-to-end time from outside."""
+    """Greedy generation through our engine (`llama3.engine`, as `llama3 generate` and the server
+    run it: paged KV cache, one request alone); decode rate from its own timer (first new token
+    to the last; each step ends in a device->host read of the new id), end-to-end from outside."""
     prompt = prompt_of(prompt_len, config.vocab_size, seed=1)
-    list(generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=warm_new)))  # warm-up
+    settings = GenerationSettings(max_new_tokens=new)
+    engine = Engine.sized_for(model, None, [prompt], settings)
+    engine.run([prompt], GenerationSettings(max_new_tokens=warm_new))  # warm-up
     decode, e2e, tokens = 0.0, math.inf, None
     for _ in range(2):
         sync(device)
         start = time.perf_counter()
-        run = generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=new))
-        generated = sum(1 for _ in run)
+        result = engine.run([prompt], settings)[0]
         sync(device)
         e2e = min(e2e, time.perf_counter() - start)
-        assert generated == new, f"generated {generated} of {new} tokens"
-        decode = max(decode, run.decode_steps / run.decode_seconds)
-        tokens = run.tokens[0]
+        assert result.completion_tokens == new, f"generated {result.completion_tokens} of {new} tokens"
+        decode = max(decode, result.decode_tokens_per_second)
+        tokens = result.token_ids
+    engine.close()
     return dict(decode_tokens_per_second=decode, e2e_seconds=e2e, tokens=tokens)
 
 
-@torch.inference_mode()
 def static_decode(model, config: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> dict:
     """llama3.fast.static: a fixed-address KV cache and a decode step compiled with CUDA graphs
     (reduce-overhead). Decode rate = (new - 1) tokens / (time for new tokens - time for 1)."""

@@ -1,7 +1,7 @@
 """Many clients at once: our server (the engine) against llama.cpp's `llama-server --parallel N`.
 
     python benchmarks/serve_concurrency.py [--clients 1,4,8,16] [--new 128] [--threads 2]
-        [--llama-server /work/peers/build/bin/llama-server] [--quantize int4] [--out results.json]
+        [--llama-server /work/peers/build/bin/llama-server | --skip-peer] [--quantize int4] [--out results.json]
 
 Both servers serve the same GGUF (the embedded SmolLM2-135M-Instruct Q4_1; ours reads its
 Q4_1 blocks as int4 groups) on the same number of threads and stay up for the whole run.
@@ -15,7 +15,7 @@ Then, in this process, over the same model and engine (`llama3.engine`):
   * time to first token of turn 5 of a chat whose earlier turns are ~1,500 tokens, with the
     prefix cache (turns 1-4 sent before, as a chat client does) and without it;
   * KV blocks held by 32 short prompts against one.
-`uptime` is recorded before and after.
+`uptime` is recorded before and after.  Ends with the results as markdown tables.
 """
 
 from __future__ import annotations
@@ -146,12 +146,22 @@ def kv_per_prompt(llm, config) -> dict:
         engine.submit(prompts, GenerationSettings(max_new_tokens=2), lambda event: None)  # still held after one step
         engine.step()
         used = engine.stats()["kv_blocks_used"]
-        return used, used * engine.pool.block_size * engine.cache.k[0, 0].numel() * 2 * engine.cache.k.shape[0] \
-            * engine.cache.k.element_size()
+        block_bytes = engine.cache.k[0, 0].numel() * 2 * engine.cache.k.shape[0] * engine.cache.k.element_size()
+        return used, used * block_bytes  # k[0, 0]: one block of one layer, [Hkv, block_size, Dh]
 
     (one, one_bytes), (many, many_bytes) = blocks(1), blocks(32)
+    from llama3.engine.paged_cache import bytes_per_token
+
+    context = llm.model.config.max_seq_len
     return {"blocks_1": one, "blocks_32": many, "ratio": round(many / one, 2), "bytes_1": one_bytes,
-            "bytes_32": many_bytes}
+            "bytes_32": many_bytes, "context": context,
+            "context_bytes_32": 32 * context * bytes_per_token(llm.model.config, engine_dtype(llm))}
+
+
+def engine_dtype(llm):
+    import torch
+
+    return llm.model.dtype if llm.model.dtype.is_floating_point else torch.float32
 
 
 def main() -> int:
@@ -165,8 +175,14 @@ def main() -> int:
     parser.add_argument("--peer", action="append", default=None, metavar="THREADS:CLIENTS",
                         help="a llama-server run: its thread count and client counts, e.g. 2:1,8 (repeatable; "
                              "default: --threads with every --clients count)")
+    parser.add_argument("--skip-peer", action="store_true",
+                        help="measure ours only (also when --llama-server does not exist)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if not args.skip_peer and not os.path.exists(args.llama_server):
+        print(f"note: {args.llama_server} does not exist; measuring ours only (build the peer, or "
+              "pass --llama-server)", file=sys.stderr)
+        args.skip_peer = True
     counts = [int(c) for c in args.clients.split(",")]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(args.threads)}
     gguf = subprocess.run([sys.executable, "-c", "from llama3.llm import resolve_source; print(resolve_source(None))"],
@@ -175,6 +191,8 @@ def main() -> int:
               "gguf": gguf, "threads": args.threads, "new_tokens": args.new, "runs": []}
     peers = [(int(p.split(":")[0]), [int(c) for c in p.split(":")[1].split(",")]) for p in args.peer] \
         if args.peer else [(args.threads, counts)]
+    if args.skip_peer:
+        peers = []
     ports = {"ours": free_port()}
     servers = {"ours": subprocess.Popen([sys.executable, "-m", "llama3", "serve", "--port", str(ports["ours"]),
                                          "--quantize", args.quantize, "--parallel", str(max(counts)),
@@ -218,7 +236,52 @@ def main() -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
+    print()
+    print(markdown(report))
     return 0
+
+
+def markdown(report: dict) -> str:
+    """The three results as ready-to-paste markdown tables (medians over rounds)."""
+    runs = report["runs"]
+    names = sorted({r["server"] for r in runs}, key=lambda name: name != "ours")
+    counts = sorted({r["clients"] for r in runs})
+
+    def median(name, n, key):
+        values = [r[key] for r in runs if r["server"] == name and r["clients"] == n]
+        return statistics.median(values) if values else None
+
+    lone = median("ours", counts[0], "tok_s")
+    head = ["clients"] + [f"{name} {what}" for name in names for what in ("tok/s", "p95 latency s", "p95 TTFT s")]
+    head += [f"ours / {counts[0]} client{'s' if counts[0] > 1 else ''}"] + [f"ours / {name}" for name in names[1:]]
+    lines = [f"{report['gguf'].rsplit('/', 1)[-1]}, {report['threads']} threads, {report['new_tokens']} new tokens "
+             f"per client, greedy, streaming; uptime before: {report['uptime_before']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in counts:
+        cells = [str(n)]
+        for name in names:
+            cells += [f"{v:.1f}" if isinstance(v, float) and key == "tok_s" else (f"{v:.2f}" if v is not None else "-")
+                      for key in ("tok_s", "p95_latency_s", "p95_ttft_s") for v in [median(name, n, key)]]
+        ours = median("ours", n, "tok_s")
+        cells.append(f"{ours / lone:.2f}" if ours and lone else "-")
+        for name in names[1:]:
+            peer = median(name, n, "tok_s")
+            cells.append(f"{ours / peer:.2f}" if ours and peer else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    chat = report.get("chat_turn5")
+    if chat:
+        lines += ["", "| earlier turns (tokens) | reused from the prefix cache | TTFT turn 5, cache on (s) | "
+                      "cache off (s) | on / off |", "|---|---|---|---|---|",
+                  f"| {chat['earlier_turn_tokens']} | {chat['cached_tokens']} | {chat['ttft_cached_s']:.3f} | "
+                  f"{chat['ttft_uncached_s']:.3f} | {chat['ratio']:.3f} |"]
+    kv = report.get("kv_32_vs_1")
+    if kv:
+        lines += ["", "| prompts held | KV blocks | KV bytes | x one prompt |", "|---|---|---|---|",
+                  f"| 1 | {kv['blocks_1']} | {kv['bytes_1']:,} | 1.00 |",
+                  f"| 32 | {kv['blocks_32']} | {kv['bytes_32']:,} | {kv['ratio']:.2f} |",
+                  f"| 32 x the whole context ({kv['context']:,} positions), reserved up front | - | "
+                  f"{kv['context_bytes_32']:,} | {kv['context_bytes_32'] / kv['bytes_1']:.0f} |"]
+    return "\n".join(lines)
 
 
 def torch_threads(n: int) -> None:

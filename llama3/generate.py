@@ -16,7 +16,9 @@ would see alone; only the slot where its keys sit in the cache differs.
 
 Two layers:
   * `TokenGeneration`: ids only, one `Step` per new position (optionally with the
-    logits that produced it); used by the server, benchmarks and `chat --explain`.
+    logits that produced it); the one-batch reference the engine is tested against, and
+    what the lab, `llama3 bench`'s decode loop and tensor parallelism run.  `llama3 generate`,
+    `llama3 chat`, the server and `LLM.generate` run through `llama3.engine` instead.
   * `TextGeneration`: on top of it, text pieces per row, streamed through the
     tokenizer's `stream_decoder` (never half a UTF-8 character) and cut exactly at
     stop strings (text that might begin a stop string is held back until resolved).

@@ -126,14 +126,13 @@ def cli_wording(error: Exception, truncate_flag: bool = True) -> str:
     return str(error).replace(", or pass truncate=True to keep its last tokens", "")
 
 
-def speed_report(tokens) -> str:
-    """One line on how fast a finished llama3.generate.TokenGeneration went."""
-    prompt = sum(tokens.prompt_lengths)
-    made = sum(len(t) for t in tokens.tokens)
-    line = f"{made} new tokens; prefill {prompt} tokens in {tokens.prefill_seconds:.2f} s"
-    if tokens.decode_steps:
-        line += f"; decode {tokens.decode_steps / tokens.decode_seconds:.1f} tokens/s"
-    return line + f"; finish: {', '.join(r or '-' for r in tokens.finish_reasons)}"
+def speed_report(result) -> str:
+    """One line on how fast a finished request went (a `llama3.engine.Result`)."""
+    line = (f"{result.completion_tokens} new tokens; prefill {result.prompt_tokens} tokens in "
+            f"{result.prefill_seconds:.2f} s")
+    if result.decode_steps:
+        line += f"; decode {result.decode_tokens_per_second:.1f} tokens/s"
+    return line + f"; finish: {result.finish_reason}"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -153,8 +152,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from llama3.engine import Engine
     from llama3.errors import Llama3Error
-    from llama3.generate import TextGeneration
 
     if args.tp is not None:  # tensor parallel: every rank generates in step, rank 0 reads and writes
         from llama3.parallel.launch import generate
@@ -165,15 +164,19 @@ def run(args: argparse.Namespace) -> int:
     if not prompt:
         raise Llama3Error("the prompt is empty; give the text to continue (or '-' to read it from stdin)")
     llm = load_model(args)
-    try:
-        generation = TextGeneration(llm.model, llm.tokenizer, [llm.tokenizer.encode(prompt)], settings)
+    ids = [llm.tokenizer.encode(prompt)]
+    try:  # through the engine, as the server and the library go; its KV memory holds just this request
+        engine = Engine.sized_for(llm.model, llm.tokenizer, ids, settings)
+        generation = engine.stream(ids, settings)
     except Llama3Error as e:  # e.g. a prompt longer than the context
         raise Llama3Error(cli_wording(e)) from None
-    with prefill_progress(generation.tokens):
-        for _, piece in generation:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+    with prefill_progress(generation):
+        for event in generation:
+            if event[0] == "text":
+                sys.stdout.write(event[2])
+                sys.stdout.flush()
+    engine.close()
     if sys.stdout.isatty():
         sys.stdout.write("\n")
-    print(speed_report(generation.tokens), file=sys.stderr)
+    print(speed_report(generation.results[0]), file=sys.stderr)
     return 0

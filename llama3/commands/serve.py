@@ -49,9 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_tp_argument(parser)  # --tp N under torchrun: llama3/parallel/launch.py
     engine = parser.add_argument_group("engine (continuous batching)")
     engine.add_argument("--kv-memory", default=None, metavar="SIZE",
-                        help="memory for the KV cache of all requests together: 2GB, 512MiB or 25%% of the "
-                             "free memory (default: a quarter of the free memory, at most 4 GiB on the CPU; "
-                             "printed at start-up)")
+                        help="memory for the KV cache of all requests together: 2GB, 512MiB or 25%% of what "
+                             "the process can take (RAM available, or the address space left under ulimit -v if "
+                             "less; on CUDA the free device memory). Default: a quarter of that, at most 4 GiB on "
+                             "the CPU; printed at start-up. More than that limit is refused")
     engine.add_argument("--parallel", type=int, default=None, metavar="N",
                         help="sequences decoded at once (default: what the KV budget holds at a quarter of "
                              "the context each, at most 16); more requests wait in the queue")

@@ -8,7 +8,9 @@ The KV memory is cut into blocks of `block_size` token positions.  A block is
              that starts the same way.  Cached blocks are lent out least recently used first
              when no free block is left.
 A block is only shared once it is full, and nobody writes into a full block, so
-sharing needs no copying (no copy-on-write).
+sharing needs no copying.  (The n choices of one prompt share its full blocks from the
+moment it is prefilled; each gets its own copy of the prompt's last, partial block:
+`Engine._fork`.)
 
 Keys: `chain_key(parent, tokens)` hashes the block's tokens together with the key of
 the block before it, so a block is found only after the same whole prefix; a key
@@ -64,6 +66,16 @@ class BlockPool:
             raise NoFreeBlock
         self.refs[block] = 1
         return block
+
+    def share(self, block: int) -> int:
+        """One more holder of a held, full block (a sibling choice of the same prompt)."""
+        assert self.refs[block] > 0, f"block {block} is shared but nobody holds it"
+        self.refs[block] += 1
+        return block
+
+    def allocate_many(self, count: int) -> list[int]:
+        """`count` blocks (a block table for a benchmark or a test)."""
+        return [self.allocate() for _ in range(count)]
 
     def release(self, block: int) -> None:
         """One holder lets go; with none left the block becomes idle (if cached) or free."""

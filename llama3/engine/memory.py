@@ -1,10 +1,14 @@
 """How much memory the KV cache gets, and how many sequences run at once by default.
 
 `--kv-memory` takes a size ("2GB", "512MiB", "800M", a plain number of bytes) or a share of
-the device's memory ("25%").  The default is a quarter of the memory that is available now
-(CPU: MemAvailable; CUDA: the free memory after the weights are loaded), at most 4 GiB on
-the CPU: enough for SmolLM2's 46 KB a token to hold ~90K positions, and small enough to
-leave room for the rest of a shared machine.
+the memory this process can still take ("25%").  What it can take (`memory_limit`):
+    CPU   the smaller of the RAM available now (MemAvailable) and, under `ulimit -v`
+          (RLIMIT_AS), the address space left below the limit (the limit minus the process's
+          size now: the pool is one allocation, refused at once beyond it);
+    CUDA  the device's free memory after the weights are loaded.
+The default is a quarter of that, at most 4 GiB on the CPU: enough for SmolLM2's 46 KB a
+token to hold ~90K positions, and small enough to leave room for the rest of a shared
+machine.  An explicit size beyond the limit is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 1 << 10, "m": 1e6, "mb": 1e6
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device` now."""
+    """Bytes free for new tensors on `device` now (RAM or device memory; see memory_limit)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -38,11 +42,52 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+def address_space_left() -> int | None:
+    """Bytes of address space this process may still map under RLIMIT_AS (ulimit -v); None: no limit."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, ValueError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    size = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    size = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return max(0, soft - size)
+
+
+def memory_limit(device: torch.device) -> tuple[int, str]:
+    """(bytes a KV pool can take now, what sets that number) on `device`."""
+    available = available_memory(device)
+    if device.type == "cuda":
+        return available, "free device memory"
+    left = address_space_left()
+    if left is not None and left < available:
+        return left, "address space left under ulimit -v"
+    return available, "RAM available"
+
+
 def parse_memory(text: str | int | None, device: torch.device) -> int:
     """A --kv-memory value -> bytes (None: the default share)."""
+    return memory_budget(text, device)[0]
+
+
+def memory_budget(text: str | int | None, device: torch.device) -> tuple[int, str]:
+    """A --kv-memory value -> (bytes, how they were chosen: said at start-up)."""
+    limit, what = memory_limit(device)
     if text is None:
-        budget = int(available_memory(device) * DEFAULT_SHARE)
-        return min(budget, CPU_DEFAULT_CAP) if device.type != "cuda" else budget
+        budget = int(limit * DEFAULT_SHARE)
+        note = f"default: {DEFAULT_SHARE:.0%} of {human(limit)} {what}"
+        if device.type != "cuda" and budget > CPU_DEFAULT_CAP:
+            budget, note = CPU_DEFAULT_CAP, note + f", at most {human(CPU_DEFAULT_CAP)}"
+        return budget, note
     if isinstance(text, int):
         value = text
     else:
@@ -54,12 +99,14 @@ def parse_memory(text: str | int | None, device: torch.device) -> int:
         if unit == "%":
             if not 0 < number <= 100:
                 raise Llama3Error(f"--kv-memory {text!r}: a share must be in (0, 100]%")
-            value = int(available_memory(device) * number / 100)
-        else:
-            value = int(number * UNITS[unit])
+            return int(limit * number / 100), f"{number:g}% of {human(limit)} {what}"
+        value = int(number * UNITS[unit])
     if value <= 0:
         raise Llama3Error(f"--kv-memory {text!r} must be more than 0 bytes")
-    return value
+    if value > limit:
+        raise Llama3Error(f"--kv-memory {text!r} ({human(value)}) is more than the {human(limit)} of {what} "
+                          "now; give less, or a share such as 25%")
+    return value, "--kv-memory"
 
 
 def default_parallel(total_tokens: int, context: int) -> int:

@@ -8,12 +8,15 @@ Each `step()`:
        chunks of the sequences still prefilling, up to `step_tokens` in all, so a long new
        prompt never stalls the running streams for more than one chunk;
     3. runs ONE forward of the readable model (`Transformer.forward`) over all of them side
-       by side, with the paged cache's per-token positions and mask (`paged_cache.py`);
+       by side, with the paged cache's per-token positions; each layer's attention reads the
+       keys in their blocks (`paged_cache.py`, `llama3/fast/paged_attention.cpp`);
     4. samples the next token of each sequence whose tokens are all computed, each with its
        own settings and generator, so a greedy or seeded request gives the same tokens alone
        or in a crowd; a finished sequence leaves at once and its blocks go back to the pool.
 When a running sequence needs a block and none is free, the newest running sequence is
 preempted: its blocks are released and it waits at the head of the queue to be recomputed.
+The n choices of one prompt are scheduled as one sequence until its prompt is prefilled, then
+forked (`_fork`): they share the prompt's blocks and each decodes on in its own.
 
 `submit()` is safe from any thread; the loop runs in one daemon thread (`start()`), or a
 caller (a test) calls `step()` itself.
@@ -30,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from llama3.engine.blocks import BlockPool, NoFreeBlock, chain_key
-from llama3.engine.memory import default_parallel, human, parse_memory
+from llama3.engine.memory import default_parallel, human, memory_budget
 from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
 from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
@@ -77,7 +80,7 @@ class Engine:
         dtype, self.device = model_dtype_device(model)
         if not dtype.is_floating_point:
             dtype = torch.float32
-        self.budget = parse_memory(cfg.kv_memory, self.device)
+        self.budget, self.budget_note = memory_budget(cfg.kv_memory, self.device)
         block_bytes = bytes_per_token(model_config, dtype) * cfg.block_size
         n_blocks = self.budget // block_bytes
         if n_blocks < 2:
@@ -95,10 +98,28 @@ class Engine:
         self.thread: threading.Thread | None = None
         self.closed = self._exit_hook = False
 
+    @classmethod
+    def sized_for(cls, model: Transformer, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
+                  **config) -> "Engine":
+        """An engine whose KV memory holds just these prompts and their new tokens, all running at
+        once (what `llama3 generate` and the benchmarks use: memory proportional to the request)."""
+        size = config.pop("block_size", EngineConfig.block_size)
+        dtype, _ = model_dtype_device(model)
+        per_token = bytes_per_token(model.config, dtype if dtype.is_floating_point else torch.float32)
+        blocks = 0
+        for row, ids in enumerate(prompt_ids):
+            n = len(checked_prompt(row, ids, model.config, settings))
+            blocks += -(-(min(n + settings.max_new_tokens, model.config.max_seq_len) + 1) // size)
+        config.setdefault("parallel", len(prompt_ids))
+        config.setdefault("prefix_cache", False)
+        return cls(model, tokenizer, EngineConfig(kv_memory=max(2, blocks) * size * per_token, block_size=size,
+                                                  **config))
+
     def describe(self) -> str:
         """The start-up line: the budget, its blocks and tokens, the parallel limit."""
         tokens = self.pool.n_blocks * self.pool.block_size
-        return (f"KV cache: {human(self.budget)} in {self.pool.n_blocks} blocks of {self.pool.block_size} tokens "
+        return (f"KV cache: {human(self.budget)} ({self.budget_note}) in {self.pool.n_blocks} blocks of "
+                f"{self.pool.block_size} tokens "
                 f"({tokens:,} positions, {self.cache.k.dtype}); up to {self.parallel} sequences at once, "
                 f"{self.config.max_queued} waiting")
 
@@ -130,10 +151,22 @@ class Engine:
             if len(self.waiting) + len(self.inbox) >= self.config.max_queued:
                 raise QueueFull(f"{self.config.max_queued} requests are already waiting (--max-queued); "
                                 "try again in a moment")
-            self.inbox.extend(request.sequences)
+            self.inbox.extend(self._group_choices(request.sequences))
             self.requests += 1
             self.lock.notify()
         return request
+
+    @staticmethod
+    def _group_choices(sequences: list[Sequence]) -> list[Sequence]:
+        """The sequences to schedule: a run of equal prompts (the n choices of one prompt) is its
+        first sequence, the others its `siblings`, which take its prompt's KV once it is prefilled."""
+        leaders: list[Sequence] = []
+        for seq in sequences:
+            if leaders and seq.ids == leaders[-1].ids:
+                leaders[-1].siblings.append(seq)
+            else:
+                leaders.append(seq)
+        return leaders
 
     def stream(self, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None,
                samplers=None) -> Stream:
@@ -222,6 +255,10 @@ class Engine:
             seq.computed += n
             self._offer_full_blocks(seq)
         for seq, row_logits in zip(sampling, logits):
+            for sibling in self._fork(seq):  # n choices: the prompt was prefilled once, for all
+                sibling.accept(sibling.pick(row_logits.clone()))
+                if sibling.finished:
+                    self._finish(sibling, sibling.result.finish_reason)
             seq.accept(seq.pick(row_logits))
             if seq.finished:
                 self._finish(seq, seq.result.finish_reason)
@@ -242,9 +279,13 @@ class Engine:
                 return None
             return (args[0][:, picked],)
 
+        # attention attends in the blocks (`StepCache.attend`); only the explicit path (inspection
+        # hooks, `Attention.fused = False`) reads keys side by side and needs the step's mask
+        explicit = not self.cache.attend_in_blocks or any(not layer.attention.fused for layer in self.model.layers)
         hook = self.model.norm.register_forward_pre_hook(only_wanted)
         try:
-            logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions, mask=step.mask)
+            logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions,
+                                         mask=step.mask if explicit else None)
         finally:
             hook.remove()
         return logits[0]
@@ -253,8 +294,11 @@ class Engine:
         size = self.pool.block_size
         while self.waiting and len(self.running) < self.parallel:
             seq = self.waiting[0]
+            if self.running and len(self.running) + 1 + len(seq.siblings) > self.parallel:
+                return  # its n choices run together
             matched = self._match_prefix(seq)
-            needed = -(-(len(seq.ids) + 1) // size) - len(matched)
+            # its blocks, and one for each sibling's copy of the prompt's last, partial block
+            needed = -(-(len(seq.ids) + 1) // size) - len(matched) + len(seq.siblings)
             if needed > self.pool.available and self.running:
                 for block in matched:
                     self.pool.release(block)
@@ -267,6 +311,33 @@ class Engine:
                 self.pool.hits += 1
                 self.pool.hit_tokens += seq.computed
             self.running.append(seq)
+
+    def _fork(self, seq: Sequence) -> list[Sequence]:
+        """seq has just computed its whole prompt: its waiting siblings (the other choices of the
+        same prompt) hold its full blocks too (one more reference each) and get their own copy of
+        the last, partial block, so each writes its answer in blocks of its own; they join the
+        running sequences and sample their first token from seq's logits.  A sibling that finds
+        no free block prefills by itself instead (the prefix cache holds the prompt's full blocks)."""
+        siblings, seq.siblings = seq.siblings, []
+        full, partial = divmod(seq.computed, self.pool.block_size)
+        forked = []
+        for sibling in siblings:
+            if sibling.left:
+                continue
+            try:
+                own = self.pool.allocate() if partial else None
+            except NoFreeBlock:
+                self.waiting.appendleft(sibling)
+                continue
+            sibling.blocks = [self.pool.share(block) for block in seq.blocks[:full]]
+            if own is not None:
+                self.cache.copy_positions(seq.blocks[full], own, partial)
+                sibling.blocks.append(own)
+            sibling.computed, sibling.keys = seq.computed, list(seq.keys[:full])
+            sibling.result.cached_tokens = seq.result.cached_tokens  # the prompt's, reported by each choice
+            self.running.append(sibling)
+            forked.append(sibling)
+        return forked
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """The cached blocks that start seq.ids (held now); the last token is always computed."""

@@ -39,6 +39,13 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     logprobs: list | None = None   # per new token, its TokenLogprobs (settings.logprobs not None)
+    prefill_seconds: float = 0.0   # from submit to the first new token (waiting in the queue included)
+    decode_seconds: float = 0.0    # from the first new token to the last
+    decode_steps: int = 0          # tokens sampled after the first (a final stop id included)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_steps / self.decode_seconds if self.decode_steps and self.decode_seconds > 0 else 0.0
 
     @property
     def completion_tokens(self) -> int:
@@ -56,7 +63,12 @@ class Sequence:
         self.left = False                    # the engine is done with it (finished, cancelled, failed)
         self.blocks: list[int] = []
         self.keys: list[bytes] = []          # prefix-cache keys of its full blocks, in order
+        # the later choices of the same prompt (n > 1): they wait, unscheduled, until this one has
+        # prefilled the prompt, then take its blocks and sample from its logits (Engine._fork)
+        self.siblings: list[Sequence] = []
         self.result = Result(prompt_tokens=len(prompt))
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
         self.text = RowText(tokenizer, settings.stop) if tokenizer is not None else None
         # how it picks its tokens: its own settings, generator and penalty state (llama3.sampling)
         self.sampler = sampler or Sampler.from_settings(settings, request.vocab_size, prompt_ids=prompt,
@@ -75,6 +87,13 @@ class Sequence:
     def accept(self, token: int) -> None:
         """Record a sampled token: end on a stop id, the length limit or a stop string; send its text."""
         result, is_stop_id = self.result, token in self.stop_ids
+        now = time.perf_counter()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            result.prefill_seconds = now - self.submitted
+        else:
+            result.decode_steps += 1
+        result.decode_seconds = now - self.first_token_at
         if is_stop_id:
             result.finish_reason = "stop"
         else:

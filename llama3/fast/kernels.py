@@ -37,6 +37,7 @@ import torch
 from llama3 import model as readable
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = (SOURCE, SOURCE.with_name("paged_attention.cpp"))  # + the engine's paged attention (its own file)
 # -fopenmp: at::parallel_for (ATen/Parallel.h) is inline code that splits work between threads only
 # where _OPENMP is defined; without it every kernel ran on one thread.  Linking libgomp.so.1 binds
 # to the copy PyTorch already loaded (the same soname): one thread pool for its kernels and ours.
@@ -94,12 +95,12 @@ def _build(plain: bool) -> str:
     if shutil.which("ninja") is None and importlib_missing("ninja"):
         return "no ninja (pip install ninja) for torch.utils.cpp_extension"
     flags = FLAGS + [f"-DLLAMA3_NS={namespace}"] + (["-DLLAMA3_PLAIN_C"] if plain else [])
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*flags, torch.__version__, _cpu_signature()]).encode())
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join([*flags, torch.__version__, _cpu_signature()]).encode())
     name = f"{namespace}_kernels_{key.hexdigest()[:12]}"
     build_dir = _cache_dir() / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
     except Exception as e:  # a compiler error, a missing header, a damaged cache: the plan falls back

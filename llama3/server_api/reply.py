@@ -145,7 +145,8 @@ class Reply:
         _, index, finish, n_tokens, cached = event
         self.finish[index] = finish
         self.completion_tokens += n_tokens
-        self.cached_tokens += cached
+        if index % self.n == 0:  # a prompt's cached tokens count once, not once per choice sharing them
+            self.cached_tokens += cached
         if self.timer is not None and all(f is not None for f in self.finish):
             self.timer.done(self.completion_tokens)
         return self._streamed(index, "", finish)

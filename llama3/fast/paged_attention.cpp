@@ -1,0 +1,167 @@
+/* Attention over the engine's paged KV cache, read in place (torch.ops.llama3.paged_attend).
+ * See llama3/engine/paged_cache.py, which calls it, and its pure-PyTorch twin `paged_attention_torch`.
+ *
+ *   paged_attend(q, k_cache, v_cache, tables, query_row, query_pos, block_size) -> [T, H, Dh]
+ *
+ *   q          [T, H, Dh]          the step's new queries, side by side (any float type)
+ *   k_cache,   [n_blocks, Hkv, block_size, Dh]   one layer of the block pool, contiguous, float32
+ *   v_cache                        or bfloat16; within a block each head's positions are contiguous
+ *   tables     int64 [R, M]        row r's block table (its blocks in position order; padding unused)
+ *   query_row  int64 [T]           which row (sequence) query t belongs to
+ *   query_pos  int64 [T]           its position: it sees keys 0..query_pos[t] of its own row
+ *
+ * Query t, head h reads key/value head h / (H / Hkv) (grouped-query heads share it, no copies),
+ * block by block through its row's table: softmax(q kᵀ / √Dh) v over the keys it may see.  So
+ * rows of different lengths, prompt chunks and single decoding tokens all go in one call, and
+ * no key is gathered or copied.  Float32 inside; threads over (query, head) pairs (ATen's pool),
+ * only where each thread gets enough work to be worth waking.
+ */
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifndef LLAMA3_NS
+#define LLAMA3_NS llama3
+#endif
+
+namespace {
+
+inline float widen(uint16_t b) {  // bfloat16 -> float32
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+template <typename T>
+inline float dot_row(const float *q, const T *k, int64_t n);
+template <>
+inline float dot_row<float>(const float *q, const float *k, int64_t n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += q[i] * k[i];
+    return s;
+}
+template <>
+inline float dot_row<uint16_t>(const float *q, const uint16_t *k, int64_t n) {
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < n; i++) s += q[i] * widen(k[i]);
+    return s;
+}
+
+template <typename T>
+inline void add_row(float *o, float p, const T *v, int64_t n);
+template <>
+inline void add_row<float>(float *o, float p, const float *v, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) o[i] += p * v[i];
+}
+template <>
+inline void add_row<uint16_t>(float *o, float p, const uint16_t *v, int64_t n) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) o[i] += p * widen(v[i]);
+}
+
+template <typename T>
+void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables, int64_t table_width,
+                const int64_t *rows, const int64_t *positions, float *op, int64_t T_, int64_t H, int64_t Hkv,
+                int64_t Dh, int64_t block_size) {
+    const int64_t n_rep = H / Hkv, block_stride = Hkv * block_size * Dh, head_stride = block_size * Dh;
+    const float scale = 1.f / std::sqrt((float)Dh);
+    // Each thread gets at least MIN_WORK multiply-adds: a decoding step over a short context is a
+    // few microseconds of work, less than waking the pool's threads (and on a busy machine a
+    // descheduled worker would stall the whole call).
+    int64_t work = 0;
+    for (int64_t t = 0; t < T_; t++) work += (positions[t] + 1) * 2 * Dh;
+    const int64_t MIN_WORK = 1 << 16, per_unit = work / T_ + 1;
+    const int64_t grain = std::max<int64_t>(1, MIN_WORK / per_unit);
+    at::parallel_for(0, T_ * H, grain, [&](int64_t begin, int64_t end) {
+        std::vector<float> scores;
+        for (int64_t th = begin; th < end; th++) {
+            const int64_t t = th / H, h = th % H, g = h / n_rep;
+            const int64_t seen = positions[t] + 1;  // keys 0..position
+            const int64_t *table = tables + rows[t] * table_width;
+            const float *q = qp + th * Dh;
+            scores.resize(seen);
+            float top = -INFINITY;
+            for (int64_t b = 0, p = 0; p < seen; b++) {  // block by block: its 16 rows of head g are contiguous
+                const T *k = kp + table[b] * block_stride + g * head_stride;
+                for (int64_t i = 0; i < block_size && p < seen; i++, p++) {
+                    const float s = dot_row<T>(q, k + i * Dh, Dh) * scale;
+                    scores[p] = s;
+                    top = s > top ? s : top;
+                }
+            }
+            float total = 0.f;
+            for (int64_t p = 0; p < seen; p++) total += (scores[p] = std::exp(scores[p] - top));
+            const float inverse = 1.f / total;
+            float *o = op + th * Dh;
+            for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
+            for (int64_t b = 0, p = 0; p < seen; b++) {
+                const T *v = vp + table[b] * block_stride + g * head_stride;
+                for (int64_t i = 0; i < block_size && p < seen; i++, p++) {
+                    const float w = scores[p] * inverse;
+                    if (w != 0.f) add_row<T>(o, w, v + i * Dh, Dh);
+                }
+            }
+        }
+    });
+}
+
+at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
+                        const at::Tensor &tables, const at::Tensor &query_row, const at::Tensor &query_pos,
+                        int64_t block_size) {
+    TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+                "paged_attend: q [T, H, Dh], k_cache and v_cache [n_blocks, Hkv, block_size, Dh]");
+    const int64_t T_ = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = k_cache.size(1);
+    TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && block_size > 0,
+                "paged_attend: head or block sizes do not match");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
+                "paged_attend: a contiguous cache layer, keys and values of one type");
+    const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
+    TORCH_CHECK(bf16 || k_cache.scalar_type() == at::kFloat, "paged_attend: a float32 or bfloat16 cache");
+    TORCH_CHECK(tables.scalar_type() == at::kLong && query_row.scalar_type() == at::kLong &&
+                    query_pos.scalar_type() == at::kLong && tables.dim() == 2 && query_row.numel() == T_ &&
+                    query_pos.numel() == T_,
+                "paged_attend: int64 tables [R, M], query_row [T], query_pos [T]");
+    at::Tensor qf = q.to(at::kFloat).contiguous();
+    at::Tensor tab = tables.contiguous(), rows = query_row.contiguous(), pos = query_pos.contiguous();
+    const int64_t *row_p = rows.data_ptr<int64_t>(), *pos_p = pos.data_ptr<int64_t>();
+    const int64_t R = tab.size(0), M = tab.size(1), n_blocks = k_cache.size(0);
+    const int64_t *tab_p = tab.data_ptr<int64_t>();
+    for (int64_t t = 0; t < T_; t++) {  // every slot read must be inside the pool
+        TORCH_CHECK(row_p[t] >= 0 && row_p[t] < R && pos_p[t] >= 0 && pos_p[t] / block_size < M,
+                    "paged_attend: query ", t, " is outside its block table");
+        for (int64_t b = 0; b <= pos_p[t] / block_size; b++) {
+            const int64_t block = tab_p[row_p[t] * M + b];
+            TORCH_CHECK(block >= 0 && block < n_blocks, "paged_attend: block ", block,
+                        " is outside the pool");
+        }
+    }
+    at::Tensor out = at::empty({T_, H, Dh}, qf.options());
+    if (bf16)
+        attend_all<uint16_t>(qf.data_ptr<float>(), (const uint16_t *)k_cache.data_ptr(),
+                             (const uint16_t *)v_cache.data_ptr(), tab_p, M, row_p, pos_p, out.data_ptr<float>(),
+                             T_, H, Hkv, Dh, block_size);
+    else
+        attend_all<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tab_p, M,
+                          row_p, pos_p, out.data_ptr<float>(), T_, H, Hkv, Dh, block_size);
+    return out.to(q.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(LLAMA3_NS, m) {
+    m.def("paged_attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor query_row, "
+          "Tensor query_pos, int block_size) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) { m.impl("paged_attend", TORCH_FN(paged_attend)); }

@@ -1,0 +1,129 @@
+"""Attention over the paged KV cache (llama3/engine/paged_cache.py, llama3/fast/paged_attention.cpp)
+against the readable model: the C++ kernel and its PyTorch twin give model.py's attention, for
+sequences of different lengths in one call, prompt chunks, decoding steps and prefix-cache hits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config, make_model
+from llama3.engine import Engine, EngineConfig
+from llama3.engine.paged_cache import paged_attention_torch, paged_kernel
+from llama3.generate import GenerationSettings
+from llama3.model import Attention
+
+KERNEL = paged_kernel(torch.device("cpu"), torch.float32)
+PATHS = [pytest.param(True, id="C++", marks=pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")),
+         pytest.param(False, id="PyTorch")]
+
+
+def prompts_of(lengths, vocab=101, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def reference(attention: Attention, q, k, v):
+    """model.py's explicit attention of one sequence: q [T, H, Dh] the last T of k, v [S, Hkv, Dh]."""
+    return attention.explicit_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                        v.transpose(0, 1)[None])[0].transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_kernel", PATHS)
+def test_paged_attend_equals_model_attention_per_sequence(use_kernel, dtype):
+    """Three sequences in scattered blocks of 4: one decoding token, a prompt chunk mid-way, a
+    first chunk; grouped-query heads (H 6, Hkv 2)."""
+    config = make_config(dim=48, n_heads=6, n_kv_heads=2)
+    attention = Attention(config, 0)
+    size, heads, kv_heads, dh = 4, 6, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, kv_heads, size, dh, generator=gen).to(dtype)     # [n_blocks, Hkv, block_size, Dh]
+    values = torch.randn(40, kv_heads, size, dh, generator=gen).to(dtype)
+    rows = [([7, 3, 33, 12, 20], 17, 18), ([0, 25, 9], 5, 11), ([38, 14], 0, 6)]  # (table, begin, end)
+    n = sum(end - begin for _, begin, end in rows)
+    q = torch.randn(n, heads, dh, generator=gen).to(dtype)
+    if use_kernel:
+        tables = torch.tensor([t + [0] * (5 - len(t)) for t, _, _ in rows])
+        query_row = torch.tensor([r for r, (_, b, e) in enumerate(rows) for _ in range(b, e)])
+        query_pos = torch.tensor([p for _, b, e in rows for p in range(b, e)])
+        got = KERNEL.paged_attend(q, keys, values, tables, query_row, query_pos, size)
+    else:
+        got = paged_attention_torch(q, keys, values, rows, size)
+    first = 0
+    for table, begin, end in rows:
+        blocks, offsets = [table[p // size] for p in range(end)], [p % size for p in range(end)]
+        k, v = keys[blocks, :, offsets].float(), values[blocks, :, offsets].float()     # [S, Hkv, Dh]
+        want = reference(attention, q[first:first + end - begin].float(), k, v)
+        tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(got[first:first + end - begin].float(), want, **tol)
+        first += end - begin
+
+
+@pytest.mark.parametrize("use_kernel", PATHS)
+def test_engine_prefill_chunks_and_decoding_equal_the_readable_forward(use_kernel):
+    """Three prompts of different lengths prefilled in uneven chunks, then decoded together
+    token by token (teacher-forced): every position's logits equal the readable model over each
+    sequence alone, with no cache."""
+    model = make_model(make_config(max_seq_len=256))
+    engine = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=4))
+    if not use_kernel:
+        engine.cache.kernel = None
+    seqs = prompts_of([30, 9, 17])
+    prompt_len = [21, 5, 11]                                # the rest is decoded one token at a time
+    tables = [[9, 2, 30, 5, 17, 11, 50, 41], [1, 40, 22], [3, 60, 61, 7, 8]]
+    got = [[] for _ in seqs]
+    steps = [[(0, 13), (0, 5), None], [(13, 21), None, (0, 11)]]    # prompt chunks
+    steps += [[(p, p + 1) if p < len(s) else None for p, s in zip(pos, seqs)]
+              for pos in zip(*(range(n, n + 9) for n in prompt_len))]  # decoding steps
+    for step in steps:
+        rows, tokens, owners = [], [], []
+        for i, span in enumerate(step):
+            if span is not None:
+                rows.append((tables[i], *span))
+                tokens += seqs[i][span[0]:span[1]]
+                owners += [i] * (span[1] - span[0])
+        logits = engine.forward(torch.tensor([tokens]), rows, list(range(len(tokens))))
+        for i, row_logits in zip(owners, logits):
+            got[i].append(row_logits)
+    with torch.no_grad():
+        for i, s in enumerate(seqs):
+            n = len(got[i])
+            torch.testing.assert_close(torch.stack(got[i]), model(torch.tensor([s[:n]]))[0], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_kernel", PATHS)
+def test_prefix_hit_then_decoding_equals_a_cold_run(use_kernel):
+    """A second request that starts with a cached prefix decodes the same greedy tokens, from the
+    same logits, as a cold engine and as the readable model's own generation."""
+    from llama3.generate import generate_tokens
+
+    model = make_model(make_config(max_seq_len=256))
+    system, question = prompts_of([37, 6])
+    settings = GenerationSettings(max_new_tokens=12)
+    engines = []
+    for cache in (True, False):
+        engine = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=8, prefix_cache=cache))
+        if not use_kernel:
+            engine.cache.kernel = None
+        engine.run([system + [5]], GenerationSettings(max_new_tokens=1))
+        engines.append(engine)
+    warm, cold = (e.run([system + question], settings)[0] for e in engines)
+    assert warm.cached_tokens == 32 and cold.cached_tokens == 0
+    run = generate_tokens(model, [system + question], settings)
+    for _ in run:
+        pass
+    assert warm.token_ids == cold.token_ids == run.tokens[0]
+
+
+def test_explicit_attention_path_still_reads_the_blocks():
+    """With `Attention.fused = False` (inspection hooks) the engine falls back to `update` and the
+    step's mask: the same tokens as the fused path."""
+    model = make_model(make_config(max_seq_len=256))
+    prompts = prompts_of([11, 26])
+    settings = GenerationSettings(max_new_tokens=8)
+    fused = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=4)).run(prompts, settings)
+    for layer in model.layers:
+        layer.attention.fused = False
+    explicit = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=4)).run(prompts, settings)
+    assert [r.token_ids for r in fused] == [r.token_ids for r in explicit]
