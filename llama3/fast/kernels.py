@@ -37,6 +37,10 @@ import torch
 from llama3 import model as readable
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
+# Every C++ file of the extension (one library, one thread pool: threads.h/.cpp); kernels added
+# beside ours go in this list.
+SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp")]
+HEADERS = [Path(__file__).with_name("threads.h")]
 # -fopenmp: at::parallel_for (ATen/Parallel.h) is inline code that splits work between threads only
 # where _OPENMP is defined; without it every kernel ran on one thread.  Linking libgomp.so.1 binds
 # to the copy PyTorch already loaded (the same soname): one thread pool for its kernels and ours.
@@ -94,17 +98,17 @@ def _build(plain: bool) -> str:
     if shutil.which("ninja") is None and importlib_missing("ninja"):
         return "no ninja (pip install ninja) for torch.utils.cpp_extension"
     flags = FLAGS + [f"-DLLAMA3_NS={namespace}"] + (["-DLLAMA3_PLAIN_C"] if plain else [])
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([*flags, torch.__version__, _cpu_signature()]).encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join([*flags, torch.__version__, _cpu_signature()]).encode())
     name = f"{namespace}_kernels_{key.hexdigest()[:12]}"
     build_dir = _cache_dir() / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir),
+        cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           extra_include_paths=[str(SOURCE.parent)], build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
     except Exception as e:  # a compiler error, a missing header, a damaged cache: the plan falls back
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        return f"could not build {SOURCE.name}: {last}"
+        return f"could not build {', '.join(p.name for p in SOURCES)}: {last}"
     return namespace
 
 
@@ -151,6 +155,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         visible = None if mask is None else mask[:, 0, 0, :]                # [B or 1, S]
         return torch.ops.llama3.attend(q, k, v, visible)
     return readable.fused_attention(q, k, v, mask)
+
+
+THREAD_STATS = ("jobs", "shared_jobs", "worker_chunks", "losses", "solo_jobs", "lost_seconds")
+
+
+def thread_stats(reset: bool = False) -> dict[str, float] | None:
+    """The kernels' thread pool counters (threads.h): jobs run, jobs offered to workers, chunks
+    workers ran, losses (the caller waited long for a worker that was not running), jobs run on
+    the caller alone after losses, seconds lost.  None without the C++ kernels."""
+    lib = library()
+    if lib is None:
+        return None
+    values = lib.thread_stats(reset)
+    return {name: (value if name == "lost_seconds" else int(value)) for name, value in zip(THREAD_STATS, values)}
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, kind: int, n: int,
