@@ -2,6 +2,7 @@
 
     python benchmarks/busy_machine.py [--model SOURCE] [--quantize int4] [--threads 2] [--runs 2]
                                       [--configs a,b,...] [--checkout DIR] [--out results.json]
+                                      [--new-tokens 64] [--prefill-tokens 128]
 
 The background load is `yes > /dev/null` (one busy core), started before a measurement and
 stopped after it.  Each measurement is `llama3 bench --json` in its own process (decode: 64 greedy
@@ -51,9 +52,10 @@ def stop_load(load: subprocess.Popen | None) -> None:
         load.wait()
 
 
-def ours(checkout: Path, model: str | None, quantize: str | None, threads: int, env: dict) -> dict:
+def ours(checkout: Path, model: str | None, quantize: str | None, threads: int, env: dict,
+         new_tokens: int = 64, prefill_tokens: int = 128) -> dict:
     cmd = [sys.executable, "-m", "llama3", "bench", "--json", "--threads", str(threads),
-           "--new-tokens", "64", "--prefill-tokens", "128"]
+           "--new-tokens", str(new_tokens), "--prefill-tokens", str(prefill_tokens)]
     cmd += ["--model", model] if model else []
     cmd += ["--quantize", quantize] if quantize else []
     out = subprocess.run(cmd, cwd=checkout, env=dict(os.environ, PYTHONPATH=str(checkout), **env),
@@ -106,7 +108,8 @@ def measure(name: str, args) -> dict:
     try:
         if name.startswith("llamacpp"):
             return llamacpp(gguf_of(args.model), n)
-        return ours(Path(args.checkout or ROOT), args.model, args.quantize, n, env)
+        return ours(Path(args.checkout or ROOT), args.model, args.quantize, n, env, args.new_tokens,
+                    args.prefill_tokens)
     finally:
         stop_load(load)
 
@@ -124,6 +127,8 @@ def main() -> int:
     parser.add_argument("--quantize", default=None, choices=["int8", "int4"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64, help="decoded tokens per measurement (default 64)")
+    parser.add_argument("--prefill-tokens", type=int, default=128, help="prompt length for prefill (default 128)")
     parser.add_argument("--configs", default=None, help="comma-separated subset of the configurations")
     parser.add_argument("--checkout", default=None, help="measure this checkout's llama3 instead of this one")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")

@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise Llama3Error(f"--threads {args.threads}: give a positive number of threads")
         torch.set_num_threads(args.threads)
+    from llama3.fast import kernels
+
     start = time.perf_counter()
     llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain,
                     compile=args.compile)
@@ -57,12 +59,15 @@ def run(args: argparse.Namespace) -> int:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
                           "run without --compile") from None
+    threads = kernels.thread_stats() if llm.plan is not None and llm.plan.kernels == "C++" else None
     # measured after the report, so its test matrix stays out of the peak RSS
     bound = decode_bound(llm.model) if llm.device.type == "cpu" else None
     if args.json:
         extra = {} if bound is None else {"weight_bytes_per_token": bound.weight_bytes,
                                           "memory_read_bytes_per_second": bound.read_bytes_per_second,
                                           "decode_bound_tokens_per_second": bound.tokens_per_second}
+        if threads is not None:
+            extra |= {"thread_pool": threads}
         print(json.dumps(report.as_dict() | extra))
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
@@ -72,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(report.lines()))
         if bound is not None:
             print(bound_line(bound, report.decode_tokens_per_second))
+        if threads is not None and threads["losses"]:
+            print(f"thread pool          {threads['losses']} waits for a pre-empted thread "
+                  f"({threads['lost_seconds'] * 1000:.0f} ms), then {threads['solo_jobs']} of "
+                  f"{threads['jobs']} kernel calls on one thread (a busy machine: llama3/fast/threads.h)")
     return 0
 
 

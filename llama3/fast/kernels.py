@@ -11,6 +11,8 @@ kernels do each step in one call, reading weights and the KV cache where they li
     rms_norm         RMSNorm in one pass, rounded as model.py rounds
     rope             model.py's `apply_rope` in one pass
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
+    thread_stats     the thread pool's counters (threads.h: chunks claimed one at a time, so a busy
+                     machine's pre-empted thread costs little; `thread_stats()` below)
 
 They know nothing of a Llama block: model.py calls them through the slots `plan.py`
 fills (`RMSNorm.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
@@ -41,9 +43,9 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # beside ours go in this list.
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp")]
 HEADERS = [Path(__file__).with_name("threads.h")]
-# -fopenmp: at::parallel_for (ATen/Parallel.h) is inline code that splits work between threads only
-# where _OPENMP is defined; without it every kernel ran on one thread.  Linking libgomp.so.1 binds
-# to the copy PyTorch already loaded (the same soname): one thread pool for its kernels and ours.
+# -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
+# answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
+# not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 F32, BF16, INT8, INT4 = 0, 1, 2, 3
 FEW_ROWS = 32  # up to this many token rows (decoding, a batch of sequences) the C++ passes run

@@ -40,9 +40,9 @@ int64_t now_ns() {
         .count();
 }
 
-int64_t spin_ns() {  // LLAMA3_SPIN_US: how long an idle worker spins before it sleeps (default 200)
+int64_t spin_ns() {  // LLAMA3_SPIN_US: how long an idle worker spins before it sleeps (default 50)
     const char *text = std::getenv("LLAMA3_SPIN_US");
-    const long us = text ? std::atol(text) : 200;
+    const long us = text ? std::atol(text) : 50;
     return (us < 0 ? 0 : us) * 1000;
 }
 

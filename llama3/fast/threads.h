@@ -12,8 +12,9 @@
  * (LLAMA3_ADAPT=0 turns that off, to measure what it gains).
  *
  * Threads: `at::get_num_threads()` (torch.set_num_threads, `--threads`), read at every call.
- * Workers spin ~0.2 ms after a job (decoding's kernel calls come every few tens of microseconds),
- * then sleep on a condition variable.  One job at a time: a call made while another thread's job
+ * Workers spin ~50 us after a job (a replayed decoding step calls a kernel every few microseconds),
+ * then sleep, leaving the cores to PyTorch's own OpenMP threads (prompts' matrix products).  One
+ * job at a time: a call made while another thread's job
  * runs (a second Python thread) runs on its caller alone.
  *
  * Usage, from any kernel source built into the same extension (kernels.py's SOURCES):
