@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     from llama3.fast import kernels
 
+    threads_asked = torch.get_num_threads()  # (a busy machine may make the kernels' pool drop to 1 for a while)
     start = time.perf_counter()
     llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain,
                     compile=args.compile)
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.as_dict() | extra))
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
-        print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"{what}, {threads_asked} threads, torch {torch.__version__}")
         plan = llm.plan.describe() if llm.plan is not None else "none: model.py's own functions and PyTorch's kernels"
         print(f"plan: {plan}")
         print("\n".join(report.lines()))

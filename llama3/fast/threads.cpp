@@ -74,6 +74,7 @@ struct Pool {
     bool adapts = adapt();
     // adapting to the CPU the process gets (touched by the caller only, under `caller`)
     int64_t solo_until = 0, solo_for = FIRST_SOLO_NS, last_loss = 0;
+    int restore_threads = 0;  // during a solo stretch: the thread count to set again after it
     std::atomic<int64_t> jobs{0}, shared_jobs{0}, worker_chunks{0}, losses{0}, solo_jobs{0}, lost_ns{0};
 };
 
@@ -143,17 +144,25 @@ struct AtFork {
 void run(int64_t n, int64_t grain, ChunkFn fn, void *context) {
     Pool *p = pool;
     p->jobs.fetch_add(1, std::memory_order_relaxed);
-    const int threads = at::get_num_threads();
-    int64_t chunks = (n + grain - 1) / grain;
-    if (chunks > (int64_t)threads * CHUNKS_PER_THREAD) chunks = (int64_t)threads * CHUNKS_PER_THREAD;
-    if (threads <= 1 || chunks <= 1 || !p->caller.try_lock()) {
+    if (!p->caller.try_lock()) {  // another thread's job is running: this one runs on its caller
         fn(context, 0, n);
         return;
     }
     std::lock_guard<std::mutex> held(p->caller, std::adopt_lock);
     const int64_t start = now_ns();
-    if (start < p->solo_until) {
-        p->solo_jobs.fetch_add(1, std::memory_order_relaxed);
+    if (p->restore_threads) {
+        if (start < p->solo_until) {
+            p->solo_jobs.fetch_add(1, std::memory_order_relaxed);
+            fn(context, 0, n);
+            return;
+        }
+        at::set_num_threads(p->restore_threads);  // the solo stretch is over: try the workers again
+        p->restore_threads = 0;
+    }
+    const int threads = at::get_num_threads();
+    int64_t chunks = (n + grain - 1) / grain;
+    if (chunks > (int64_t)threads * CHUNKS_PER_THREAD) chunks = (int64_t)threads * CHUNKS_PER_THREAD;
+    if (threads <= 1 || chunks <= 1) {
         fn(context, 0, n);
         return;
     }
@@ -181,6 +190,10 @@ void run(int64_t n, int64_t grain, ChunkFn fn, void *context) {
         p->solo_for = again ? (2 * p->solo_for < LAST_SOLO_NS ? 2 * p->solo_for : LAST_SOLO_NS) : FIRST_SOLO_NS;
         p->last_loss = end;
         p->solo_until = end + p->solo_for;
+        /* PyTorch's own OpenMP regions (argmax over the logits, prompts' matrix products) wait for
+         * their threads at a barrier too: they run on the caller alone for the same stretch */
+        p->restore_threads = threads;
+        at::set_num_threads(1);
     }
 }
 

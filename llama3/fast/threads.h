@@ -9,7 +9,9 @@
  * finished; a worker that has not woken yet claims nothing.  When the caller still loses time
  * waiting (a worker pre-empted halfway through a chunk), the pool runs jobs on the caller alone for
  * a while (50 ms, doubling while the losses continue, up to 2 s) and then tries its workers again
- * (LLAMA3_ADAPT=0 turns that off, to measure what it gains).
+ * (LLAMA3_ADAPT=0 turns that off, to measure what it gains).  For that stretch it also sets
+ * PyTorch's thread count to 1 (at::set_num_threads: its OpenMP regions wait at the same kind of
+ * barrier) and sets it back after.
  *
  * Threads: `at::get_num_threads()` (torch.set_num_threads, `--threads`), read at every call.
  * Workers spin ~50 us after a job (a replayed decoding step calls a kernel every few microseconds),
