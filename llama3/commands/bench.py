@@ -47,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise Llama3Error(f"--threads {args.threads}: give a positive number of threads")
         torch.set_num_threads(args.threads)
+    from llama3.fast import kernels
+
+    threads_asked = torch.get_num_threads()  # (a busy machine may make the kernels' pool drop to 1 for a while)
     start = time.perf_counter()
     if args.tp is not None:  # tensor parallel: every rank runs the same measurements, rank 0 prints its own
         from llama3.parallel.launch import lockstep_llm
@@ -64,21 +67,28 @@ def run(args: argparse.Namespace) -> int:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise Llama3Error(f"torch.compile could not compile this model ({type(e).__name__}: {first}); "
                           "run without --compile") from None
+    threads = kernels.thread_stats() if llm.plan is not None and llm.plan.kernels == "C++" else None
     # measured after the report, so its test matrix stays out of the peak RSS
     bound = decode_bound(llm.model) if llm.device.type == "cpu" and args.tp is None else None
     if args.json:
         extra = {} if bound is None else {"weight_bytes_per_token": bound.weight_bytes,
                                           "memory_read_bytes_per_second": bound.read_bytes_per_second,
                                           "decode_bound_tokens_per_second": bound.tokens_per_second}
+        if threads is not None:
+            extra |= {"thread_pool": threads}
         print(json.dumps(report.as_dict() | extra))
     else:
         what = f"{llm.source} ({llm.dtype}".replace("torch.", "") + (f", {args.quantize}" if args.quantize else "") + ")"
-        print(f"{what}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+        print(f"{what}, {threads_asked} threads, torch {torch.__version__}")
         plan = llm.plan.describe() if llm.plan is not None else "none: model.py's own functions and PyTorch's kernels"
         print(f"plan: {plan}")
         print("\n".join(report.lines()))
         if bound is not None:
             print(bound_line(bound, report.decode_tokens_per_second))
+        if threads is not None and threads["losses"]:
+            print(f"thread pool          {threads['losses']} waits for a pre-empted thread "
+                  f"({threads['lost_seconds'] * 1000:.0f} ms), then {threads['solo_jobs']} of "
+                  f"{threads['jobs']} kernel calls on one thread (a busy machine: llama3/fast/threads.h)")
     return 0
 
 

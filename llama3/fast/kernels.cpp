@@ -16,14 +16,17 @@
  *                                       KV cache read in place (strided views), each key/value head
  *                                       serving its H/Hkv query heads without copies
  *
- * Activations are float32 inside (16-bit inputs are widened once).  Threads: ATen's pool
- * (at::parallel_for), the one PyTorch's own kernels use.  AVX-512 intrinsics for the matrix-vector
+ * Activations are float32 inside (16-bit inputs are widened once).  Threads: our own pool (threads.h:
+ * chunks claimed one at a time, so a thread the OS did not run costs nothing; at::parallel_for's
+ * OpenMP regions waited for it), as many threads as torch.set_num_threads says.  AVX-512 intrinsics for the matrix-vector
  * products where the CPU has them, plain loops the compiler vectorises elsewhere (-DLLAMA3_PLAIN_C).
  */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include "threads.h"
 
 #include <cmath>
 #include <cstdint>
@@ -222,10 +225,10 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
     float *ys = y.data_ptr<float>();
     if (kind == INT4) {
         TORCH_CHECK(n % 64 == 0 && scales.has_value(), "matvec: int4 needs N % 64 == 0 and scales");
-        at::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) { matvec_int4(m, xs, ys, batch, b, e); });
+        llama3_threads::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) { matvec_int4(m, xs, ys, batch, b, e); });
     } else {
         TORCH_CHECK(kind != INT8 || scales.has_value(), "matvec: int8 needs scales");
-        at::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
+        llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
             const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
             if (kind == F32) matvec_rows<float>(m, xs, ys, batch, lo, hi);
             else if (kind == BF16) matvec_rows<uint16_t>(m, xs, ys, batch, lo, hi);
@@ -243,7 +246,7 @@ at::Tensor dequantize_int4(const at::Tensor &packed, const at::Tensor &scales_an
     const uint16_t *sz = (const uint16_t *)scales_and_zeros.data_ptr();
     at::Tensor out = at::empty({n, k}, packed.options().dtype(at::kBFloat16));
     uint16_t *o = (uint16_t *)out.data_ptr();
-    at::parallel_for(0, (n / 64) * (k / 32), 1, [&](int64_t begin, int64_t end) {
+    llama3_threads::parallel_for(0, (n / 64) * (k / 32), 1, [&](int64_t begin, int64_t end) {
         for (int64_t tile_id = begin; tile_id < end; tile_id++) {  // one tile: 64 rows x 32 columns
             const int64_t b = tile_id / (k / 32), g = tile_id % (k / 32);
             const uint8_t *bytes = w + ((size_t)b * k + (size_t)g * 32) * 32;  // [32 columns, 32]
@@ -278,12 +281,13 @@ at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
     TORCH_CHECK((in16 || rows.scalar_type() == at::kFloat) && (out16 || out_type == at::kFloat),
                 "rms_norm: float32 or bfloat16");
     const float *wf = w.data_ptr<float>();
-    at::parallel_for(0, rows.size(0), 64, [&](int64_t begin, int64_t end) {
+    const void *in = rows.data_ptr();  // pointers read once: data_ptr() per element cost ~15 us a row
+    void *to = out.data_ptr();
+    llama3_threads::parallel_for(0, rows.size(0), 64, [&](int64_t begin, int64_t end) {
         std::vector<float> row(d);
         for (int64_t r = begin; r < end; r++) {
             for (int64_t i = 0; i < d; i++)
-                row[i] = in16 ? bf16_to_f32(((const uint16_t *)rows.data_ptr())[r * d + i])
-                              : ((const float *)rows.data_ptr())[r * d + i];
+                row[i] = in16 ? bf16_to_f32(((const uint16_t *)in)[r * d + i]) : ((const float *)in)[r * d + i];
             float ss = 0.f;
             for (int64_t i = 0; i < d; i++) ss += row[i] * row[i];
             const float inv = 1.f / std::sqrt(ss / d + (float)eps);
@@ -291,8 +295,8 @@ at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
                 float normed = row[i] * inv;
                 if (in16) normed = bf16_to_f32(f32_to_bf16(normed));  // .type_as(x)
                 const float y = wf[i] * normed;
-                if (out16) ((uint16_t *)out.data_ptr())[r * d + i] = f32_to_bf16(y);
-                else ((float *)out.data_ptr())[r * d + i] = y;
+                if (out16) ((uint16_t *)to)[r * d + i] = f32_to_bf16(y);
+                else ((float *)to)[r * d + i] = y;
             }
         }
     });
@@ -309,7 +313,7 @@ at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &si
     at::Tensor out = at::empty(xf.sizes(), xf.options());
     const float *xi = xf.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
     float *o = out.data_ptr<float>();
-    at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    llama3_threads::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
         for (int64_t bt = begin; bt < end; bt++) {
             const int64_t table_row = per_row ? bt : bt % T;
             const float *cr = cp + table_row * half, *sr = sp + table_row * half;
@@ -353,7 +357,7 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     const float scale = 1.f / std::sqrt((float)Dh);
     const float *qp = qf.data_ptr<float>();
     float *op = out.data_ptr<float>();
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    llama3_threads::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
         std::vector<float> scores(S);
         for (int64_t bh = begin; bh < end; bh++) {
             const int64_t b = bh / H, g = (bh % H) / n_rep;
@@ -401,12 +405,21 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     return out.to(q.scalar_type());
 }
 
+/* The thread pool's counters (threads.h): jobs, shared_jobs, worker_chunks, losses, solo_jobs, lost_seconds. */
+std::vector<double> thread_stats(bool reset) {
+    const llama3_threads::Stats s = llama3_threads::stats();
+    if (reset) llama3_threads::reset_stats();
+    return {(double)s.jobs, (double)s.shared_jobs, (double)s.worker_chunks, (double)s.losses, (double)s.solo_jobs,
+            s.lost_seconds};
+}
+
 TORCH_LIBRARY(LLAMA3_NS, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales, int kind, int n) -> Tensor");
     m.def("dequantize_int4(Tensor packed, Tensor scales_and_zeros, int n) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
     m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
     m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
+    m.def("thread_stats(bool reset=False) -> float[]");
 }
 
 TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
@@ -416,3 +429,5 @@ TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
     m.impl("rope", TORCH_FN(rope));
     m.impl("attend", TORCH_FN(attend));
 }
+
+TORCH_LIBRARY_IMPL(LLAMA3_NS, CatchAll, m) { m.impl("thread_stats", TORCH_FN(thread_stats)); }

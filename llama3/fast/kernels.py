@@ -11,6 +11,8 @@ kernels do each step in one call, reading weights and the KV cache where they li
     rms_norm         RMSNorm in one pass, rounded as model.py rounds
     rope             model.py's `apply_rope` in one pass
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
+    thread_stats     the thread pool's counters (threads.h: chunks claimed one at a time, so a busy
+                     machine's pre-empted thread costs little; `thread_stats()` below)
 
 They know nothing of a Llama block: model.py calls them through the slots `plan.py`
 fills (`RMSNorm.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
@@ -37,10 +39,14 @@ import torch
 from llama3 import model as readable
 
 SOURCE = Path(__file__).with_name("kernels.cpp")
-SOURCES = (SOURCE, SOURCE.with_name("paged_attention.cpp"))  # + the engine's paged attention (its own file)
-# -fopenmp: at::parallel_for (ATen/Parallel.h) is inline code that splits work between threads only
-# where _OPENMP is defined; without it every kernel ran on one thread.  Linking libgomp.so.1 binds
-# to the copy PyTorch already loaded (the same soname): one thread pool for its kernels and ours.
+# Every C++ file of the extension (one library, one thread pool: threads.h/.cpp); kernels added
+# beside ours go in this list.
+SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
+           Path(__file__).with_name("paged_attention.cpp")]  # the engine's attention over its KV blocks
+HEADERS = [Path(__file__).with_name("threads.h")]
+# -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
+# answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
+# not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 F32, BF16, INT8, INT4 = 0, 1, 2, 3
 FEW_ROWS = 32  # up to this many token rows (decoding, a batch of sequences) the C++ passes run
@@ -95,17 +101,17 @@ def _build(plain: bool) -> str:
     if shutil.which("ninja") is None and importlib_missing("ninja"):
         return "no ninja (pip install ninja) for torch.utils.cpp_extension"
     flags = FLAGS + [f"-DLLAMA3_NS={namespace}"] + (["-DLLAMA3_PLAIN_C"] if plain else [])
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES) + " ".join([*flags, torch.__version__, _cpu_signature()]).encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join([*flags, torch.__version__, _cpu_signature()]).encode())
     name = f"{namespace}_kernels_{key.hexdigest()[:12]}"
     build_dir = _cache_dir() / name
     try:
         build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                           build_directory=str(build_dir),
+        cpp_extension.load(name, [str(p) for p in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                           extra_include_paths=[str(SOURCE.parent)], build_directory=str(build_dir),
                            is_python_module=False, verbose=False)
     except Exception as e:  # a compiler error, a missing header, a damaged cache: the plan falls back
         last = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-        return f"could not build {SOURCE.name}: {last}"
+        return f"could not build {', '.join(p.name for p in SOURCES)}: {last}"
     return namespace
 
 
@@ -152,6 +158,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         visible = None if mask is None else mask[:, 0, 0, :]                # [B or 1, S]
         return torch.ops.llama3.attend(q, k, v, visible)
     return readable.fused_attention(q, k, v, mask)
+
+
+THREAD_STATS = ("jobs", "shared_jobs", "worker_chunks", "losses", "solo_jobs", "lost_seconds")
+
+
+def thread_stats(reset: bool = False) -> dict[str, float] | None:
+    """The kernels' thread pool counters (threads.h): jobs run, jobs offered to workers, chunks
+    workers ran, losses (the caller waited long for a worker that was not running), jobs run on
+    the caller alone after losses, seconds lost.  None without the C++ kernels."""
+    lib = library()
+    if lib is None:
+        return None
+    values = lib.thread_stats(reset)
+    return {name: (value if name == "lost_seconds" else int(value)) for name, value in zip(THREAD_STATS, values)}
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, kind: int, n: int,

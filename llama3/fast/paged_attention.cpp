@@ -13,10 +13,9 @@
  * Query t, head h reads key/value head h / (H / Hkv) (grouped-query heads share it, no copies),
  * block by block through its row's table: softmax(q kᵀ / √Dh) v over the keys it may see.  So
  * rows of different lengths, prompt chunks and single decoding tokens all go in one call, and
- * no key is gathered or copied.  Float32 inside; threads over (query, head) pairs (ATen's pool),
+ * no key is gathered or copied.  Float32 inside; threads over (query, head) pairs (the kernels' pool, threads.h),
  * only where each thread gets enough work to be worth waking.
  */
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -26,6 +25,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "threads.h"  // the kernels' own pool: a pre-empted worker costs nothing (threads.cpp)
 
 #ifndef LLAMA3_NS
 #define LLAMA3_NS llama3
@@ -83,7 +84,7 @@ void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables
     for (int64_t t = 0; t < T_; t++) work += (positions[t] + 1) * 2 * Dh;
     const int64_t MIN_WORK = 1 << 16, per_unit = work / T_ + 1;
     const int64_t grain = std::max<int64_t>(1, MIN_WORK / per_unit);
-    at::parallel_for(0, T_ * H, grain, [&](int64_t begin, int64_t end) {
+    llama3_threads::parallel_for(0, T_ * H, grain, [&](int64_t begin, int64_t end) {
         std::vector<float> scores;
         for (int64_t th = begin; th < end; th++) {
             const int64_t t = th / H, h = th % H, g = h / n_rep;

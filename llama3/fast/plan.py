@@ -11,6 +11,8 @@ What a plan swaps (every module keeps its class from model.py or a linear's clas
     RMSNorm.kernel   one C++ pass (or PyTorch's F.rms_norm)      instead of model.py's `rms_norm`
     rope_kernel      one C++ pass                                instead of `apply_rope`
     attention_kernel one query row per sequence over the cache in place (C++), else SDPA
+    forward          with the C++ kernels, `DecodeGraphs` (graph.py): one-token steps over a KVCache
+                     recorded once from model.py's forward and replayed without Python
     packed bf16      oneDNN-packed bf16 linears, only where the C++ kernels are not available
 
 Nothing here computes a block: `Transformer.forward` (model.py) runs prompts, decoding, batches,
@@ -42,6 +44,7 @@ class DecodingPlan:
     kernels: str            # "C++" (llama3/fast/kernels.cpp) or "PyTorch"
     why_not_cpp: str | None = None
     pack_bf16: bool = False
+    graph: bool = False     # one-token steps recorded once and replayed without Python (graph.py)
 
     def describe(self) -> str:
         parts = [f"{self.device}, {self.dtype}", self.quantize or "float weights",
@@ -51,6 +54,8 @@ class DecodingPlan:
                                                                    if self.why_not_cpp else "")]
         if self.pack_bf16:
             parts.append("bf16 linears packed for oneDNN")
+        if self.graph:
+            parts.append("decoding steps recorded and replayed (llama3/fast/graph.py)")
         return "; ".join(parts) + "; forward: llama3/model.py"
 
 
@@ -70,9 +75,11 @@ def choose_plan(model: nn.Module | None = None, quantize: str | None = None, fus
     else:
         use_cpp = kernels.library() is not None
         why = None if use_cpp else kernels.build_error()
+    from llama3.fast import graph
+
     pack_bf16 = pack and fuse and not use_cpp and quantize is None and dtype == torch.bfloat16 and device.type == "cpu" and CPU_HAS_BF16
     return DecodingPlan(str(device), str(dtype).removeprefix("torch."), quantize, fuse,
-                        "C++" if use_cpp else "PyTorch", why, pack_bf16)
+                        "C++" if use_cpp else "PyTorch", why, pack_bf16, graph=use_cpp and graph.enabled())
 
 
 class KernelLinear(Lean, nn.Linear):
@@ -147,15 +154,22 @@ def apply_plan(model: nn.Module, plan: DecodingPlan, namespace: str = "llama3") 
             module.kernel = kernels.rms_norm if cpp else kernels.rms_norm_torch
         elif isinstance(module, Attention) and cpp:
             module.rope_kernel, module.attention_kernel = kernels.rope, kernels.attention
+    if plan.graph:
+        from llama3.fast import graph
+
+        graph.install(model)
     return model
 
 
 def plan_of(model: nn.Module) -> str:
     """What the model's slots hold now, in words (for models not made through a plan)."""
     from llama3.fast.fuse import is_fused
+    from llama3.fast.graph import graphs_of
 
     norm = model.norm.kernel
     cpp = norm is kernels.rms_norm
     return (f"{model.device}, {str(model.dtype).removeprefix('torch.')}; "
             + ("fused q/k/v and gate/up; " if is_fused(model) else "")
-            + ("C++ kernels (llama3/fast/kernels.cpp)" if cpp else "PyTorch kernels") + "; forward: llama3/model.py")
+            + ("C++ kernels (llama3/fast/kernels.cpp)" if cpp else "PyTorch kernels")
+            + ("; decoding steps recorded and replayed (llama3/fast/graph.py)" if graphs_of(model) else "")
+            + "; forward: llama3/model.py")

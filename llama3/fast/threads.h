@@ -1,0 +1,71 @@
+/* The kernels' own thread pool (threads.cpp): work split into chunks that threads claim one at a
+ * time, so a thread the operating system did not run costs nothing.
+ *
+ * Why not at::parallel_for (OpenMP): an OpenMP region waits at its closing barrier for every thread
+ * it started.  On a 2-core machine with one core taken by another process, the second thread is
+ * often not running when a region opens, and the region waits milliseconds for it; decoding one
+ * token opens ~200 of them, and the old C step fell from 52 to 3.3 tokens/s.  Here the calling
+ * thread claims chunks as well and only waits for chunks another thread has claimed and not
+ * finished; a worker that has not woken yet claims nothing.  When the caller still loses time
+ * waiting (a worker pre-empted halfway through a chunk), the pool runs jobs on the caller alone for
+ * a while (50 ms, doubling while the losses continue, up to 2 s) and then tries its workers again
+ * (LLAMA3_ADAPT=0 turns that off, to measure what it gains).  For that stretch it also sets
+ * PyTorch's thread count to 1 (at::set_num_threads: its OpenMP regions wait at the same kind of
+ * barrier) and sets it back after.
+ *
+ * Threads: `at::get_num_threads()` (torch.set_num_threads, `--threads`), read at every call.
+ * Workers spin ~50 us after a job (a replayed decoding step calls a kernel every few microseconds),
+ * then sleep, leaving the cores to PyTorch's own OpenMP threads (prompts' matrix products).  One
+ * job at a time: a call made while another thread's job
+ * runs (a second Python thread) runs on its caller alone.
+ *
+ * Usage, from any kernel source built into the same extension (kernels.py's SOURCES):
+ *     llama3_threads::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) { ... });
+ */
+#pragma once
+
+#include <cstdint>
+
+#ifndef LLAMA3_NS
+#define LLAMA3_NS llama3
+#endif
+
+namespace LLAMA3_NS {
+namespace threads {
+
+using ChunkFn = void (*)(void *context, int64_t begin, int64_t end);
+
+/* Runs fn(context, begin, end) over [0, n) in chunks of at least `grain` items, on the caller and
+ * the pool's workers; returns when all of [0, n) is done. */
+void run(int64_t n, int64_t grain, ChunkFn fn, void *context);
+
+struct Stats {
+    int64_t jobs;          // calls of run()
+    int64_t shared_jobs;   // ... that workers were offered
+    int64_t worker_chunks; // chunks workers ran
+    int64_t losses;        // shared jobs whose caller waited long for a worker's chunk
+    int64_t solo_jobs;     // jobs run on the caller alone because of recent losses
+    double lost_seconds;   // the caller's time waiting for workers' chunks, over losses
+};
+Stats stats();
+void reset_stats();
+
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F &f) {
+    if (end <= begin) return;
+    struct Context {
+        const F *f;
+        int64_t begin;
+    } context{&f, begin};
+    run(end - begin, grain < 1 ? 1 : grain,
+        [](void *c, int64_t b, int64_t e) {
+            const Context *ctx = (const Context *)c;
+            (*ctx->f)(ctx->begin + b, ctx->begin + e);
+        },
+        &context);
+}
+
+}  // namespace threads
+}  // namespace LLAMA3_NS
+
+namespace llama3_threads = LLAMA3_NS::threads;

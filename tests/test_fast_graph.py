@@ -1,0 +1,93 @@
+"""Recorded decoding steps (llama3/fast/graph.py) replay exactly what model.py's forward computes:
+the same logits bit for bit, the same cache contents, for one sequence and for a left-padded batch;
+and they notice when what the forward would do has changed."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import make_config, make_model
+from llama3.fast import graph, kernels, speed_up
+from llama3.generate import GenerationSettings, generate_tokens
+from llama3.model import KVCache, RMSNorm
+
+
+def pair(dtype=torch.float32):
+    if kernels.library() is None:
+        pytest.skip(f"no C++ kernels here: {kernels.build_error()}")
+    model = make_model(make_config(n_layers=3), seed=4).to(dtype)
+    fast = speed_up(copy.deepcopy(model))
+    assert graph.graphs_of(fast) is not None, "the C++ plan records decoding steps"
+    eager = copy.deepcopy(fast)
+    del eager.forward                                                 # the same kernels, model.py's forward each step
+    assert graph.graphs_of(eager) is None
+    return fast, eager
+
+
+@pytest.fixture
+def fast_and_eager():
+    return pair()
+
+
+def steps(model, cache, n=10, batch=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():
+        out = [model(torch.randint(0, 101, (batch, 4), generator=gen), 0, cache, last_only=True)]
+        for pos in range(4, 4 + n):
+            out.append(model(torch.randint(0, 101, (batch, 1), generator=gen), pos, cache))
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replayed_steps_equal_the_eager_forward_bit_for_bit(dtype):
+    fast, eager = pair(dtype)
+    caches = [KVCache(fast.config, 2, 24, dtype=dtype) for _ in range(2)]
+    got, want = steps(fast, caches[0], batch=2), steps(eager, caches[1], batch=2)
+    assert graph.graphs_of(fast).replays == 10
+    assert torch.equal(got, want)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    longer = [KVCache(fast.config, 2, 40, dtype=dtype) for _ in range(2)]  # another cache length: the same record
+    assert torch.equal(steps(fast, longer[0], batch=2, seed=1), steps(eager, longer[1], batch=2, seed=1))
+    assert len(graph.graphs_of(fast).records) == 1
+
+
+def test_generation_with_padding_and_sampling_gives_the_eager_tokens(fast_and_eager):
+    fast, eager = fast_and_eager
+    for prompts, settings in (([[3, 1, 4]], GenerationSettings(max_new_tokens=12)),
+                              ([[3, 1, 4], [5], [9, 2]], GenerationSettings(max_new_tokens=8, temperature=0.9,
+                                                                           top_p=0.9, seed=3))):
+        want, got = generate_tokens(eager, prompts, settings), generate_tokens(fast, prompts, settings)
+        list(want), list(got)
+        assert got.tokens == want.tokens
+    assert graph.graphs_of(fast).replays > 0
+
+
+def test_a_changed_forward_a_refilled_slot_or_a_hook_is_seen(fast_and_eager, monkeypatch):
+    fast, eager = fast_and_eager
+    run = lambda m: steps(m, KVCache(m.config, 1, 16), n=4)
+    before = run(fast)
+    original = RMSNorm.forward
+    monkeypatch.setattr(RMSNorm, "forward", lambda self, x: 2 * original(self, x))  # what model.py computes changed
+    changed = run(fast)
+    assert not torch.allclose(changed, before) and torch.equal(changed, run(eager))
+    monkeypatch.undo()
+    calls = []
+    fast.layers[0].attention.attention_kernel = lambda q, k, v, mask: calls.append(1) or kernels.attention(q, k, v, mask)
+    replays = graph.graphs_of(fast).replays
+    run(fast)
+    assert len(calls) == 5 and graph.graphs_of(fast).replays == replays  # the prompt, then eager each step
+    fast.layers[0].attention.attention_kernel = kernels.attention
+    seen = []
+    handle = fast.layers[1].feed_forward.hidden.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    run(fast)
+    assert len(seen) == 5                                             # the prompt and 4 steps, all eager
+    handle.remove()
+    assert torch.equal(run(fast), before) and graph.graphs_of(fast).replays > replays
+
+
+def test_llama3_graph_0_runs_the_eager_forward(fast_and_eager, monkeypatch):
+    fast, _ = fast_and_eager
+    monkeypatch.setenv("LLAMA3_GRAPH", "0")
+    steps(fast, KVCache(fast.config, 1, 16), n=3)
+    assert graph.graphs_of(fast).replays == 0

@@ -1,0 +1,90 @@
+"""The kernels' thread pool (llama3/fast/threads.h): any split of the work gives the same numbers,
+and concurrent callers, a forked child and a lone thread all get whole, correct answers.
+
+(Whether a busy machine keeps its speed is measured, not tested: benchmarks/busy_machine.py.)"""
+
+import os
+import threading
+
+import pytest
+import torch
+
+from llama3.fast import kernels
+
+
+@pytest.fixture
+def lib():
+    built = kernels.library()
+    if built is None:
+        pytest.skip(f"no C++ kernels here: {kernels.build_error()}")
+    return built
+
+
+def test_any_number_of_threads_gives_the_same_bits(lib):
+    """Each output row is one thread's dot product whatever the split: 1, 2 and 3 threads agree
+    exactly, on sizes that do and do not divide into the pool's chunks."""
+    before = torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(n, k, generator=gen), torch.randn(b, k, generator=gen))
+             for n, k, b in ((1000, 64, 1), (37, 32, 3), (4096, 48, 2))]
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append([lib.matvec(x, w, None, kernels.F32, w.shape[0]) for w, x in cases])
+        for other in results[1:]:
+            for got, want in zip(other, results[0]):
+                assert torch.equal(got, want)
+        for (w, x), got in zip(cases, results[0]):
+            torch.testing.assert_close(got, x @ w.t(), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_counters_count_jobs(lib):
+    kernels.thread_stats(reset=True)
+    w, x = torch.randn(512, 64), torch.randn(1, 64)
+    for _ in range(5):
+        lib.matvec(x, w, None, kernels.F32, 512)
+    stats = kernels.thread_stats()
+    assert stats["jobs"] == 5
+    assert stats["shared_jobs"] + stats["solo_jobs"] <= 5
+
+
+def test_callers_from_several_python_threads_each_get_their_answer(lib):
+    """One job at a time runs on the pool; a second caller meanwhile runs its job alone."""
+    gen = torch.Generator().manual_seed(1)
+    work = [(torch.randn(2048, 64, generator=gen), torch.randn(1, 64, generator=gen)) for _ in range(4)]
+    want = [lib.matvec(x, w, None, kernels.F32, 2048) for w, x in work]
+    wrong = []
+
+    def caller(i):
+        w, x = work[i]
+        for _ in range(50):
+            if not torch.equal(lib.matvec(x, w, None, kernels.F32, 2048), want[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_gets_a_pool_of_its_own(lib):
+    """After fork the child has none of the parent's worker threads; its pool starts afresh
+    (without that, its first parallel job would wait for threads that do not exist)."""
+    w, x = torch.randn(4096, 64), torch.randn(1, 64)
+    want = lib.matvec(x, w, None, kernels.F32, 4096)  # the parent's workers exist now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: answer through the pipe, then leave at once
+        ok = all(torch.equal(lib.matvec(x, w, None, kernels.F32, 4096), want) for _ in range(20))
+        os.write(write, b"1" if ok else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"
