@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # to the copy PyTorch already loaded (the same soname): one thread pool for its kernels and ours.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 F32, BF16, INT8, INT4 = 0, 1, 2, 3
+INT8_GROUP = 4  # int8 with a float16 scale per group of 32 weights (fast/quantize.py; GGUF's Q8_0)
 FEW_ROWS = 32  # up to this many token rows (decoding, a batch of sequences) the C++ passes run
 
 _namespaces: dict[bool, str] = {}
