@@ -180,3 +180,10 @@ def test_q8_0_file_runs_its_blocks_as_they_are(tmp_path):
     tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     with torch.no_grad():
         torch.testing.assert_close(int8.model(tokens), fp32.model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_dequantized_in_16_bits_is_the_float32_matrix_rounded_once():
+    q, scales = quantize_int8_groups(weights(9, 96, seed=5))
+    exact = q.float().view(9, -1, GROUP) * scales.float()[..., None]    # |q| <= 127 times fp16: exact in fp32
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.equal(dequantize_int8(q, scales, dtype), exact.view(9, 96).to(dtype)), dtype
