@@ -75,12 +75,10 @@ def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dty
     """(int8 [N, K], scales [N, K/G]) -> the matrix they stand for, [N, K] in `dtype`.  Computed in
     float32 (|q| <= 127 times a float16 scale is exact there), rounded once to `dtype`."""
     n_rows, k = weight.shape
-    out = torch.empty(n_rows, k, dtype=dtype, device=weight.device)
-    # one pass, no float32 temporary: int8 [N, K/G, G] x float32 [N, K/G, 1] is computed in float32
-    # and rounded to `dtype` as it is stored (the same numbers as widening first: tests/test_int8.py)
-    torch.mul(weight.view(n_rows, scales.shape[1], -1), scales.float()[..., None],
-              out=out.view(n_rows, scales.shape[1], -1))
-    return out
+    groups = weight.view(n_rows, scales.shape[1], -1).float()          # [N, K/G, G]
+    # (one mixed-dtype torch.mul into a bf16 `out` makes the same numbers without the float32
+    # temporary, but measured 1.5-2x slower for a prompt's four products)
+    return (groups * scales.float()[..., None]).view(n_rows, k).to(dtype)
 
 
 class Int8Linear(Lean):
