@@ -1,14 +1,21 @@
 """Perplexity cross-check with llama.cpp, and what 16-bit, int8 and int4 weights cost.
 
     python benchmarks/perplexity_check.py FILE [--context 512] [--stride 256] [--max-tokens 4096]
+                                               [--configs bf16,int8,int4] [--greedy-tokens 32]
 
 The text is tokenized once (our tokenizer) and the same ids, in the same sliding
 windows (`llama3.perplexity.plan_windows`), are scored by
-    ours:      fp32, bf16, int8 (per-row, from llama.cpp's Q8_0 file), int4 (the Q4_1 file's own blocks)
+    ours:      fp32, bf16, int8 (32-weight groups: llama.cpp's Q8_0 file as it is, else the model's
+               own weights re-quantized), int4 (the Q4_1 file's own blocks)
     llama.cpp: F32, F16, Q8_0, Q4_1 (llama-cpp-python with logits_all=True)
 so ours-fp32 vs llama.cpp-F32 checks the computation (same weights, same windows),
 and each precision's row shows what it costs against fp32.  The GGUF files come from
-benchmarks/speed.py's work folder (run that first, or pass --work).
+benchmarks/speed.py's work folder (run that first, or pass --work); without them every row reads
+--model (default: the embedded Q4_1 model).
+
+Greedy matches: each precision continues the same 16 prompts greedily (--greedy-tokens new tokens,
+one prompt at a time) and counts the prompts whose continuation equals fp32's token for token
+(fp32 itself is run twice, through the decoding path and through the plain model, for the floor).
 """
 
 from __future__ import annotations
@@ -38,6 +45,19 @@ def llamacpp_logits_fn(path: Path, context: int, threads: int):
     return logits_fn
 
 
+PROMPTS = [
+    "The capital of France is", "Once upon a time, in a small village,", "def fibonacci(n):",
+    "The three primary colors are", "Water boils at", "The best way to learn a language is",
+    "In 1969, astronauts", "A recipe for pancakes: first,", "The theory of relativity says",
+    "import numpy as np\n", "My favourite book is", "The largest planet in the solar system",
+    "Photosynthesis is the process", "To be or not to be,", "The stock market today", "Dear hiring manager,",
+]
+
+
+def greedy_continuations(llm, new_tokens: int) -> list[str]:
+    return [llm.generate(prompt, max_new_tokens=new_tokens) for prompt in PROMPTS]
+
+
 def main() -> int:
     import llama3
     from llama3.fast import load_fast
@@ -51,7 +71,10 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="/tmp/llama3-bench", help="benchmarks/speed.py's folder of GGUF files")
+    parser.add_argument("--configs", default="bf16,int8,int4", help="precisions besides fp32 (default all)")
+    parser.add_argument("--greedy-tokens", type=int, default=32, help="greedy continuation length (0: skip)")
     args = parser.parse_args()
+    configs = args.configs.split(",")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     base = llama3.load(args.model)
@@ -64,15 +87,37 @@ def main() -> int:
         return result.perplexity
 
     ours = {"ours-fp32": report("ours-fp32", model_logits_fn(base.model))}
+    greedy = {}
+
+    def check_greedy(name, llm):
+        if args.greedy_tokens:
+            texts = greedy_continuations(llm, args.greedy_tokens)
+            if "fp32" not in greedy:
+                greedy["fp32"] = texts
+            same = sum(a == b for a, b in zip(texts, greedy["fp32"]))
+            print(f"{name:16s} greedy {same} of {len(PROMPTS)} prompts equal fp32's {args.greedy_tokens} tokens",
+                  flush=True)
+
+    check_greedy("ours-fp32", base)
+    check_greedy("ours-fp32-plain", llama3.load(args.model, plain=True))
     del base
-    ours["ours-bf16"] = report("ours-bf16", model_logits_fn(load_fast(args.model, dtype="bfloat16").model))
-    q8 = work / "model-q8_0.gguf"
-    int8 = load_fast(str(q8) if q8.exists() else args.model, quantize="int8")
-    ours["ours-int8"] = report("ours-int8" + ("(q8_0)" if q8.exists() else ""), model_logits_fn(int8.model))
-    q4 = work / "model-q4_1.gguf"
-    int4 = load_fast(str(q4) if q4.exists() else args.model, quantize="int4")
-    ours["ours-int4"] = report("ours-int4" + ("(q4_1)" if q4.exists() else ""), model_logits_fn(int4.model))
-    del int8, int4
+    if "bf16" in configs:
+        bf16 = load_fast(args.model, dtype="bfloat16")
+        ours["ours-bf16"] = report("ours-bf16", model_logits_fn(bf16.model))
+        check_greedy("ours-bf16", bf16)
+        del bf16
+    if "int8" in configs:
+        q8 = work / "model-q8_0.gguf"
+        int8 = load_fast(str(q8) if q8.exists() else args.model, quantize="int8")
+        ours["ours-int8"] = report("ours-int8" + ("(q8_0)" if q8.exists() else ""), model_logits_fn(int8.model))
+        check_greedy("ours-int8", int8)
+        del int8
+    if "int4" in configs:
+        q4 = work / "model-q4_1.gguf"
+        int4 = load_fast(str(q4) if q4.exists() else args.model, quantize="int4")
+        ours["ours-int4"] = report("ours-int4" + ("(q4_1)" if q4.exists() else ""), model_logits_fn(int4.model))
+        check_greedy("ours-int4", int4)
+        del int4
     peers = {}
     try:
         for kind in ("f32", "f16", "q8_0", "q4_1"):
@@ -82,10 +127,10 @@ def main() -> int:
     except ImportError:
         print("llama-cpp-python is not installed (pip install -e .[bench]); no cross-check")
     for ours_name, peer in (("ours-fp32", "f32"), ("ours-bf16", "f16"), ("ours-int8", "q8_0"), ("ours-int4", "q4_1")):
-        if peer in peers:
+        if peer in peers and ours_name in ours:
             print(f"{ours_name} / llama.cpp-{peer}: {ours[ours_name] / peers[peer]:.4f}")
     print("cost vs fp32: " + ", ".join(f"{name[5:]} {ours[name] / ours['ours-fp32'] - 1:+.2%}"
-                                       for name in ("ours-bf16", "ours-int8", "ours-int4")))
+                                       for name in ("ours-bf16", "ours-int8", "ours-int4") if name in ours))
     return 0
 
 

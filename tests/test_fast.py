@@ -8,7 +8,8 @@ from torch import nn
 
 from conftest import make_config, make_model
 from llama3.fast.fuse import fuse_projections
-from llama3.fast.quantize import CPU_HAS_BF16, Int8Embedding, Int8Linear, int8_from_q8_0, quantize_int8, quantize_rows
+from llama3.fast.quantize import (CPU_HAS_BF16, Int8Embedding, Int8Linear, dequantize_int8, int8_from_q8_0, quantize_int8,
+                                  quantize_int8_groups)
 from llama3.model import KVCache
 
 
@@ -36,13 +37,13 @@ def test_fused_projections_same_logits_and_tokens(tiny_model):
         assert greedy(tiny_model, [1, 2, 3], 8) == want_tokens
 
 
-def test_quantize_rows_roundtrip_error_is_half_a_step():
-    w = torch.randn(16, 40)
-    q, scales = quantize_rows(w)
-    assert q.dtype == torch.int8 and scales.shape == (16,)
-    assert int(q.abs().amax(dim=1).min()) == 127                    # every row uses the full range
-    err = (q.float() * scales[:, None] - w).abs()
-    assert bool((err <= scales[:, None] / 2 + 1e-6).all())
+def test_quantize_int8_groups_roundtrip_error_is_half_a_step():
+    w = torch.randn(16, 40)                                          # 40 is no multiple of 32: one group a row
+    q, scales = quantize_int8_groups(w)
+    assert q.dtype == torch.int8 and scales.shape == (16, 1)
+    assert int(q.abs().amax(dim=1).min()) == 127                    # every group uses the full range
+    err = (dequantize_int8(q, scales) - w).abs()
+    assert bool((err <= scales.float() / 2 + 1e-6).all())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -50,7 +51,7 @@ def test_int8_linear_matches_dequantized_matmul(dtype):
     lin = nn.Linear(48, 24, bias=False)
     q8 = Int8Linear.from_linear(lin)
     x = torch.randn(3, 5, 48).to(dtype)
-    want = x.float() @ (q8.weight.float() * q8.scales[:, None]).T  # the int8 weights, spelled out in fp32
+    want = x.float() @ q8.dequantized().T  # the int8 weights, spelled out in fp32
     tol = 1e-4 if dtype == torch.float32 and not CPU_HAS_BF16 else 3e-2  # bf16 activations where the CPU has them
     torch.testing.assert_close(q8(x).float(), want, rtol=tol, atol=tol)
     torch.testing.assert_close(q8(x).float(), lin(x.float()).detach(), rtol=0.05, atol=0.05)
@@ -83,7 +84,7 @@ def test_int8_model_logits_close_and_greedy_tokens_mostly_equal(tied):
 
 
 def test_quantizing_fused_equals_quantizing_separate(tiny_model):
-    """Per-row scales do not care which matrix a row came from: fuse-then-int8 == int8 alone."""
+    """Int8 scales (per group of a row) do not care which matrix a row came from: fuse-then-int8 == int8 alone."""
     import copy
 
     separate = copy.deepcopy(tiny_model)
@@ -94,8 +95,8 @@ def test_quantizing_fused_equals_quantizing_separate(tiny_model):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_q8_0_blocks_to_per_row_int8():
-    """Q8_0 bytes built with gguf's own quantizer read back within half a per-row step."""
+def test_q8_0_blocks_run_as_they_are():
+    """Q8_0 bytes built with gguf's own quantizer are, as int8 groups, exactly what the file means."""
     import gguf.quants as gguf_quants
     from gguf import GGMLQuantizationType
 
@@ -104,9 +105,8 @@ def test_q8_0_blocks_to_per_row_int8():
     raw = gguf_quants.quantize(w, GGMLQuantizationType.Q8_0)         # uint8 [6, 68]
     exact = gguf_quants.dequantize(raw, GGMLQuantizationType.Q8_0)    # what the file means
     q, scales = int8_from_q8_0(raw, (6, 64))
-    got = q.float() * scales[:, None]
-    assert bool(((got - torch.from_numpy(exact)).abs() <= scales[:, None] / 2 + 1e-6).all())
-    assert float((got - torch.from_numpy(w)).abs().max()) < float(scales.max())
+    assert scales.shape == (6, 2)
+    torch.testing.assert_close(dequantize_int8(q, scales), torch.from_numpy(exact), rtol=0, atol=0)
 
 
 def test_gguf_straight_to_int8_equals_quantizing_the_loaded_model(tmp_path):

@@ -17,7 +17,7 @@ from conftest import make_config, make_model
 from llama3.config import RopeScaling
 from llama3.fast import kernels, speed_up
 from llama3.fast.int4 import Bf16Head, Int4Linear
-from llama3.fast.quantize import CPU_HAS_BF16, PREFILL_ROWS, Int8Linear, quantize_rows
+from llama3.fast.quantize import CPU_HAS_BF16, PREFILL_ROWS, Int8Linear, quantize_int8_groups
 from llama3.generate import GenerationSettings, generate_tokens
 from llama3.model import KVCache, apply_rope, fused_attention, rms_norm
 
@@ -37,9 +37,12 @@ def weight(n, k, seed=0):
 @pytest.mark.parametrize("n, k", [(192, 64), (70, 48), (1, 16)])  # rows not a multiple of 4 too
 def test_float_and_int8_matvec_equal_pytorch(ops, n, k):
     w, x, batch = weight(n, k), torch.randn(1, k), torch.randn(3, k)
-    int8 = Int8Linear(*quantize_rows(w))
+    row_scales = w.abs().amax(dim=1) / 127                           # kind INT8: a float32 scale per row
+    rows_q = torch.round(w / row_scales[:, None]).to(torch.int8)
+    int8 = Int8Linear(*quantize_int8_groups(w))                       # kind INT8_GROUP: what Int8Linear runs
     cases = [(w, None, kernels.F32, w), (w.to(torch.bfloat16), None, kernels.BF16, w.to(torch.bfloat16).float()),
-             (int8.weight, int8.scales, kernels.INT8, int8.weight.float() * int8.scales[:, None])]
+             (rows_q, row_scales, kernels.INT8, rows_q.float() * row_scales[:, None]),
+             (int8.weight, int8.scales, kernels.INT8_GROUP, int8.dequantized())]
     for stored, scales, kind, matrix in cases:
         for rows in (x, batch):  # one row, and 3 rows reading each block of weights once
             torch.testing.assert_close(ops.matvec(rows, stored, scales, kind, n), rows @ matrix.t(), rtol=1e-5, atol=1e-5)

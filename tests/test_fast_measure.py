@@ -26,7 +26,7 @@ def _linear_shapes(config):
 @pytest.mark.parametrize("tied", [True, False])
 def test_weight_bytes_per_token_counts_every_matrix_once(tied):
     """float32: 4 bytes per weight of every block matrix and the head (a tied head is the
-    embedding table, counted once); bf16 half that; int8 one byte plus a float32 scale per row."""
+    embedding table, counted once); bf16 half that; int8 one byte plus a float16 scale per 32 weights."""
     from llama3.fast import speed_up
     from llama3.fast.measure import weight_bytes_per_token
     from llama3.params import count_params
@@ -39,7 +39,7 @@ def test_weight_bytes_per_token_counts_every_matrix_once(tied):
     assert weight_bytes_per_token(make_model(config)) == 4 * weights
     assert weight_bytes_per_token(speed_up(make_model(config))) == 4 * weights            # fused: same bytes
     assert weight_bytes_per_token(speed_up(make_model(config).to(torch.bfloat16))) == 2 * weights
-    assert weight_bytes_per_token(speed_up(make_model(config), "int8")) == sum(n * k + 4 * n for n, k in shapes)
+    assert weight_bytes_per_token(speed_up(make_model(config), "int8")) == sum(n * k + 2 * n * k // 32 for n, k in shapes)
 
 
 def test_int4_counts_half_a_byte_a_weight_and_a_bf16_head():

@@ -2,6 +2,9 @@
 
 Used by the checkpoint loader (`checkpoint/gguf.py`), the tokenizer (`tokenizer/gguf_vocab.py`,
 metadata only) and the quantized loaders (`fast/gguf_quantized.py`, which read the blocks).
+The block layouts the quantized loaders run as they are (Q8_0, Q4_0, Q4_1: integers and fp16
+scales) are decoded by this module's sibling `gguf_blocks.py`; `dequantize` here turns any
+type into float.
 
 Layout (ggml/docs/gguf.md), little-endian throughout:
 

@@ -24,8 +24,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """--quantize and --plain, for commands that generate (llama3.fast is on unless --plain)."""
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="weight-only quantization for faster decoding at a small accuracy cost "
-                             "(`llama3 perplexity --quantize` measures it). int8: per-row scales, a quarter "
-                             "of the float32 bytes. int4: a scale and offset per 32 weights (CPU only); the "
+                             "(`llama3 perplexity --quantize` measures it). int8: a scale per 32 weights (GGUF's Q8_0), "
+                             "about a quarter of the float32 bytes. int4: a scale and offset per 32 weights (CPU only); the "
                              "embedded model's own Q4_1 weights run as they are. From a .gguf, Q8_0 and Q4_0/Q4_1 "
                              "blocks are read directly")
     parser.add_argument("--plain", action="store_true",

@@ -4,7 +4,7 @@
     kernels.cpp/.py  C++ kernels as PyTorch operators: matvec (fp32/bf16/int8/int4), rms_norm, rope,
                   attention over the KV cache in place (built with torch.utils.cpp_extension)
     fuse.py       q/k/v and gate/up projections stacked into one matmul each
-    quantize.py   weight-only int8 linears with per-row scales
+    quantize.py   weight-only int8 linears, a float16 scale per 32 weights (GGUF's Q8_0)
     packed.py     bf16 linears packed once for oneDNN's CPU kernels (where the C++ kernels are not)
     int4.py       weight-only int4 linears, 32-weight groups (the Q4_1 scheme of the embedded model)
     gguf_quantized.py  a GGUF file straight to int8/int4 (Q8_0/Q4_x blocks never become float matrices)
@@ -28,7 +28,7 @@ def speed_up(model: nn.Module, quantize: str | None = None, fuse: bool = True, p
     """Choose the decoding plan for `model` and apply it in place (`plan.py`); returns the model.
 
     fuse: stack q/k/v and gate/up (same numbers up to float rounding).
-    quantize: None (keep the float weights), "int8" (weight-only, per-row scales) or "int4"
+    quantize: None (keep the float weights), "int8" (weight-only, a scale per 32 weights) or "int4"
           (weight-only, a scale and offset per 32 weights; CPU only; the head stays bf16).
     native: on the CPU, the C++ kernels (`kernels.py`; built on first use, skipped where no
           compiler is found): decoding's matrix-vector products, RMSNorm, RoPE and attention

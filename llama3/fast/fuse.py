@@ -10,7 +10,7 @@ which matters when decoding one token spends its time on per-call overhead.
 Applied after loading, from outside: `fuse_projections(model)` stacks the
 weights into `wqkv` / `w13` (set with setattr) and frees the separate matrices;
 model.py's Attention and FeedForward use the stacked one where it is set.  Fusing works on float
-and on int8 linears alike (per-row int8 scales do not care which matrix a row
+and on int8 linears alike (int8 scales, per group of a row, do not care which matrix a row
 came from), so quantizing before or after fusing gives the same model.
 """
 
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from llama3.fast.int4 import Int4Linear
-from llama3.fast.quantize import Int8Linear, quantize_rows
+from llama3.fast.quantize import Int8Linear, quantize_int8_groups
 
 
 def _stack(*linears: nn.Module) -> nn.Module:
@@ -31,7 +31,7 @@ def _stack(*linears: nn.Module) -> nn.Module:
     if any(isinstance(lin, (Int4Linear, Int8Linear)) for lin in linears):
         # A mix (e.g. a k projection too narrow for the int4 kernel next to an int4 q): stack as int8
         linears = [lin if isinstance(lin, Int8Linear) else
-                   Int8Linear(*quantize_rows(lin.dequantized() if isinstance(lin, Int4Linear) else lin.weight))
+                   Int8Linear(*quantize_int8_groups(lin.dequantized() if isinstance(lin, Int4Linear) else lin.weight))
                    for lin in linears]
     if all(isinstance(lin, Int8Linear) for lin in linears):
         return Int8Linear(torch.cat([lin.weight for lin in linears]), torch.cat([lin.scales for lin in linears]))

@@ -4,12 +4,14 @@
 quantizing that afterwards needs the float model in memory first.  Here each
 weight goes from its blocks to a quantized linear directly:
 
-    int8   Q8_0 blocks -> Int8Linear, one row at a time (`int8_from_q8_0`)
+    int8   Q8_0 blocks -> Int8Linear, exactly the file's int8 groups (`int8_from_q8_0`);
+           any other type (the embedded model's Q4_1) dequantized, then int8 per 32 weights
     int4   Q4_0 / Q4_1 blocks -> Int4Linear, exactly the file's 4-bit weights (`int4_from_q4_1`);
            the output head (and the token table it may share) -> bfloat16 (`Bf16Head`)
 
-Only the norms (and any tensor stored as float) are read as float; a linear
-stored in another type is dequantized and quantized on its own.  With tied
+The blocks are decoded by the GGUF reader (`checkpoint/gguf_blocks.py`); this module only
+turns them into the kernels' layouts.  Only the norms (and any tensor stored as float) are read
+as float; a linear stored in another type is dequantized and quantized on its own.  With tied
 embeddings, the token table reads the head's rows (`Int8Embedding` / `Bf16Embedding`).
 """
 
@@ -22,7 +24,7 @@ from torch import nn
 
 from llama3.errors import CheckpointError
 from llama3.fast.int4 import Int4Linear, fits_int4, int4_from_q4_0, int4_from_q4_1, quantize_groups, set_bf16_head
-from llama3.fast.quantize import Int8Embedding, Int8Linear, int8_from_q8_0, quantize_rows
+from llama3.fast.quantize import Int8Embedding, Int8Linear, int8_from_q8_0, quantize_int8_groups
 from llama3.model import Transformer
 
 
@@ -42,7 +44,7 @@ def _quantized_linear(tensor, path: str, kind: str) -> nn.Module:
         return Int4Linear(*quantize_groups(dequantize(tensor, path)))
     if tensor.tensor_type == T.Q8_0:
         return Int8Linear(*int8_from_q8_0(tensor.data, shape))
-    return Int8Linear(*quantize_rows(dequantize(tensor, path)))
+    return Int8Linear(*quantize_int8_groups(dequantize(tensor, path)))
 
 
 def load_gguf_quantized(path: str | os.PathLike, kind: str = "int8", dtype: torch.dtype | None = None):

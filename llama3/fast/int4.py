@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llama3.checkpoint.gguf_blocks import decode_q4_0, decode_q4_1
 from llama3.model import Lean
 
 from llama3.fast import kernels
@@ -45,39 +46,19 @@ def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return q.reshape(n_rows, k), scale, low + 8 * scale
 
 
-def _blocks(raw: np.ndarray, shape: tuple[int, int], block_bytes: int) -> np.ndarray:
-    n_rows, k = shape
-    if k % GROUP:
-        raise ValueError(f"Q4 rows hold whole {GROUP}-weight blocks; K={k} is not a multiple of {GROUP}")
-    return np.ascontiguousarray(raw, dtype=np.uint8).reshape(n_rows, k // GROUP, block_bytes)
-
-
-def _nibbles(packed: np.ndarray) -> torch.Tensor:
-    """GGUF Q4 quants [N, K/32, 16] uint8 -> q [N, K] int32: byte j holds weight j (low 4 bits)
-    and weight j + 16 (high 4 bits) of its block."""
-    low, high = packed & 0x0F, packed >> 4
-    q = np.concatenate([low, high], axis=-1)                            # [N, K/32, 32]
-    return torch.from_numpy(q.reshape(q.shape[0], -1).astype(np.int32))
-
-
-def _halves(raw: np.ndarray) -> torch.Tensor:
-    """fp16 numbers stored as 2 bytes [..., 2] uint8 -> float32 [...]."""
-    return torch.from_numpy(raw.copy().view(np.float16)[..., 0].astype(np.float32))
-
-
 def int4_from_q4_1(raw: np.ndarray, shape: tuple[int, int]):
-    """GGUF Q4_1 bytes (per block: fp16 d, fp16 m, 16 bytes of quants; w = d*q + m) ->
-    (q [N, K] int32, scale [N, K/32], zero [N, K/32]) in this module's convention."""
-    blocks = _blocks(raw, shape, 20)                                    # [N, K/32, 2 + 2 + 16]
-    d, m = _halves(blocks[..., 0:2]), _halves(blocks[..., 2:4])         # [N, K/32] each
-    return _nibbles(blocks[..., 4:]), d, m + 8 * d
+    """GGUF Q4_1 bytes (w = d*q + m per block, decoded by `checkpoint/gguf_blocks.py`) ->
+    (q [N, K] uint8, scale [N, K/32], zero [N, K/32]) in this module's convention."""
+    q, d, m = decode_q4_1(raw, shape)
+    d, m = d.float(), m.float()
+    return q, d, m + 8 * d
 
 
 def int4_from_q4_0(raw: np.ndarray, shape: tuple[int, int]):
-    """GGUF Q4_0 bytes (per block: fp16 d, 16 bytes of quants; w = d*(q - 8)) -> (q, scale, zero)."""
-    blocks = _blocks(raw, shape, 18)                                    # [N, K/32, 2 + 16]
-    d = _halves(blocks[..., 0:2])
-    return _nibbles(blocks[..., 2:]), d, torch.zeros_like(d)
+    """GGUF Q4_0 bytes (w = d*(q - 8) per block) -> (q, scale, zero)."""
+    q, d = decode_q4_0(raw, shape)
+    d = d.float()
+    return q, d, torch.zeros_like(d)
 
 
 def fits_int4(shape: tuple[int, int]) -> bool:

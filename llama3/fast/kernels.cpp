@@ -9,6 +9,8 @@
  *               bytes [N/64, K, 32]; byte d of (block b, column k) holds the 4-bit value of row
  *               64b + d (low half) and row 64b + d + 32 (high half); bfloat16 scale and zero per
  *               32 columns, [K/32, N, 2]:                                w = (q - 8) * scale + zero
+ *       kind 4  INT8_GROUP  [N, K] int8 with a float16 scale per group of G columns, [N, K/G]
+ *               (G = 32: GGUF's Q8_0; G % 16 == 0):                      w = scale[n, k / G] * q
  *   dequantize_int4(packed, scales_and_zeros, n)  the INT4 matrix as bfloat16 [N, K] (for prompts)
  *   rms_norm(x, weight, eps)            weight * (x / sqrt(mean(x²) + eps)), rounded as model.py rounds
  *   rope(x, cos, sin)                   model.py's apply_rope: pairs (x[2i], x[2i+1]) rotated
@@ -31,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifndef LLAMA3_NS
 #define LLAMA3_NS llama3
@@ -38,7 +41,7 @@
 
 namespace {
 
-enum { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3 };
+enum { F32 = 0, BF16 = 1, INT8 = 2, INT4 = 3, INT8_GROUP = 4 };
 
 struct Matrix {
     int kind, n, k;
@@ -204,6 +207,106 @@ void matvec_int4(const Matrix &m, const float *xs, float *ys, int batch, int64_t
         }
 }
 
+/* INT8_GROUP (fast/quantize.py): rows [n_begin, n_end), 4 at a time; per group of G columns the
+ * products q x are summed in float32, then multiplied by that group's float16 scale and added:
+ * y[n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[k].  The next 4 rows are prefetched as above. */
+inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals included
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
+    uint32_t u;
+    if (exp == 0x1F) u = sign | 0x7F800000 | (mant << 13);
+    else if (exp != 0) u = sign | ((exp + 112) << 23) | (mant << 13);
+    else {
+        float f = (float)mant * (1.f / 16777216.f);  // mant * 2^-24
+        std::memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+#if defined(__F16C__) && SIMD
+inline float half_scale(uint16_t h) { return _cvtsh_ss(h); }
+#else
+inline float half_scale(uint16_t h) { return f16_to_f32(h); }
+#endif
+
+/* G: the group size when it is known at compile time (32, GGUF's Q8_0: the group's loop unrolls),
+ * 0 when it is read at run time (`group`). */
+template <int G>
+void matvec_int8_groups(const Matrix &m, int group, const float *xs, float *ys, int batch, int64_t n_begin,
+                        int64_t n_end) {
+    const int8_t *w = (const int8_t *)m.w;
+    const uint16_t *scales = (const uint16_t *)m.scales;  // [N, K/G] float16 bits
+    const int K = m.k, N = m.n, size = G ? G : group, groups = K / size;
+#if SIMD
+    /* the 4 rows' scales widened to float32 once per block of rows, so each group costs one
+     * broadcast load and one multiply-add per row (converting per group made it ~1.7x slower) */
+    std::vector<float> widened(4 * (size_t)groups);
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        const int8_t *r[4];
+        const float *sf[4];
+        for (int i = 0; i < 4; i++) {
+            const int64_t row = n0 + (i < rows ? i : 0);  // missing rows repeat the first; never stored
+            r[i] = w + (size_t)row * K;
+            const uint16_t *s = scales + (size_t)row * groups;
+            float *f = widened.data() + (size_t)i * groups;
+            int g = 0;
+            for (; g + 16 <= groups; g += 16)
+                _mm512_storeu_ps(f + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g))));
+            for (; g < groups; g++) f[g] = half_scale(s[g]);
+            sf[i] = f;
+        }
+        for (int b = 0; b < batch; b++) {
+            const float *x = xs + (size_t)b * K;
+            float *y = ys + (size_t)b * N;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int g = 0; g < groups; g++) {
+                /* the group's first 16 columns multiply (no zeroed accumulators: fewer instructions
+                 * per group, which is what limits this loop when the rows sit in the cache) */
+                const int k0 = g * size;
+                const __m512 x0 = _mm512_loadu_ps(x + k0);
+                if (b == 0 && k0 % 64 == 0)
+                    for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(r[i] + 4 * (size_t)K + k0), _MM_HINT_T0);
+                __m512 p0 = _mm512_mul_ps(load16(r[0] + k0), x0), p1 = _mm512_mul_ps(load16(r[1] + k0), x0),
+                       p2 = _mm512_mul_ps(load16(r[2] + k0), x0), p3 = _mm512_mul_ps(load16(r[3] + k0), x0);
+                for (int k = k0 + 16; k < k0 + size; k += 16) {
+                    const __m512 xv = _mm512_loadu_ps(x + k);
+                    if (b == 0 && k % 64 == 0)
+                        for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(r[i] + 4 * (size_t)K + k), _MM_HINT_T0);
+                    p0 = _mm512_fmadd_ps(load16(r[0] + k), xv, p0);
+                    p1 = _mm512_fmadd_ps(load16(r[1] + k), xv, p1);
+                    p2 = _mm512_fmadd_ps(load16(r[2] + k), xv, p2);
+                    p3 = _mm512_fmadd_ps(load16(r[3] + k), xv, p3);
+                }
+                a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(sf[0][g]), a0);
+                a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(sf[1][g]), a1);
+                a2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(sf[2][g]), a2);
+                a3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(sf[3][g]), a3);
+            }
+            const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                   _mm512_reduce_add_ps(a3)};
+            for (int i = 0; i < rows; i++) y[n0 + i] = sums[i];
+        }
+    }
+#else
+    for (int64_t n = n_begin; n < n_end && n < N; n++)
+        for (int b = 0; b < batch; b++) {
+            const int8_t *row = w + (size_t)n * K;
+            const float *x = xs + (size_t)b * K;
+            float total = 0.f;
+            for (int g = 0; g < groups; g++) {
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int k = g * size; k < (g + 1) * size; k++) acc += (float)row[k] * x[k];
+                total += acc * half_scale(scales[(size_t)n * groups + g]);
+            }
+            ys[(size_t)b * N + n] = total;
+        }
+#endif
+}
+
 }  // namespace
 
 /* x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype. */
@@ -226,6 +329,17 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
     if (kind == INT4) {
         TORCH_CHECK(n % 64 == 0 && scales.has_value(), "matvec: int4 needs N % 64 == 0 and scales");
         llama3_threads::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) { matvec_int4(m, xs, ys, batch, b, e); });
+    } else if (kind == INT8_GROUP) {
+        TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kHalf && scales->is_contiguous() &&
+                        scales->dim() == 2 && scales->size(0) == n && k % scales->size(1) == 0 &&
+                        (k / scales->size(1)) % 16 == 0 && weight.scalar_type() == at::kChar,
+                    "matvec: int8 groups need int8 weights and float16 scales [N, K/G], G % 16 == 0");
+        const int group = (int)(k / scales->size(1));
+        llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
+            const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
+            if (group == 32) matvec_int8_groups<32>(m, group, xs, ys, batch, lo, hi);
+            else matvec_int8_groups<0>(m, group, xs, ys, batch, lo, hi);
+        });
     } else {
         TORCH_CHECK(kind != INT8 || scales.has_value(), "matvec: int8 needs scales");
         llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {

@@ -49,6 +49,7 @@ HEADERS = [Path(__file__).with_name("threads.h")]
 # not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 F32, BF16, INT8, INT4 = 0, 1, 2, 3
+INT8_GROUP = 4  # int8 with a float16 scale per group of 32 weights (fast/quantize.py; GGUF's Q8_0)
 FEW_ROWS = 32  # up to this many token rows (decoding, a batch of sequences) the C++ passes run
 
 _namespaces: dict[bool, str] = {}

@@ -26,11 +26,11 @@
 #include <cstring>
 #include <vector>
 
-#include "threads.h"  // the kernels' own pool: a pre-empted worker costs nothing (threads.cpp)
-
 #ifndef LLAMA3_NS
 #define LLAMA3_NS llama3
 #endif
+
+#include "threads.h"  // the kernels' own pool: a pre-empted worker costs nothing (threads.cpp)
 
 namespace {
 

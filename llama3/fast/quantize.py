@@ -1,18 +1,25 @@
-"""Weight-only int8 quantization: each weight matrix stored as int8 plus one scale per output row.
+"""Weight-only int8 quantization in groups: each run of 32 weights of a row shares one scale (GGUF's Q8_0).
 
-    W [N, K] (float)  ->  scale [N] = max_k |W[n, k]| / 127,   Wq [N, K] = round(W / scale) (int8)
-    y = x @ Wᵀ        ~=  (x @ Wqᵀ) * scale                     (activations stay float)
+    W [N, K] (float)  ->  scale [N, K/32] = max |w| of the group / 127  (float16),
+                          Wq [N, K] = round(W / scale of its group)     (int8, -127..127)
+    y = x @ Wᵀ        ~=  sum over groups g of  scale[n, g] * (x_g @ Wq[n, g]ᵀ)    (activations stay float)
 
-A quarter of the fp32 bytes (half of bf16), and decoding one token reads every
-weight once, so on a memory-bound CPU fewer bytes are more tokens per second.
-The rounding error per weight is at most scale / 2, i.e. 0.4% of the row's
-largest weight; `llama3 perplexity --quantize int8` measures what it costs.
+A quarter of the fp32 bytes plus 2 bytes per 32 weights (1.06 bytes a weight, as Q8_0), and
+decoding one token reads every weight once, so on a memory-bound CPU fewer bytes are more
+tokens per second.  The rounding error per weight is at most half its group's step (scale / 2;
+the scale is rounded *up* to float16, so no weight is clipped).  Why groups: with one scale per
+row (what this module did before), a row's largest weight sets the step for all 576-1536 of
+them; on the embedded model, whose Q4_1 weights have their own scale per 32, that cost +0.66%
+perplexity and matched the float32 greedy continuation on 4 of 16 prompts.  Per 32 the step
+is ~1/17 of the 4-bit step it re-expresses (`benchmarks/perplexity_check.py` measures it).
+A GGUF Q8_0 tensor is this format already: `int8_from_q8_0` runs its blocks as they are.
 
-Applied from outside the model: `quantize_int8(model)` swaps every `nn.Linear`
-for an `Int8Linear` (and, when the output head shares the embedding matrix, the
-embedding for an `Int8Embedding` reading the same int8 rows), so model.py stays
-the readable float version.  `int8_from_q8_0` builds the same int8 rows from a
-GGUF Q8_0 tensor's blocks without materialising the float matrix.
+Applied from outside the model: `quantize_int8(model)` swaps every `nn.Linear` for an
+`Int8Linear` (and, when the output head shares the embedding matrix, the embedding for an
+`Int8Embedding` reading the same int8 rows), so model.py stays the readable float version.
+Decoding runs the C++ matvec (`kernels.cpp`, kind INT8_GROUP); prompts widen the matrix to
+bfloat16 for one GEMM; without the C++ kernels (or off the CPU) the matrix is widened to the
+activations' dtype for each product (correct, slower: int4 or bf16 decode faster there).
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama3.checkpoint.gguf_blocks import decode_q8_0
+from llama3.fast import kernels
 from llama3.model import Lean
 
 
@@ -29,93 +38,102 @@ CPU_HAS_BF16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkl
 # From this many input rows on (a prompt, not one decoded token), widening the weights to
 # bfloat16 and running one 16-bit matrix-matrix product beats the weight-only kernels,
 # which are built for matrix-vector products: for a 512-token prompt ~7x (int8) and ~3x (int4)
-# on a 2-core Sapphire Rapids.  The widening is exact for int8 values.
+# on a 2-core Sapphire Rapids.
 PREFILL_ROWS = 32
+GROUP = 32  # weights per scale, as in GGUF's Q8_0 blocks
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: weight [N, K] float -> (int8 [N, K], scales [N] float32)."""
+def group_size(k: int) -> int:
+    """Weights per scale for rows of k weights: 32, or the whole row where k is not a multiple of 32."""
+    return GROUP if k % GROUP == 0 else k
+
+
+def quantize_int8_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per group: weight [N, K] float -> (int8 [N, K], scales [N, K/G] float16),
+    G = group_size(K); w ~= scale * q, |error| <= scale / 2, the largest |w| of a group maps to ±127."""
     w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0        # [N]: the largest |w| of a row maps to 127
-    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
-    return q, scales
+    n_rows, k = w.shape
+    groups = w.reshape(n_rows, k // group_size(k), group_size(k))     # [N, K/G, G]
+    top = groups.abs().amax(dim=-1)                                    # [N, K/G]
+    if bool((top / 127 > torch.finfo(torch.float16).max).any()):
+        raise ValueError(f"weights up to {float(top.max()):.3g} do not fit int8 with float16 scales")
+    scales = (top / 127).to(torch.float16)                             # rounded to nearest ...
+    rounded_down = scales.float() * 127 < top                          # ... and where that was down, one step up,
+    scales = torch.where(rounded_down, torch.nextafter(scales, torch.full_like(scales, torch.inf)), scales)
+    inverse = torch.where(scales > 0, 1 / scales.float(), torch.zeros_like(top))  # all-zero groups stay 0
+    q = torch.round(groups * inverse[..., None]).clamp(-127, 127).to(torch.int8)  # so |q| <= 127 without clipping
+    return q.reshape(n_rows, k), scales
 
 
 def int8_from_q8_0(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF Q8_0 bytes -> per-row int8 (int8 [N, K], scales [N] float32), one row at a time in float.
+    """GGUF Q8_0 bytes -> (int8 [N, K], scales [N, K/32] float16): the file's own blocks, as they are.
+    blocks: the tensor's raw bytes, uint8 [N * K / 32 * 34] (decoded by `checkpoint/gguf_blocks.py`)."""
+    return decode_q8_0(blocks, shape)
 
-    Q8_0 stores each run of 32 weights as (fp16 scale d, 32 int8 values q): w = d * q.
-    A row has K/32 blocks with different d; re-expressed with the row's largest d,
-    q' = round(q * d / d_max) loses nothing for the block with d_max and at most half
-    a step for the others.  Only 256 rows at a time are ever held in float.
-    blocks: the tensor's raw bytes, uint8 [N * K / 32 * 34].
-    """
-    n_rows, k = shape
-    if k % 32:
-        raise ValueError(f"Q8_0 rows hold whole 32-weight blocks; K={k} is not a multiple of 32")
-    raw = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(n_rows, k // 32, 34)  # [N, K/32, 2 + 32]
-    d = torch.from_numpy(raw[:, :, :2].copy().view(np.float16).astype(np.float32))[..., 0]  # [N, K/32]
-    q = torch.from_numpy(raw[:, :, 2:].copy().view(np.int8))                                 # [N, K/32, 32]
-    d_max = d.abs().amax(dim=1).clamp(min=1e-12)                                             # [N]
-    rel = d / d_max[:, None]                                                                 # [N, K/32], in [-1, 1]
-    out = torch.empty(n_rows, k, dtype=torch.int8)
-    for start in range(0, n_rows, 256):  # [256, K/32, 32] float at a time, never the whole matrix
-        rows = slice(start, start + 256)
-        out[rows] = torch.round(q[rows].float() * rel[rows, :, None]).clamp(-127, 127).to(torch.int8).flatten(1)
-    return out, d_max
+
+def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(int8 [N, K], scales [N, K/G]) -> the matrix they stand for, [N, K] in `dtype`.  Computed in
+    float32 (|q| <= 127 times a float16 scale is exact there), rounded once to `dtype`."""
+    n_rows, k = weight.shape
+    groups = weight.view(n_rows, scales.shape[1], -1).float()          # [N, K/G, G]
+    # (one mixed-dtype torch.mul into a bf16 `out` makes the same numbers without the float32
+    # temporary, but measured 1.5-2x slower for a prompt's four products)
+    return (groups * scales.float()[..., None]).view(n_rows, k).to(dtype)
 
 
 class Int8Linear(Lean):
-    """A bias-free linear layer with int8 weights [N, K] and float32 per-row scales [N]."""
+    """A bias-free linear layer with int8 weights [N, K] and a float16 scale per group of G weights
+    [N, K/G] (G = 32 as Q8_0, or the whole row where K is not a multiple of 32)."""
 
     def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
-        self.register_buffer("weight", weight_int8)  # [N, K] int8
-        self.register_buffer("scales", scales)       # [N] float32
-        self._scales_as = None                       # scales in the kernel's dtype, made on first use
-        self.native = None                           # the C++ kernels' namespace name ("llama3"), where the plan chose them
+        if scales.dim() != 2 or scales.shape[0] != self.out_features or self.in_features % scales.shape[1]:
+            raise ValueError(f"int8 scales {list(scales.shape)} do not divide weights {list(weight_int8.shape)} into groups")
+        self.group = self.in_features // scales.shape[1]
+        self.register_buffer("weight", weight_int8.contiguous())                 # [N, K] int8
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())   # [N, K/G] float16
+        self.native = None  # the C++ kernels' namespace name ("llama3"), where the plan chose them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
         if linear.bias is not None:
             raise ValueError("Int8Linear has no bias; Llama linears have none")
-        return cls(*quantize_rows(linear.weight))
+        return cls(*quantize_int8_groups(linear.weight))
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The matrix [N, K] these weights stand for, exactly (float32) or rounded once to `dtype`."""
+        return dequantize_int8(self.weight, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
-        if self.native is not None and x.numel() < PREFILL_ROWS * self.in_features:  # decoding: C++ matvec
-            return getattr(torch.ops, self.native).matvec(x, self.weight, self.scales, 2, self.out_features)
-        if x.device.type == "cpu":
-            # One fused kernel: int8 weights are widened inside the matmul, never written out.
-            # It runs ~5x faster on bfloat16 activations than on float32 ones (measured on a
-            # Sapphire Rapids CPU), so float32 inputs are rounded to bfloat16 for it where
-            # the CPU has bfloat16 instructions.
-            compute = torch.bfloat16 if x.dtype == torch.float32 and CPU_HAS_BF16 else x.dtype
-            if self._scales_as is None or self._scales_as.dtype != compute:
-                self._scales_as = self.scales.to(compute)  # converted once, not on every call
-            rows = x.reshape(-1, self.in_features).to(compute)
-            if compute == torch.bfloat16 and rows.shape[0] >= PREFILL_ROWS:  # a prompt: one bf16 GEMM
-                y = F.linear(rows, self.weight.to(torch.bfloat16)) * self._scales_as
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self._scales_as)
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)  # the same, spelled out
+        few_rows = x.numel() < PREFILL_ROWS * self.in_features
+        if self.native is not None and few_rows:  # decoding: the C++ matvec reads the groups in place
+            return getattr(torch.ops, self.native).matvec(x, self.weight, self.scales, kernels.INT8_GROUP,
+                                                           self.out_features)
+        if x.device.type == "cpu" and CPU_HAS_BF16 and x.dtype in (torch.float32, torch.bfloat16) and not few_rows:
+            # a prompt: the matrix widened to bfloat16 once (rounded once), one 16-bit GEMM
+            y = F.linear(x.to(torch.bfloat16), self.dequantized(torch.bfloat16))
+            return y.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype))  # the same, in x's dtype (other devices, no C++)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row scales"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 groups of {self.group}"
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding reading int8 rows (row v = scales[v] * weight[v]), shareable with an Int8Linear head."""
+    """Token embedding reading int8 rows (row v = its groups' scales times weight[v]), shareable
+    with an Int8Linear head."""
 
     def __init__(self, head: Int8Linear, dtype: torch.dtype):
         super().__init__()
-        self.head = head   # owns weight [V, D] int8 and scales [V]
+        self.head = head   # owns weight [V, D] int8 and scales [V, D/G]
         self.dtype = dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, T, D]
-        rows = F.embedding(tokens, self.head.weight).to(self.dtype)       # [B, T, D]
-        return rows * self.head.scales[tokens].unsqueeze(-1).to(self.dtype)
+        rows = F.embedding(tokens, self.head.weight).float()                     # [B, T, D]
+        scales = F.embedding(tokens, self.head.scales).float()                   # [B, T, D/G]
+        rows = rows.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]    # [B, T, D/G, G]
+        return rows.flatten(-2).to(self.dtype)
 
 
 @torch.no_grad()
