@@ -110,6 +110,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from llama3.commands.generate import cli_wording, prefill_progress, settings_from_args, speed_report
     from llama3.commands.text_input import text_or_stdin
+    from llama3.engine.sequence import Result
     from llama3.generate import TextGeneration
     from llama3.parallel import tp
 
@@ -133,7 +134,10 @@ def generate(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
     if sys.stdout.isatty():
         sys.stdout.write("\n")
-    print(speed_report(generation.tokens), file=sys.stderr)
+    tokens = generation.tokens  # the one request's TokenGeneration, reported as the engine reports a Result
+    print(speed_report(Result(token_ids=tokens.tokens[0], finish_reason=tokens.finish_reasons[0],
+                              prompt_tokens=tokens.prompt_lengths[0], prefill_seconds=tokens.prefill_seconds,
+                              decode_seconds=tokens.decode_seconds, decode_steps=tokens.decode_steps)), file=sys.stderr)
     return 0
 
 
