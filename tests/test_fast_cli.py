@@ -29,7 +29,8 @@ def test_bench_prints_its_numbers(tiny_folder, capsys, extra):
                  "--threads", "1", "--json", *extra]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["prefill_tokens"] == 16 and report["decode_tokens"] == 4
-    for key in ("load_seconds", "prefill_tokens_per_second", "ttft_seconds", "decode_tokens_per_second"):
+    for key in ("load_seconds", "prefill_tokens_per_second", "ttft_seconds", "decode_tokens_per_second",
+                "engine_decode_tokens_per_second"):  # the engine: what generate, chat and serve run
         assert report[key] > 0
     assert report["peak_rss_bytes"] > 10 * 2**20
     assert report["weight_bytes_per_token"] > 0 and report["memory_read_bytes_per_second"] > 0

@@ -12,6 +12,8 @@ def test_decode_tokens_is_what_was_generated_when_the_context_caps_it():
     report = measure(model, prefill_tokens=8, new_tokens=100)
     assert report.decode_tokens == 24 - 16  # the 16-token prompt leaves room for 8
     assert measure(model, prefill_tokens=8, new_tokens=3).decode_tokens == 3
+    assert report.engine_decode_tokens_per_second > 0          # the engine's decode ran too, within the context
+    assert measure(model, prefill_tokens=8, new_tokens=3, engine=False).engine_decode_tokens_per_second is None
 
 
 # ------------------------------------------------------------ the memory bound

@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
                         compile=args.compile)
     load_seconds = time.perf_counter() - start
     try:
-        report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens)
+        report = measure(llm.model, load_seconds, args.prefill_tokens, args.new_tokens,
+                         engine=args.tp is None)  # tensor parallel: the ranks follow TokenGeneration only
     except Exception as e:  # torch.compile compiles on the first call, and can fail there
         if not args.compile:
             raise

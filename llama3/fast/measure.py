@@ -32,6 +32,7 @@ class SpeedReport:
     decode_tokens: int
     decode_tokens_per_second: float
     peak_rss_bytes: int
+    engine_decode_tokens_per_second: float | None = None  # the same decode through the engine
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +43,9 @@ class SpeedReport:
                 f"prefill              {self.prefill_tokens_per_second:8.1f} tokens/s  ({self.prefill_tokens} tokens)",
                 f"time to first token  {self.ttft_seconds * 1000:8.1f} ms",
                 f"decode               {self.decode_tokens_per_second:8.1f} tokens/s  ({self.decode_tokens} tokens)",
+                *([f"decode, engine       {self.engine_decode_tokens_per_second:8.1f} tokens/s  "
+                   "(paged cache: what generate, chat and serve run)"]
+                  if self.engine_decode_tokens_per_second is not None else []),
                 f"peak RSS             {self.peak_rss_bytes / 2**20:8.0f} MiB"]
 
 
@@ -98,13 +102,34 @@ def decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128,
     return ttft, 1.0 / per_token, generated
 
 
+def engine_decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128, repeats: int = 2) -> float:
+    """Decode tokens/s of one greedy request through the engine (`llama3.engine`: the paged cache
+    and scheduler that `llama3 generate`, `chat`, `serve` and `LLM.generate` run), best of repeats.
+    `decode_speed` measures the one-batch generator over a contiguous KVCache, whose steps are
+    recorded and replayed (fast/graph.py); the engine's are not yet, so the two differ."""
+    from llama3.engine import Engine
+    from llama3.generate import GenerationSettings
+
+    prompt_tokens = max(1, min(prompt_tokens, model.config.max_seq_len - 1))
+    prompt = prompt_of(prompt_tokens, model.config.vocab_size, seed=1)
+    settings = GenerationSettings(max_new_tokens=min(new_tokens, model.config.max_seq_len - prompt_tokens))
+    engine = Engine.sized_for(model, None, [prompt], settings)
+    try:
+        engine.run([prompt], GenerationSettings(max_new_tokens=8))  # warm-up
+        return max(engine.run([prompt], settings)[0].decode_tokens_per_second for _ in range(repeats))
+    finally:
+        engine.close()
+
+
 def measure(model, load_seconds: float | None = None, prefill_tokens: int = 512,
-            new_tokens: int = 128) -> SpeedReport:
-    """Prefill, time to first token, decode and peak RSS of `model` in this process."""
+            new_tokens: int = 128, engine: bool = True) -> SpeedReport:
+    """Prefill, time to first token, decode (and, with `engine`, decode through the engine) and
+    peak RSS of `model` in this process."""
     prefill = prefill_tokens_per_second(model, prefill_tokens)
     ttft, decode, decoded = decode_speed(model, new_tokens=new_tokens)
+    through_engine = engine_decode_speed(model, new_tokens=new_tokens) if engine else None
     return SpeedReport(load_seconds, min(prefill_tokens, model.config.max_seq_len), prefill, ttft,
-                       decoded, decode, peak_rss_bytes())
+                       decoded, decode, peak_rss_bytes(), through_engine)
 
 
 # ------------------------------------------------------------ the memory bound
