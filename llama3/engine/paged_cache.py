@@ -38,6 +38,8 @@ from llama3.model import fused_attention
 # SDPA over its gathered blocks: its blocked kernel beats one dot product per (query, key) on many
 # queries (measured: 25 new tokens over 1,500 cached ones took seconds through the C++ loop).
 KERNEL_MAX_QUERIES = 4
+# Block tables of a recorded decoding step are padded to at least this many blocks (1,024 tokens)
+TABLE_WIDTH = 64
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -187,6 +189,26 @@ class StepCache:
                 out[self.kernel_tokens] = self._kernel(queries[self.kernel_tokens], keys, values)
         return out.transpose(0, 1)[None]                                                # [1, H, N, Dh]
 
+    def graph_inputs(self) -> tuple[torch.Tensor, ...] | None:
+        """This step as tensors only, for a recorded decoding step (llama3/fast/graph.py replays the
+        model's forward with these as inputs): (k pool, v pool, write_block, write_offset, tables,
+        kernel_row, kernel_pos).  The tables are padded to TABLE_WIDTH blocks or the next power of two
+        (the kernel reads a row's blocks only up to its position), so one record serves every length
+        up to 1,024 tokens, and a longer one records again only at 2,048, 4,096, ... tokens.  None unless
+        every token is a decoding row attended by the C++ kernel."""
+        if self.sdpa_rows or not self.kernel_rows or not self.pool.attend_in_blocks:
+            return None
+        width = max(TABLE_WIDTH, 1 << (self.tables.shape[1] - 1).bit_length())
+        tables = self.tables.new_zeros(self.tables.shape[0], width)                    # [R, width]
+        tables[:, :self.tables.shape[1]] = self.tables
+        return (self.pool.k, self.pool.v, self.write_block, self.write_offset, tables, self.kernel_row,
+                self.kernel_pos)
+
+    def replayed(self, k, v, write_block, write_offset, tables, kernel_row, kernel_pos) -> "RecordedStep":
+        """The cache a recorded step sees: the same `attend`, on `graph_inputs()`'s tensors only."""
+        return RecordedStep(self.pool.kernel, self.pool.block_size, k, v, write_block, write_offset, tables,
+                            kernel_row, kernel_pos)
+
     def _kernel(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return self.pool.kernel.paged_attend(queries, keys, values, self.tables, self.kernel_row,
                                              self.kernel_pos, self.pool.block_size)
@@ -217,3 +239,23 @@ class StepCache:
         blocks, offsets = self._read
         return (keys[blocks, :, offsets].transpose(0, 1)[None],                        # [1, Hkv, S, Dh]
                 values[blocks, :, offsets].transpose(0, 1)[None])
+
+
+class RecordedStep:
+    """`StepCache.attend` for decoding rows only, written on tensors alone (no Python lists), so that a
+    trace of model.py's forward over it (llama3/fast/graph.py) holds every step of that shape:
+    k, v [n_layers, n_blocks, Hkv, block_size, Dh]; write_block, write_offset, kernel_row,
+    kernel_pos [N]; tables [R, M]."""
+
+    def __init__(self, kernel, block_size: int, k, v, write_block, write_offset, tables, kernel_row, kernel_pos):
+        self.kernel, self.block_size = kernel, block_size
+        self.k, self.v, self.write_block, self.write_offset = k, v, write_block, write_offset
+        self.tables, self.kernel_row, self.kernel_pos = tables, kernel_row, kernel_pos
+
+    def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
+        keys, values = self.k[layer], self.v[layer]                                     # [n_blocks, Hkv, bs, Dh]
+        keys[self.write_block, :, self.write_offset] = k[0].transpose(0, 1).to(keys.dtype)      # [N, Hkv, Dh]
+        values[self.write_block, :, self.write_offset] = v[0].transpose(0, 1).to(values.dtype)
+        out = self.kernel.paged_attend(q[0].transpose(0, 1), keys, values, self.tables, self.kernel_row,
+                                       self.kernel_pos, self.block_size)                # [N, H, Dh]
+        return out.transpose(0, 1)[None]                                                # [1, H, N, Dh]

@@ -38,6 +38,7 @@ from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
 from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, checked_prompt
+from llama3.fast.graph import graphs_of
 from llama3.model import Transformer
 
 
@@ -282,6 +283,10 @@ class Engine:
         # attention attends in the blocks (`StepCache.attend`); only the explicit path (inspection
         # hooks, `Attention.fused = False`) reads keys side by side and needs the step's mask
         explicit = not self.cache.attend_in_blocks or any(not layer.attention.fused for layer in self.model.layers)
+        if not explicit and want == list(range(tokens.shape[1])) and graphs_of(self.model) is not None:
+            # every token is sampled (a decoding step): the instance's forward, which replays a
+            # recorded step where it can (llama3/fast/graph.py), else runs Transformer.forward
+            return self.model(tokens, 0, step, positions=step.positions)[0]
         hook = self.model.norm.register_forward_pre_hook(only_wanted)
         try:
             logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions,

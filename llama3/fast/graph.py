@@ -87,6 +87,8 @@ class DecodeGraphs:
         return type(self.model).forward(self.model, *args, **kwargs)
 
     def __call__(self, tokens, start_pos=0, cache=None, positions=None, mask=None, last_only=False):
+        if getattr(cache, "graph_inputs", None) is not None:  # the engine's paged step
+            return self._paged(tokens, cache, positions, mask, last_only)
         if not self._replayable(tokens, start_pos, cache, positions, mask):
             return self.eager(tokens, start_pos, cache, positions, mask, last_only)
         model = self.model
@@ -113,6 +115,41 @@ class DecodeGraphs:
                 self.records[key] = record
         if record is False:
             return self.eager(tokens, start_pos, cache, positions, mask, last_only)
+        self.replays += 1
+        return record(*args)
+
+    def _paged(self, tokens, cache, positions, mask, last_only):
+        """A step of the engine (`llama3/engine/paged_cache.py`): one new token per decoding sequence,
+        side by side [1, N], each at its own position [1, N]; the cache's `graph_inputs()` (its
+        block pool, slots and tables as tensors) are the record's inputs, `replayed(...)` the cache
+        the record was traced over.  Prompt chunks and anything else run eagerly."""
+        inputs = None
+        if (enabled() and not torch.is_grad_enabled() and not torch.jit.is_tracing() and mask is None
+                and tokens.dim() == 2 and tokens.shape[0] == 1 and tokens.device.type == "cpu"
+                and positions is not None and tuple(positions.shape) == tuple(tokens.shape) and self._hook_free()):
+            inputs = cache.graph_inputs()
+        if inputs is None:
+            return self.eager(tokens, 0, cache, positions, mask, last_only)
+        model = self.model
+        if model.rope.cos.shape[0] < model.config.max_seq_len:  # tables for every position, built now
+            model.rope(torch.zeros(1, dtype=torch.long), model.config.max_seq_len)
+        if self.stamp is None or self._stamp() != self.stamp:
+            self._restamp()
+        if not self.pure:
+            return self.eager(tokens, 0, cache, positions, mask, last_only)
+        key = ("paged", type(cache), tokens.shape[1], inputs[4].shape, inputs[0].dtype, last_only)
+        args = (tokens, positions, *inputs)
+        record = self.records.get(key)
+        if record is None:
+            def step(tokens, positions, *tensors):
+                return self.eager(tokens, 0, cache.replayed(*tensors), positions, None, last_only)
+
+            record = self.records[key] = self._trace(step, args)
+            if self._stamp() != self.stamp:
+                self._restamp()
+                self.records[key] = record
+        if record is False:
+            return self.eager(tokens, 0, cache, positions, mask, last_only)
         self.replays += 1
         return record(*args)
 
@@ -174,12 +211,15 @@ class DecodeGraphs:
     def _record(self, args, last_only: bool):
         """Trace model.py's forward over `args` (it runs once, writing this step's key and value);
         False where it cannot be traced."""
-        model = self.model
-        grads = [p for p in model.parameters() if p.requires_grad]
-
         def step(tokens, positions, visible, slot, k, v):
             return self.eager(tokens, 0, _Slots(k, v, slot), positions, visible, last_only)
 
+        return self._trace(step, args)
+
+    def _trace(self, step, args):
+        """torch.jit.trace of `step` over `args` (it runs once); False where it cannot be traced."""
+        model = self.model
+        grads = [p for p in model.parameters() if p.requires_grad]
         try:
             for p in grads:  # the trace keeps weights as constants, which may not require grad
                 p.requires_grad_(False)
