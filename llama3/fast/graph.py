@@ -13,8 +13,10 @@ forward did.
     model.forward = DecodeGraphs(model)        # what apply_plan does with the C++ kernels
 
 Then `model(tokens, start_pos, cache, positions, mask, last_only)` with one new token per row
-and a `KVCache` replays a record; anything else (prompts, training, hooks, a paged cache, other
-devices) runs `Transformer.forward` itself.  A record is independent of the position and of the
+and a `KVCache` replays a record, and so does the engine's decoding step over its paged cache (a
+cache with `graph_inputs()`: its block pool, write slots and padded block tables are the record's
+inputs, `replayed(...)` the cache traced over; one record per number of sequences); anything else
+(prompts and prompt chunks, training, hooks, other devices) runs `Transformer.forward` itself.  A record is independent of the position and of the
 cache's length: the position, the cache's tensors and a mask over all its slots are inputs
 (`_Slots`: the new key/value written with index_copy_ at a tensor position, attention over every
 slot with the ones not yet written masked off: the same numbers as attending over the first
