@@ -103,6 +103,7 @@ def test_the_engine_replays_its_decoding_steps_with_the_eager_tokens(dtype):
     fast, eager = pair(dtype)
     plain = make_model(make_config(n_layers=3), seed=4).to(dtype)
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6] * 20]
+    graph.graphs_of(fast).paged_record_after = 4  # record after a few eager steps (the default waits 256)
     runs = {}
     for name, model in (("fast", fast), ("eager", eager), ("plain", plain)):
         engine = Engine(model, None, EngineConfig(kv_memory="4MB", parallel=4, step_tokens=8))
@@ -113,7 +114,7 @@ def test_the_engine_replays_its_decoding_steps_with_the_eager_tokens(dtype):
         finally:
             engine.close()
         runs[name] = (greedy, seeded)
-    assert graph.graphs_of(fast).replays > 30 and graph.graphs_of(fast).records  # most steps were replayed
+    assert graph.graphs_of(fast).replays > 20 and graph.graphs_of(fast).records  # most steps were replayed
     assert runs["fast"] == runs["eager"]
     if dtype == torch.float32:  # bf16 kernels round differently from the readable functions
         assert runs["fast"] == runs["plain"]

@@ -47,6 +47,9 @@ PURE_SLOTS = {readable.rms_norm, readable.apply_rope, readable.fused_attention,
               kernels.rms_norm, kernels.rms_norm_torch, kernels.rope, kernels.attention}
 
 
+PAGED_RECORD_AFTER = 256  # eager engine steps of one shape before it is recorded (DecodeGraphs.paged_record_after)
+
+
 def enabled() -> bool:
     return os.environ.get("LLAMA3_GRAPH", "1") != "0"
 
@@ -77,6 +80,11 @@ class DecodeGraphs:
         self.pure = False
         self.hooks_seen_at = None         # RemovableHandle.next_id when the model was last found hook-free
         self.replays = 0                  # steps replayed (for tests and `llama3 bench`)
+        # A trace costs ~30-70 eager steps (measured, SmolLM2 int4, 2 cores): the engine's steps of a
+        # shape are recorded only once that many ran eagerly, so a one-off `llama3 generate` of a few
+        # hundred tokens never pays for one, and a server's steady shapes replay from then on.
+        self.paged_record_after = PAGED_RECORD_AFTER
+        self.seen: dict[tuple, int] = {}
 
     # copies and pickles carry no records (they hold the original's tensors)
     def __deepcopy__(self, memo):
@@ -142,6 +150,9 @@ class DecodeGraphs:
         key = ("paged", type(cache), tokens.shape[1], inputs[4].shape, inputs[0].dtype, last_only)
         args = (tokens, positions, *inputs)
         record = self.records.get(key)
+        if record is None and self.seen.get(key, 0) < self.paged_record_after:  # not worth a trace yet
+            self.seen[key] = self.seen.get(key, 0) + 1
+            return self.eager(tokens, 0, cache, positions, mask, last_only)
         if record is None:
             def step(tokens, positions, *tensors):
                 return self.eager(tokens, 0, cache.replayed(*tensors), positions, None, last_only)
