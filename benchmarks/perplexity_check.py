@@ -106,18 +106,15 @@ def main() -> int:
         ours["ours-bf16"] = report("ours-bf16", model_logits_fn(bf16.model))
         check_greedy("ours-bf16", bf16)
         del bf16
-    if "int8" in configs:
-        q8 = work / "model-q8_0.gguf"
-        int8 = load_fast(str(q8) if q8.exists() else args.model, quantize="int8")
-        ours["ours-int8"] = report("ours-int8" + ("(q8_0)" if q8.exists() else ""), model_logits_fn(int8.model))
-        check_greedy("ours-int8", int8)
-        del int8
-    if "int4" in configs:
-        q4 = work / "model-q4_1.gguf"
-        int4 = load_fast(str(q4) if q4.exists() else args.model, quantize="int4")
-        ours["ours-int4"] = report("ours-int4" + ("(q4_1)" if q4.exists() else ""), model_logits_fn(int4.model))
-        check_greedy("ours-int4", int4)
-        del int4
+    for quantize, blocks in (("int8", "q8_0"), ("int4", "q4_1")):  # from llama.cpp's file where there is one
+        if quantize not in configs:
+            continue
+        source = work / f"model-{blocks}.gguf"
+        quantized = load_fast(str(source) if source.exists() else args.model, quantize=quantize)
+        name = f"ours-{quantize}"
+        ours[name] = report(name + (f"({blocks})" if source.exists() else ""), model_logits_fn(quantized.model))
+        check_greedy(name, quantized)
+        del quantized
     peers = {}
     try:
         for kind in ("f32", "f16", "q8_0", "q4_1"):

@@ -47,3 +47,14 @@ def default_llm():
     import llama3
 
     return llama3.load()
+
+
+@pytest.fixture(params=[False, True], ids=["simd", "plain-c++"])
+def ops(request):
+    """The C++ kernels' operator namespace, AVX-512 and plain-C++ builds (skipped where they cannot build)."""
+    from llama3.fast import kernels
+
+    built = kernels.library(plain=request.param)
+    if built is None:
+        pytest.skip(f"no C++ kernels here: {kernels.build_error(request.param)}")
+    return built

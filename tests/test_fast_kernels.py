@@ -22,14 +22,6 @@ from llama3.generate import GenerationSettings, generate_tokens
 from llama3.model import KVCache, apply_rope, fused_attention, rms_norm
 
 
-@pytest.fixture(params=[False, True], ids=["simd", "plain-c++"])
-def ops(request):
-    built = kernels.library(plain=request.param)
-    if built is None:
-        pytest.skip(f"no C++ kernels here: {kernels.build_error(request.param)}")
-    return built
-
-
 def weight(n, k, seed=0):
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.1
 

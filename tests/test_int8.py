@@ -27,14 +27,6 @@ def reference(x, q, scales):
     return (x.double() @ dequantize_int8(q, scales).double().t()).float()
 
 
-@pytest.fixture(params=[False, True], ids=["simd", "plain-c++"])
-def ops(request):
-    built = kernels.library(plain=request.param)
-    if built is None:
-        pytest.skip(f"no C++ kernels here: {kernels.build_error(request.param)}")
-    return built
-
-
 # Odd shapes: rows not a multiple of 4, one row, groups of 32 and one group per row (K = 48, 16).
 SHAPES = [(37, 96), (5, 64), (1, 32), (130, 576), (70, 48), (3, 16)]
 

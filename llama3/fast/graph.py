@@ -105,10 +105,6 @@ class DecodeGraphs:
         batch, length = tokens.shape[0], cache.max_len
         if model.rope.cos.shape[0] < length:  # tables for every slot, built now, not inside a record
             model.rope(torch.zeros(1, dtype=torch.long), length)
-        if self.stamp is None or self._stamp() != self.stamp:
-            self._restamp()
-        if not self.pure:
-            return self.eager(tokens, start_pos, cache, positions, mask, last_only)
         slot = torch.tensor([start_pos])
         if mask is None:
             visible = (torch.arange(length) <= start_pos).view(1, 1, 1, length)  # [1, 1, 1, max_len]
@@ -117,16 +113,11 @@ class DecodeGraphs:
             visible[..., :mask.shape[-1]] = mask
         key = (batch, cache.k.dtype, positions is None, visible.shape[0], last_only)
         args = (tokens, slot if positions is None else positions, visible, slot, cache.k, cache.v)
-        record = self.records.get(key)
-        if record is None:
-            record = self.records[key] = self._record(args, last_only)  # False: it cannot be traced
-            if self._stamp() != self.stamp:  # recording filled something lazily (scales made on first use)
-                self._restamp()
-                self.records[key] = record
-        if record is False:
-            return self.eager(tokens, start_pos, cache, positions, mask, last_only)
-        self.replays += 1
-        return record(*args)
+
+        def step(tokens, positions, visible, slot, k, v):
+            return self.eager(tokens, 0, _Slots(k, v, slot), positions, visible, last_only)
+
+        return self._replay(key, args, step, lambda: self.eager(tokens, start_pos, cache, positions, mask, last_only))
 
     def _paged(self, tokens, cache, positions, mask, last_only):
         """A step of the engine (`llama3/engine/paged_cache.py`): one new token per decoding sequence,
@@ -143,26 +134,32 @@ class DecodeGraphs:
         model = self.model
         if model.rope.cos.shape[0] < model.config.max_seq_len:  # tables for every position, built now
             model.rope(torch.zeros(1, dtype=torch.long), model.config.max_seq_len)
+        key = ("paged", type(cache), tokens.shape[1], inputs[4].shape, inputs[0].dtype, last_only)
+
+        def step(tokens, positions, *tensors):
+            return self.eager(tokens, 0, cache.replayed(*tensors), positions, None, last_only)
+
+        return self._replay(key, (tokens, positions, *inputs), step,
+                            lambda: self.eager(tokens, 0, cache, positions, mask, last_only), self.paged_record_after)
+
+    def _replay(self, key, args, step, eager_step, wait: int = 0):
+        """The record of `key` run on `args`: traced from `step` the first time (after `wait` eager
+        steps of that key), `eager_step()` where the model is not pure or `step` cannot be traced."""
         if self.stamp is None or self._stamp() != self.stamp:
             self._restamp()
         if not self.pure:
-            return self.eager(tokens, 0, cache, positions, mask, last_only)
-        key = ("paged", type(cache), tokens.shape[1], inputs[4].shape, inputs[0].dtype, last_only)
-        args = (tokens, positions, *inputs)
+            return eager_step()
         record = self.records.get(key)
-        if record is None and self.seen.get(key, 0) < self.paged_record_after:  # not worth a trace yet
+        if record is None and self.seen.get(key, 0) < wait:  # not worth a trace yet
             self.seen[key] = self.seen.get(key, 0) + 1
-            return self.eager(tokens, 0, cache, positions, mask, last_only)
+            return eager_step()
         if record is None:
-            def step(tokens, positions, *tensors):
-                return self.eager(tokens, 0, cache.replayed(*tensors), positions, None, last_only)
-
-            record = self.records[key] = self._trace(step, args)
-            if self._stamp() != self.stamp:
+            record = self.records[key] = self._trace(step, args)  # False: it cannot be traced
+            if self._stamp() != self.stamp:  # recording filled something lazily (scales made on first use)
                 self._restamp()
                 self.records[key] = record
         if record is False:
-            return self.eager(tokens, 0, cache, positions, mask, last_only)
+            return eager_step()
         self.replays += 1
         return record(*args)
 
@@ -220,14 +217,6 @@ class DecodeGraphs:
             out.extend([d.get("kernel"), d.get("rope_kernel"), d.get("attention_kernel"), d.get("fused")])
         out += [id(self.model.rope.cos), id(self.model.rope.sin)]  # ids: the tables are held in self.tables
         return out
-
-    def _record(self, args, last_only: bool):
-        """Trace model.py's forward over `args` (it runs once, writing this step's key and value);
-        False where it cannot be traced."""
-        def step(tokens, positions, visible, slot, k, v):
-            return self.eager(tokens, 0, _Slots(k, v, slot), positions, visible, last_only)
-
-        return self._trace(step, args)
 
     def _trace(self, step, args):
         """torch.jit.trace of `step` over `args` (it runs once); False where it cannot be traced."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llama3.config import ModelConfig
@@ -60,21 +59,9 @@ def write_meta_shards(model: Transformer, config: ModelConfig, folder: Path, sha
 def write_q8_0(source: Path, target: Path) -> None:
     """The F32 GGUF with every matrix stored as Q8_0 by the gguf package's own quantizer."""
     import gguf
+    from test_gguf import rewrite_matrices  # tests/ is on the path (pytest's rootdir)
 
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(str(target), "llama")
-    for key, field in reader.fields.items():
-        if key.startswith("llama.") and len(field.types) == 1:
-            writer.add_key_value(key, field.contents(), field.types[0])
-    for t in reader.tensors:
-        data = np.array(t.data)
-        quant = gguf.GGMLQuantizationType.Q8_0
-        writer.add_tensor(t.name, gguf.quants.quantize(data, quant) if data.ndim == 2 else data,
-                          raw_dtype=quant if data.ndim == 2 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    rewrite_matrices(source, target, gguf.GGMLQuantizationType.Q8_0)
 
 
 def write_all(root: Path) -> dict[str, str]:
