@@ -11,7 +11,10 @@
  *               32 columns, [K/32, N, 2]:                                w = (q - 8) * scale + zero
  *       kind 4  INT8_GROUP  [N, K] int8 with a float16 scale per group of G columns, [N, K/G]
  *               (G = 32: GGUF's Q8_0; G % 16 == 0):                      w = scale[n, k / G] * q
+ *               and, where `offsets` is given, a float16 offset per group too (GGUF's Q4_1
+ *               held exactly, q in 0..15):              w = scale[n, k / G] * q + offset[n, k / G]
  *   dequantize_int4(packed, scales_and_zeros, n)  the INT4 matrix as bfloat16 [N, K] (for prompts)
+ *   dequantize_int8(weight, scales, offsets)      the INT8_GROUP matrix as bfloat16 [N, K] (for prompts)
  *   rms_norm(x, weight, eps)            weight * (x / sqrt(mean(x²) + eps)), rounded as model.py rounds
  *   rope(x, cos, sin)                   model.py's apply_rope: pairs (x[2i], x[2i+1]) rotated
  *   attend(q, k, v, visible)            softmax(q kᵀ / √Dh) v for one query row per sequence, over a
@@ -209,7 +212,9 @@ void matvec_int4(const Matrix &m, const float *xs, float *ys, int batch, int64_t
 
 /* INT8_GROUP (fast/quantize.py): rows [n_begin, n_end), 4 at a time; per group of G columns the
  * products q x are summed in float32, then multiplied by that group's float16 scale and added:
- * y[n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[k].  The next 4 rows are prefetched as above. */
+ * y[n] = sum_g scale[n, g] * sum_{k in g} q[n, k] x[k]  (+ sum_g offset[n, g] * xsum[g], where the
+ * groups have offsets: xsum[g] = sum_{k in g} x[k], taken once per call by the caller).  The next 4
+ * rows are prefetched as above. */
 inline float f16_to_f32(uint16_t h) {  // IEEE half -> float, subnormals included
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
     uint32_t u;
@@ -231,18 +236,50 @@ inline float half_scale(uint16_t h) { return _cvtsh_ss(h); }
 inline float half_scale(uint16_t h) { return f16_to_f32(h); }
 #endif
 
+/* xsum [B, K/G]: each row's sums of x over the groups (what the offsets multiply). */
+std::vector<float> group_sums(const float *xs, int batch, int k, int group) {
+    std::vector<float> sums((size_t)batch * (k / group));
+    for (int b = 0; b < batch; b++)
+        for (int g = 0; g < k / group; g++) {
+            float total = 0.f;
+            for (int c = g * group; c < (g + 1) * group; c++) total += xs[(size_t)b * k + c];
+            sums[(size_t)b * (k / group) + g] = total;
+        }
+    return sums;
+}
+
+#if SIMD
+inline void widen_halves(const uint16_t *s, float *f, int count) {  // float16 [count] -> float32
+    int g = 0;
+    for (; g + 16 <= count; g += 16) _mm512_storeu_ps(f + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g))));
+    for (; g < count; g++) f[g] = half_scale(s[g]);
+}
+
+inline float dot(const float *a, const float *b, int count) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= count; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < count) {
+        const __mmask16 tail = (__mmask16)((1u << (count - i)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
 /* G: the group size when it is known at compile time (32, GGUF's Q8_0: the group's loop unrolls),
- * 0 when it is read at run time (`group`). */
+ * 0 when it is read at run time (`group`).  offsets/xsums: nullptr for symmetric groups. */
 template <int G>
-void matvec_int8_groups(const Matrix &m, int group, const float *xs, float *ys, int batch, int64_t n_begin,
-                        int64_t n_end) {
+void matvec_int8_groups(const Matrix &m, int group, const uint16_t *offsets, const float *xsums, const float *xs,
+                        float *ys, int batch, int64_t n_begin, int64_t n_end) {
     const int8_t *w = (const int8_t *)m.w;
     const uint16_t *scales = (const uint16_t *)m.scales;  // [N, K/G] float16 bits
     const int K = m.k, N = m.n, size = G ? G : group, groups = K / size;
 #if SIMD
-    /* the 4 rows' scales widened to float32 once per block of rows, so each group costs one
-     * broadcast load and one multiply-add per row (converting per group made it ~1.7x slower) */
-    std::vector<float> widened(4 * (size_t)groups);
+    /* the 4 rows' scales (and offsets) widened to float32 once per block of rows, so each group costs
+     * one broadcast load and one multiply-add per row (converting per group made it ~1.7x slower);
+     * the offsets' part is one dot product of a row's offsets with xsum after the groups */
+    std::vector<float> widened(4 * (size_t)groups), widened_offsets(offsets ? 4 * (size_t)groups : 0);
     for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
         const int rows = N - n0 < 4 ? N - n0 : 4;
         const int8_t *r[4];
@@ -250,13 +287,10 @@ void matvec_int8_groups(const Matrix &m, int group, const float *xs, float *ys, 
         for (int i = 0; i < 4; i++) {
             const int64_t row = n0 + (i < rows ? i : 0);  // missing rows repeat the first; never stored
             r[i] = w + (size_t)row * K;
-            const uint16_t *s = scales + (size_t)row * groups;
-            float *f = widened.data() + (size_t)i * groups;
-            int g = 0;
-            for (; g + 16 <= groups; g += 16)
-                _mm512_storeu_ps(f + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g))));
-            for (; g < groups; g++) f[g] = half_scale(s[g]);
-            sf[i] = f;
+            widen_halves(scales + (size_t)row * groups, widened.data() + (size_t)i * groups, groups);
+            if (offsets)
+                widen_halves(offsets + (size_t)row * groups, widened_offsets.data() + (size_t)i * groups, groups);
+            sf[i] = widened.data() + (size_t)i * groups;
         }
         for (int b = 0; b < batch; b++) {
             const float *x = xs + (size_t)b * K;
@@ -285,8 +319,12 @@ void matvec_int8_groups(const Matrix &m, int group, const float *xs, float *ys, 
                 a2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(sf[2][g]), a2);
                 a3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(sf[3][g]), a3);
             }
-            const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                                   _mm512_reduce_add_ps(a3)};
+            float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                             _mm512_reduce_add_ps(a3)};
+            if (offsets) {
+                const float *xsum = xsums + (size_t)b * groups;
+                for (int i = 0; i < rows; i++) sums[i] += dot(widened_offsets.data() + (size_t)i * groups, xsum, groups);
+            }
             for (int i = 0; i < rows; i++) y[n0 + i] = sums[i];
         }
     }
@@ -301,6 +339,8 @@ void matvec_int8_groups(const Matrix &m, int group, const float *xs, float *ys, 
 #pragma omp simd reduction(+ : acc)
                 for (int k = g * size; k < (g + 1) * size; k++) acc += (float)row[k] * x[k];
                 total += acc * half_scale(scales[(size_t)n * groups + g]);
+                if (offsets)
+                    total += half_scale(offsets[(size_t)n * groups + g]) * xsums[(size_t)b * groups + g];
             }
             ys[(size_t)b * N + n] = total;
         }
@@ -311,7 +351,7 @@ void matvec_int8_groups(const Matrix &m, int group, const float *xs, float *ys, 
 
 /* x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype. */
 at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &scales, int64_t kind,
-                  int64_t n) {
+                  int64_t n, const c10::optional<at::Tensor> &offsets) {
     const int64_t k = x.size(-1);
     TORCH_CHECK(weight.is_contiguous() && weight.device().is_cpu() && k % 16 == 0,
                 "matvec: a contiguous CPU weight, K a multiple of 16");
@@ -327,7 +367,8 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
     const float *xs = rows.data_ptr<float>();
     float *ys = y.data_ptr<float>();
     if (kind == INT4) {
-        TORCH_CHECK(n % 64 == 0 && scales.has_value(), "matvec: int4 needs N % 64 == 0 and scales");
+        TORCH_CHECK(n % 64 == 0 && scales.has_value() && !offsets.has_value(),
+                    "matvec: int4 needs N % 64 == 0 and scales (its zeros are in them)");
         llama3_threads::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) { matvec_int4(m, xs, ys, batch, b, e); });
     } else if (kind == INT8_GROUP) {
         TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kHalf && scales->is_contiguous() &&
@@ -335,12 +376,18 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
                         (k / scales->size(1)) % 16 == 0 && weight.scalar_type() == at::kChar,
                     "matvec: int8 groups need int8 weights and float16 scales [N, K/G], G % 16 == 0");
         const int group = (int)(k / scales->size(1));
+        TORCH_CHECK(!offsets.has_value() || (offsets->scalar_type() == at::kHalf && offsets->is_contiguous() &&
+                                             offsets->sizes() == scales->sizes()),
+                    "matvec: int8 group offsets are float16, shaped as the scales");
+        const uint16_t *offs = offsets.has_value() ? (const uint16_t *)offsets->data_ptr() : nullptr;
+        const std::vector<float> xsums = offs ? group_sums(xs, batch, (int)k, group) : std::vector<float>();
         llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
             const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
-            if (group == 32) matvec_int8_groups<32>(m, group, xs, ys, batch, lo, hi);
-            else matvec_int8_groups<0>(m, group, xs, ys, batch, lo, hi);
+            if (group == 32) matvec_int8_groups<32>(m, group, offs, xsums.data(), xs, ys, batch, lo, hi);
+            else matvec_int8_groups<0>(m, group, offs, xsums.data(), xs, ys, batch, lo, hi);
         });
     } else {
+        TORCH_CHECK(!offsets.has_value(), "matvec: offsets belong to int8 groups (kind 4) only");
         TORCH_CHECK(kind != INT8 || scales.has_value(), "matvec: int8 needs scales");
         llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
             const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
@@ -380,6 +427,37 @@ at::Tensor dequantize_int4(const at::Tensor &packed, const at::Tensor &scales_an
                 for (int c = 0; c < 32; c++) row[c] = f32_to_bf16(tile[d][c] * scale[d] + offset[d]);
             }
         }
+    });
+    return out;
+}
+
+/* An INT8_GROUP matrix as bfloat16 [N, K] (w = scale * q (+ offset), computed in float32 and rounded
+ * once), for prompts: the same numbers as fast/quantize.py's `dequantize_int8(..., torch.bfloat16)`
+ * in one pass over the matrix, where PyTorch took three (widen q, multiply, round) plus a float32
+ * temporary of 4 bytes a weight.  Rows are split between the threads. */
+at::Tensor dequantize_int8(const at::Tensor &weight, const at::Tensor &scales, const c10::optional<at::Tensor> &offsets) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous() && scales.dim() == 2 &&
+                    scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == weight.size(0) &&
+                    scales.size(1) > 0 && weight.size(1) % scales.size(1) == 0,
+                "dequantize_int8: int8 weights [N, K] and float16 scales [N, K/G]");
+    TORCH_CHECK(!offsets.has_value() || (offsets->scalar_type() == at::kHalf && offsets->is_contiguous() &&
+                                         offsets->sizes() == scales.sizes()),
+                "dequantize_int8: offsets are float16, shaped as the scales");
+    const int64_t n = weight.size(0), k = weight.size(1), groups = scales.size(1), size = k / groups;
+    const int8_t *q = (const int8_t *)weight.data_ptr();
+    const uint16_t *s = (const uint16_t *)scales.data_ptr();
+    const uint16_t *o = offsets.has_value() ? (const uint16_t *)offsets->data_ptr() : nullptr;
+    at::Tensor out = at::empty({n, k}, weight.options().dtype(at::kBFloat16));
+    uint16_t *wide = (uint16_t *)out.data_ptr();
+    llama3_threads::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; r++)
+            for (int64_t g = 0; g < groups; g++) {
+                const float scale = half_scale(s[r * groups + g]), offset = o ? half_scale(o[r * groups + g]) : 0.f;
+                const int8_t *in = q + r * k + g * size;
+                uint16_t *to = wide + r * k + g * size;
+#pragma omp simd
+                for (int64_t c = 0; c < size; c++) to[c] = f32_to_bf16((float)in[c] * scale + offset);
+            }
     });
     return out;
 }
@@ -528,8 +606,9 @@ std::vector<double> thread_stats(bool reset) {
 }
 
 TORCH_LIBRARY(LLAMA3_NS, m) {
-    m.def("matvec(Tensor x, Tensor weight, Tensor? scales, int kind, int n) -> Tensor");
+    m.def("matvec(Tensor x, Tensor weight, Tensor? scales, int kind, int n, Tensor? offsets=None) -> Tensor");
     m.def("dequantize_int4(Tensor packed, Tensor scales_and_zeros, int n) -> Tensor");
+    m.def("dequantize_int8(Tensor weight, Tensor scales, Tensor? offsets=None) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
     m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
     m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
@@ -539,6 +618,7 @@ TORCH_LIBRARY(LLAMA3_NS, m) {
 TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
     m.impl("matvec", TORCH_FN(matvec));
     m.impl("dequantize_int4", TORCH_FN(dequantize_int4));
+    m.impl("dequantize_int8", TORCH_FN(dequantize_int8));
     m.impl("rms_norm", TORCH_FN(rms_norm));
     m.impl("rope", TORCH_FN(rope));
     m.impl("attend", TORCH_FN(attend));

@@ -8,6 +8,7 @@ kernels do each step in one call, reading weights and the KV cache where they li
 
     matvec           y = x Wᵀ for a few rows (fp32, bf16, int8 rows, PyTorch's packed int4 layout)
     dequantize_int4  a packed int4 matrix widened to bf16, for prompts (one bf16 GEMM beats the int4 kernel)
+    dequantize_int8  an int8-groups matrix (with or without offsets) widened to bf16 in one pass, for prompts
     rms_norm         RMSNorm in one pass, rounded as model.py rounds
     rope             model.py's `apply_rope` in one pass
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
@@ -49,7 +50,7 @@ HEADERS = [Path(__file__).with_name("threads.h")]
 # not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 F32, BF16, INT8, INT4 = 0, 1, 2, 3
-INT8_GROUP = 4  # int8 with a float16 scale per group of 32 weights (fast/quantize.py; GGUF's Q8_0)
+INT8_GROUP = 4  # int8 with a float16 scale (and optional offset) per group of 32 weights (fast/quantize.py)
 FEW_ROWS = 32  # up to this many token rows (decoding, a batch of sequences) the C++ passes run
 
 _namespaces: dict[bool, str] = {}
@@ -176,6 +177,7 @@ def thread_stats(reset: bool = False) -> dict[str, float] | None:
 
 
 def matvec(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor | None, kind: int, n: int,
-           namespace=None) -> torch.Tensor:
-    """y = x Wᵀ through the C++ kernel: x [..., K] float32/bfloat16 -> [..., N] in x's dtype."""
-    return (namespace or torch.ops.llama3).matvec(x, weight, scales, kind, n)
+           namespace=None, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x Wᵀ through the C++ kernel: x [..., K] float32/bfloat16 -> [..., N] in x's dtype
+    (offsets: INT8_GROUP's per-group offsets, or None)."""
+    return (namespace or torch.ops.llama3).matvec(x, weight, scales, kind, n, offsets)
