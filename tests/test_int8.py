@@ -1,5 +1,6 @@
-"""Group-wise int8 (a float16 scale per 32 weights, GGUF's Q8_0): the matvec kernel against the
-dequantized matrix, the rounding bound, Q8_0 files run as they are, and int8 models against fp32."""
+"""Group-wise int8 (a float16 scale per 32 weights, GGUF's Q8_0; and a float16 offset per group
+too, GGUF's Q4_1): the matvec kernel and the prompts' bf16 widening against the dequantized matrix,
+the rounding bound, Q8_0 and Q4_1 files run as they are, and int8 models against fp32."""
 
 import copy
 
@@ -10,8 +11,8 @@ from torch import nn
 from conftest import make_config, make_model
 from llama3.fast import kernels, load_fast, speed_up
 from llama3.model import KVCache
-from llama3.fast.quantize import (GROUP, Int8Embedding, Int8Linear, dequantize_int8,
-                                  quantize_int8_groups)
+from llama3.fast.quantize import (GROUP, PREFILL_ROWS, Int8Embedding, Int8Linear, dequantize_int8,
+                                  int8_from_q4_1, quantize_int8_groups)
 
 
 def weights(n, k, seed=0):
@@ -22,41 +23,98 @@ def weights(n, k, seed=0):
     return w * spread.repeat_interleave(GROUP)[:k] if k % GROUP == 0 else w
 
 
-def reference(x, q, scales):
+def reference(x, q, scales, offsets=None):
     """x @ Wᵀ with W what the int8 groups store, in float64: the answer every path must give."""
-    return (x.double() @ dequantize_int8(q, scales).double().t()).float()
+    return (x.double() @ dequantize_int8(q, scales, offsets=offsets).double().t()).float()
+
+
+def q4_1_groups(n, k, seed=0):
+    """(q int8 [n, k] in 0..15, d, m float16 [n, k/G]) as a Q4_1 block holds them, with offsets far
+    from zero (m ~ 1) next to small steps, G as group_size(k)."""
+    g = torch.Generator().manual_seed(seed)
+    groups = k // GROUP if k % GROUP == 0 else 1
+    q = torch.randint(0, 16, (n, k), generator=g).to(torch.int8)
+    d = (torch.rand(n, groups, generator=g) * 0.05 + 1e-3).half()
+    m = (torch.randn(n, groups, generator=g) - 8 * d.float()).half()
+    return q, d, m
 
 
 # Odd shapes: rows not a multiple of 4, one row, groups of 32 and one group per row (K = 48, 16).
 SHAPES = [(37, 96), (5, 64), (1, 32), (130, 576), (70, 48), (3, 16)]
 
 
+@pytest.mark.parametrize("with_offsets", [False, True])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_group_matvec_equals_the_matrix_it_stores(ops, n, k):
-    q, scales = quantize_int8_groups(weights(n, k))
+def test_group_matvec_equals_the_matrix_it_stores(ops, n, k, with_offsets):
+    q, scales, offsets = q4_1_groups(n, k) if with_offsets else (*quantize_int8_groups(weights(n, k)), None)
+    matrix = dequantize_int8(q, scales, offsets=offsets)
     for batch in (1, 3, 5):  # one token, and several rows reading each block of weights once
         x = torch.randn(batch, k, generator=torch.Generator().manual_seed(batch))
-        want = reference(x, q, scales)
-        got = ops.matvec(x, q, scales, kernels.INT8_GROUP, n)
-        # float32 sums of k products against float64: a few ulps of the sum of |terms|
-        bound = 1e-6 * k * float((x.abs() @ dequantize_int8(q, scales).abs().t()).max()) + 1e-7
-        assert float((got - want).abs().max()) <= bound
-    bf16 = ops.matvec(x.to(torch.bfloat16), q, scales, kernels.INT8_GROUP, n)   # 16-bit activations in, 16 out
+        want = reference(x, q, scales, offsets)
+        got = ops.matvec(x, q, scales, kernels.INT8_GROUP, n, offsets)
+        # float32 sums of k products against float64: a few ulps of the sum of |terms| (with offsets,
+        # of |scale q x| and |offset x| apart, since the kernel sums them apart)
+        terms = x.abs() @ (dequantize_int8(q, scales).abs() + (0 if offsets is None else
+                                                                dequantize_int8(torch.zeros_like(q), scales, offsets=offsets).abs())).t()
+        assert float((got - want).abs().max()) <= 1e-6 * k * float(terms.max()) + 1e-7
+    bf16 = ops.matvec(x.to(torch.bfloat16), q, scales, kernels.INT8_GROUP, n, offsets)   # 16-bit in, 16 out
     assert bf16.dtype == torch.bfloat16
-    torch.testing.assert_close(bf16.float(), reference(x.to(torch.bfloat16).float(), q, scales), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(bf16.float(), reference(x.to(torch.bfloat16).float(), q, scales, offsets),
+                               rtol=1e-2, atol=1e-2 * float(matrix.abs().max()) * k ** 0.5)
 
 
+@pytest.mark.parametrize("with_offsets", [False, True])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_cpp_plain_c_and_pytorch_paths_agree(n, k):
+def test_prompt_widening_is_the_matrix_rounded_once_to_bf16(ops, n, k, with_offsets):
+    """kernels.cpp's dequantize_int8 (one pass, for prompts) makes exactly PyTorch's numbers: the
+    float32 matrix scale q (+ offset) rounded once to bfloat16."""
+    q, scales, offsets = q4_1_groups(n, k, seed=1) if with_offsets else (*quantize_int8_groups(weights(n, k)), None)
+    wide = ops.dequantize_int8(q, scales, offsets)
+    assert wide.dtype == torch.bfloat16 and wide.shape == (n, k)
+    assert torch.equal(wide, dequantize_int8(q, scales, offsets=offsets).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_prompt_through_the_kernels_equals_pytorchs_prompt(with_offsets):
+    """An Int8Linear given a prompt (>= PREFILL_ROWS rows: the bf16 GEMM) widens in C++ where the plan
+    chose the kernels and in PyTorch where not; the answers are the same numbers, and close to the
+    float64 product of the matrix it stores (bf16 rounding of weights and activations)."""
+    if kernels.library() is None:
+        pytest.skip(f"no C++ kernels here: {kernels.build_error()}")
+    n, k = 70, 96
+    linear = Int8Linear(*q4_1_groups(n, k, seed=3)) if with_offsets else Int8Linear(*quantize_int8_groups(weights(n, k)))
+    x = torch.randn(1, PREFILL_ROWS + 3, k)
+    plain = linear(x)
+    linear.native = "llama3"
+    native = linear(x)
+    assert torch.equal(native, plain)
+    want = reference(x.reshape(-1, k), linear.weight, linear.scales, linear.offsets).view(1, -1, n)
+    torch.testing.assert_close(native, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+def test_offsets_of_the_wrong_shape_or_kind_are_refused(ops):
+    q, d, m = q4_1_groups(8, 64)
+    with pytest.raises(ValueError, match="offsets"):
+        Int8Linear(q, d, m[:, :1])
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="offsets"):
+        ops.matvec(x, q, d, kernels.INT8_GROUP, 8, m.float())
+    with pytest.raises(RuntimeError, match="offsets"):
+        ops.dequantize_int8(q, d, m[:, :1].contiguous())
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_cpp_plain_c_and_pytorch_paths_agree(n, k, with_offsets):
     """The same Int8Linear through the AVX-512 kernel, the plain-C++ one and PyTorch's fallback."""
-    linear = Int8Linear(*quantize_int8_groups(weights(n, k, seed=2)))
+    linear = Int8Linear(*(q4_1_groups(n, k, seed=2) if with_offsets else quantize_int8_groups(weights(n, k, seed=2))))
     x = torch.randn(2, 1, k)
     answers = {"pytorch": linear(x)}
     for plain, name in ((False, "llama3"), (True, "llama3_plain")):
         if kernels.library(plain=plain) is not None:
             linear.native = name
             answers[name] = linear(x)
-    want = reference(x.reshape(-1, k), linear.weight, linear.scales).view(2, 1, n)
+    want = reference(x.reshape(-1, k), linear.weight, linear.scales, linear.offsets).view(2, 1, n)
     for name, got in answers.items():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -93,11 +151,24 @@ def test_rounding_error_is_half_a_step_of_each_group():
     assert float(error.mean()) < 0.5 * float((per_row_step / 4).mean())  # mean error of a uniform half step
 
 
-def test_embedding_reads_the_heads_int8_rows_exactly():
-    head = Int8Linear(*quantize_int8_groups(weights(50, 64, seed=4)))
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_embedding_reads_the_heads_int8_rows_exactly(with_offsets):
+    head = Int8Linear(*(q4_1_groups(50, 64, seed=4) if with_offsets else quantize_int8_groups(weights(50, 64, seed=4))))
     tokens = torch.tensor([[0, 7, 49], [3, 3, 1]])
     got = Int8Embedding(head, torch.float32)(tokens)
     assert torch.equal(got, head.dequantized()[tokens])
+
+
+def test_fusing_groups_with_and_without_offsets_keeps_every_row():
+    """q/k/v stacked where one has offsets (Q4_1) and another not (Q8_0): the symmetric rows get
+    offset 0, so the stacked matrix is the three matrices one above the other, exactly."""
+    from llama3.fast.fuse import _stack
+
+    parts = [Int8Linear(*q4_1_groups(64, 96, seed=5)), Int8Linear(*quantize_int8_groups(weights(32, 96, seed=6))),
+             Int8Linear(*q4_1_groups(32, 96, seed=7))]
+    stacked = _stack(*parts)
+    assert isinstance(stacked, Int8Linear) and stacked.offsets is not None
+    assert torch.equal(stacked.dequantized(), torch.cat([p.dequantized() for p in parts]))
 
 
 def per_row_int8(model):
@@ -168,10 +239,61 @@ def test_q8_0_file_runs_its_blocks_as_they_are(tmp_path):
     stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "q8.gguf").tensors}["blk.0.ffn_down.weight"]
     w2 = int8.model.layers[0].feed_forward.w2
     expected = torch.from_numpy(np.array(gguf.quants.dequantize(stored.data, stored.tensor_type)))
-    assert isinstance(w2, Int8Linear) and torch.equal(w2.dequantized(), expected)
+    assert isinstance(w2, Int8Linear) and w2.offsets is None and torch.equal(w2.dequantized(), expected)
     tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
     with torch.no_grad():
         torch.testing.assert_close(int8.model(tokens), fp32.model(tokens), rtol=1e-4, atol=1e-4)
+
+
+def test_a_q4_1_block_goes_through_int8_exactly():
+    """Q4_1 bytes (the gguf package's quantizer) -> int8 groups with offsets: what they stand for is
+    exactly gguf.quants.dequantize of the block, nothing re-rounded."""
+    import gguf
+    import numpy as np
+
+    w = np.random.default_rng(0).standard_normal((6, 128)).astype(np.float32)
+    w[:, :32] += 3.0       # a block far from zero: its m carries it
+    w[:, 32:64] *= 1e-3    # and one of tiny steps
+    raw = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_1)
+    q, d, m = int8_from_q4_1(raw, (6, 128))
+    assert q.dtype == torch.int8 and 0 <= int(q.min()) and int(q.max()) <= 15
+    exact = torch.from_numpy(np.array(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_1)))
+    assert torch.equal(Int8Linear(q, d, m).dequantized(), exact)
+
+
+def test_q4_1_file_runs_its_blocks_as_they_are(tmp_path):
+    """A GGUF whose matrices are Q4_1 (the embedded model's kind): --quantize int8 holds exactly the
+    file's 4-bit weights (fused q/k/v and gate/up included), so its logits, prompt and decoded
+    step, equal the float32 model of the same file up to float rounding."""
+    import gguf
+    import numpy as np
+    from test_gguf import rewrite_matrices, tiny_llm
+
+    import llama3
+    from llama3.checkpoint.gguf import write_gguf
+
+    write_gguf(tiny_llm(tie_embeddings=False), tmp_path / "f32.gguf")
+    rewrite_matrices(tmp_path / "f32.gguf", tmp_path / "q4.gguf", gguf.GGMLQuantizationType.Q4_1)
+    int8 = load_fast(tmp_path / "q4.gguf", quantize="int8")
+    fp32 = llama3.load(tmp_path / "q4.gguf", plain=True)
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "q4.gguf").tensors}
+
+    def exact(name):
+        t = stored[name]
+        return torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+
+    block = int8.model.layers[0]
+    w2, w13 = block.feed_forward.w2, block.feed_forward.w13
+    assert isinstance(w2, Int8Linear) and w2.offsets is not None
+    assert torch.equal(w2.dequantized(), exact("blk.0.ffn_down.weight"))
+    assert torch.equal(w13.dequantized(), torch.cat([exact("blk.0.ffn_gate.weight"), exact("blk.0.ffn_up.weight")]))
+    tokens = torch.tensor([[3, 14, 15, 92, 65, 35, 89, 79]])
+    with torch.no_grad():
+        want = fp32.model(tokens)
+        torch.testing.assert_close(int8.model(tokens), want, rtol=1e-4, atol=1e-4)
+        cache = KVCache(int8.model.config, 1, 16)
+        int8.model(tokens[:, :7], 0, cache)
+        torch.testing.assert_close(int8.model(tokens[:, 7:], 7, cache), want[:, 7:], rtol=1e-4, atol=1e-4)
 
 
 def test_dequantized_in_16_bits_is_the_float32_matrix_rounded_once():

@@ -34,7 +34,12 @@ def _stack(*linears: nn.Module) -> nn.Module:
                    Int8Linear(*quantize_int8_groups(lin.dequantized() if isinstance(lin, Int4Linear) else lin.weight))
                    for lin in linears]
     if all(isinstance(lin, Int8Linear) for lin in linears):
-        return Int8Linear(torch.cat([lin.weight for lin in linears]), torch.cat([lin.scales for lin in linears]))
+        offsets = None   # where any has offsets (Q4_1 groups), the others' are 0
+        if any(lin.offsets is not None for lin in linears):
+            offsets = torch.cat([lin.offsets if lin.offsets is not None else torch.zeros_like(lin.scales)
+                                 for lin in linears])
+        return Int8Linear(torch.cat([lin.weight for lin in linears]), torch.cat([lin.scales for lin in linears]),
+                          offsets)
     weight = torch.cat([lin.weight.detach() for lin in linears], dim=0)  # [N1 + N2 (+ N3), K]
     fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)

@@ -5,7 +5,8 @@ quantizing that afterwards needs the float model in memory first.  Here each
 weight goes from its blocks to a quantized linear directly:
 
     int8   Q8_0 blocks -> Int8Linear, exactly the file's int8 groups (`int8_from_q8_0`);
-           any other type (the embedded model's Q4_1) dequantized, then int8 per 32 weights
+           Q4_1 blocks -> Int8Linear with offsets, exactly the file's 4-bit weights (`int8_from_q4_1`);
+           any other type dequantized, then int8 per 32 weights
     int4   Q4_0 / Q4_1 blocks -> Int4Linear, exactly the file's 4-bit weights (`int4_from_q4_1`);
            the output head (and the token table it may share) -> bfloat16 (`Bf16Head`)
 
@@ -24,7 +25,7 @@ from torch import nn
 
 from llama3.errors import CheckpointError
 from llama3.fast.int4 import Int4Linear, fits_int4, int4_from_q4_0, int4_from_q4_1, quantize_groups, set_bf16_head
-from llama3.fast.quantize import Int8Embedding, Int8Linear, int8_from_q8_0, quantize_int8_groups
+from llama3.fast.quantize import Int8Embedding, Int8Linear, int8_from_q4_1, int8_from_q8_0, quantize_int8_groups
 from llama3.model import Transformer
 
 
@@ -44,6 +45,8 @@ def _quantized_linear(tensor, path: str, kind: str) -> nn.Module:
         return Int4Linear(*quantize_groups(dequantize(tensor, path)))
     if tensor.tensor_type == T.Q8_0:
         return Int8Linear(*int8_from_q8_0(tensor.data, shape))
+    if tensor.tensor_type == T.Q4_1:
+        return Int8Linear(*int8_from_q4_1(tensor.data, shape))
     return Int8Linear(*quantize_int8_groups(dequantize(tensor, path)))
 
 

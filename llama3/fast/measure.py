@@ -151,6 +151,7 @@ def weight_bytes_per_token(model) -> int:
             total += module.out_features * module.in_features // 2 + _nbytes(module.scales_and_zeros)
         elif isinstance(module, Int8Linear):
             total += _nbytes(module.weight) + _nbytes(module.scales)
+            total += _nbytes(module.offsets) if module.offsets is not None else 0
         elif isinstance(module, PackedLinear):
             total += module.out_features * module.in_features * 2
         elif isinstance(module, Bf16Head):  # its oneDNN copy (`packed`) holds the same matrix: one is read

@@ -14,11 +14,17 @@ perplexity and matched the float32 greedy continuation on 4 of 16 prompts.  Per 
 is ~1/17 of the 4-bit step it re-expresses (`benchmarks/perplexity_check.py` measures it).
 A GGUF Q8_0 tensor is this format already: `int8_from_q8_0` runs its blocks as they are.
 
+Groups may also carry a float16 offset (w = scale * q + offset): a GGUF Q4_1 block (w = d * q + m,
+q in 0..15) is exactly that, so `int8_from_q4_1` holds the file's 4-bit weights as they are
+(q as int8, d and m as scale and offset) instead of re-rounding them to symmetric int8 steps,
+which cost 6 of 16 greedy continuations on the embedded model.  1.125 bytes a weight.
+
 Applied from outside the model: `quantize_int8(model)` swaps every `nn.Linear` for an
 `Int8Linear` (and, when the output head shares the embedding matrix, the embedding for an
 `Int8Embedding` reading the same int8 rows), so model.py stays the readable float version.
-Decoding runs the C++ matvec (`kernels.cpp`, kind INT8_GROUP); prompts widen the matrix to
-bfloat16 for one GEMM; without the C++ kernels (or off the CPU) the matrix is widened to the
+Decoding runs the C++ matvec (`kernels.cpp`, kind INT8_GROUP; offsets add sum_g offset_g * sum of
+x over group g, the sums taken once per call); prompts widen the matrix to bfloat16 in one C++
+pass (`dequantize_int8`) for one GEMM; without the C++ kernels (or off the CPU) the matrix is widened to the
 activations' dtype for each product (correct, slower: int4 or bf16 decode faster there).
 """
 
@@ -29,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama3.checkpoint.gguf_blocks import decode_q8_0
+from llama3.checkpoint.gguf_blocks import decode_q4_1, decode_q8_0
 from llama3.fast import kernels
 from llama3.model import Lean
 
@@ -71,28 +77,44 @@ def int8_from_q8_0(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Te
     return decode_q8_0(blocks, shape)
 
 
-def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(int8 [N, K], scales [N, K/G]) -> the matrix they stand for, [N, K] in `dtype`.  Computed in
-    float32 (|q| <= 127 times a float16 scale is exact there), rounded once to `dtype`."""
+def int8_from_q4_1(blocks: np.ndarray, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 bytes -> (int8 [N, K] in 0..15, scales, offsets [N, K/32] float16): the file's own
+    4-bit weights, w = d * q + m, held exactly as int8 groups with an offset."""
+    q, d, m = decode_q4_1(blocks, shape)
+    return q.to(torch.int8), d, m
+
+
+def dequantize_int8(weight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """(int8 [N, K], scales [N, K/G], offsets [N, K/G] or None) -> the matrix they stand for, [N, K]
+    in `dtype`: scale * q (+ offset), computed in float32 (|q| <= 127 times a float16 scale is exact
+    there; adding the offset rounds once, as gguf's own dequantize does), rounded once to `dtype`."""
     n_rows, k = weight.shape
-    groups = weight.view(n_rows, scales.shape[1], -1).float()          # [N, K/G, G]
+    groups = weight.view(n_rows, scales.shape[1], -1).float() * scales.float()[..., None]   # [N, K/G, G]
+    if offsets is not None:
+        groups = groups + offsets.float()[..., None]
     # (one mixed-dtype torch.mul into a bf16 `out` makes the same numbers without the float32
-    # temporary, but measured 1.5-2x slower for a prompt's four products)
-    return (groups * scales.float()[..., None]).view(n_rows, k).to(dtype)
+    # temporary, but measured 1.5-2x slower for a prompt's four products; kernels.cpp's
+    # dequantize_int8 does it in one pass where the C++ kernels are built)
+    return groups.view(n_rows, k).to(dtype)
 
 
 class Int8Linear(Lean):
     """A bias-free linear layer with int8 weights [N, K] and a float16 scale per group of G weights
-    [N, K/G] (G = 32 as Q8_0, or the whole row where K is not a multiple of 32)."""
+    [N, K/G] (G = 32 as Q8_0, or the whole row where K is not a multiple of 32), and optionally a
+    float16 offset per group, [N, K/G] (w = scale * q + offset: GGUF's Q4_1 held exactly)."""
 
-    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight_int8.shape
         if scales.dim() != 2 or scales.shape[0] != self.out_features or self.in_features % scales.shape[1]:
             raise ValueError(f"int8 scales {list(scales.shape)} do not divide weights {list(weight_int8.shape)} into groups")
+        if offsets is not None and offsets.shape != scales.shape:
+            raise ValueError(f"int8 offsets {list(offsets.shape)} are not shaped as the scales {list(scales.shape)}")
         self.group = self.in_features // scales.shape[1]
         self.register_buffer("weight", weight_int8.contiguous())                 # [N, K] int8
         self.register_buffer("scales", scales.to(torch.float16).contiguous())   # [N, K/G] float16
+        self.register_buffer("offsets", None if offsets is None else offsets.to(torch.float16).contiguous())
         self.native = None  # the C++ kernels' namespace name ("llama3"), where the plan chose them
 
     @classmethod
@@ -103,25 +125,29 @@ class Int8Linear(Lean):
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The matrix [N, K] these weights stand for, exactly (float32) or rounded once to `dtype`."""
-        return dequantize_int8(self.weight, self.scales, dtype)
+        return dequantize_int8(self.weight, self.scales, dtype, self.offsets)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         few_rows = x.numel() < PREFILL_ROWS * self.in_features
         if self.native is not None and few_rows:  # decoding: the C++ matvec reads the groups in place
             return getattr(torch.ops, self.native).matvec(x, self.weight, self.scales, kernels.INT8_GROUP,
-                                                           self.out_features)
+                                                           self.out_features, self.offsets)
         if x.device.type == "cpu" and CPU_HAS_BF16 and x.dtype in (torch.float32, torch.bfloat16) and not few_rows:
-            # a prompt: the matrix widened to bfloat16 once (rounded once), one 16-bit GEMM
-            y = F.linear(x.to(torch.bfloat16), self.dequantized(torch.bfloat16))
-            return y.to(x.dtype)
+            # a prompt: the matrix widened to bfloat16 once (rounded once; in one C++ pass where the
+            # plan chose the kernels), one 16-bit GEMM
+            wide = getattr(torch.ops, self.native).dequantize_int8(self.weight, self.scales, self.offsets) \
+                if self.native is not None else self.dequantized(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), wide).to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype))  # the same, in x's dtype (other devices, no C++)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 groups of {self.group}"
+        offsets = " with offsets" if self.offsets is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 groups of {self.group}{offsets}"
 
 
 class Int8Embedding(nn.Module):
-    """Token embedding reading int8 rows (row v = its groups' scales times weight[v]), shareable
+    """Token embedding reading int8 rows (row v = its groups' scales times weight[v], plus their
+    offsets where the groups have them), shareable
     with an Int8Linear head."""
 
     def __init__(self, head: Int8Linear, dtype: torch.dtype):
@@ -133,6 +159,8 @@ class Int8Embedding(nn.Module):
         rows = F.embedding(tokens, self.head.weight).float()                     # [B, T, D]
         scales = F.embedding(tokens, self.head.scales).float()                   # [B, T, D/G]
         rows = rows.unflatten(-1, (scales.shape[-1], -1)) * scales[..., None]    # [B, T, D/G, G]
+        if self.head.offsets is not None:
+            rows = rows + F.embedding(tokens, self.head.offsets).float()[..., None]
         return rows.flatten(-2).to(self.dtype)
 
 
