@@ -33,6 +33,7 @@ from typing import Iterator
 import torch
 
 from llama3.errors import Llama3Error
+from llama3.fast.cpu_share import prompt_threads
 from llama3.model import KVCache, Transformer
 from llama3.sampling import Sampler, TokenLogprobs, pick_batch, validate_sampling
 
@@ -214,6 +215,10 @@ class TokenGeneration:
     @torch.inference_mode()
     def _forward(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         """tokens [B, T] at cache slots start.. -> logits of the last position [B, V]."""
+        with prompt_threads(tokens.numel()):  # a prompt: fewer PyTorch threads on a busy machine
+            return self._forward_rows(tokens, start)
+
+    def _forward_rows(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         if not self.padded:  # every row starts at slot 0: plain causal attention, fastest path
             return self.model(tokens, start_pos=start, cache=self.cache, last_only=True)[:, -1]
         end = start + tokens.shape[1]

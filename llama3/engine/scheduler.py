@@ -38,6 +38,7 @@ from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
 from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, checked_prompt
+from llama3.fast.cpu_share import prompt_threads
 from llama3.fast.graph import graphs_of
 from llama3.model import Transformer
 
@@ -289,8 +290,9 @@ class Engine:
             return self.model(tokens, 0, step, positions=step.positions)[0]
         hook = self.model.norm.register_forward_pre_hook(only_wanted)
         try:
-            logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions,
-                                         mask=step.mask if explicit else None)
+            with prompt_threads(tokens.numel()):  # prompt chunks: fewer PyTorch threads on a busy machine
+                logits = Transformer.forward(self.model, tokens, 0, step, positions=step.positions,
+                                             mask=step.mask if explicit else None)
         finally:
             hook.remove()
         return logits[0]

@@ -65,6 +65,7 @@ def prefill_tokens_per_second(model, n_tokens: int = 512, repeats: int = 3) -> f
     """Best-of-`repeats` tokens/s of one forward over n_tokens, writing a fresh KV cache and
     computing the last position's logits (what generation asks of a prompt; llama.cpp's
     prompt evaluation does the same, and the benchmarks ask transformers for the same)."""
+    from llama3.fast.cpu_share import prompt_threads
     from llama3.model import KVCache
 
     config = model.config
@@ -75,7 +76,8 @@ def prefill_tokens_per_second(model, n_tokens: int = 512, repeats: int = 3) -> f
     for attempt in range(repeats + 1):  # attempt 0 is the warm-up
         cache = KVCache(config, 1, n_tokens, dtype=dtype, device=device)
         start = time.perf_counter()
-        model(tokens, 0, cache, last_only=True)
+        with prompt_threads(n_tokens):  # what generate and the engine do around a prompt
+            model(tokens, 0, cache, last_only=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # kernels run asynchronously: wait for them before reading the clock
         if attempt:
