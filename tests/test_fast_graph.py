@@ -103,7 +103,7 @@ def test_the_engine_replays_its_decoding_steps_with_the_eager_tokens(dtype):
     fast, eager = pair(dtype)
     plain = make_model(make_config(n_layers=3), seed=4).to(dtype)
     prompts = [[3, 1, 4, 1, 5], [9, 2], [6] * 20]
-    graph.graphs_of(fast).paged_record_after = 4  # record after a few eager steps (the default waits 256)
+    graph.graphs_of(fast).paged_record_after = 4  # record after a few eager steps (the default)
     runs = {}
     for name, model in (("fast", fast), ("eager", eager), ("plain", plain)):
         engine = Engine(model, None, EngineConfig(kv_memory="4MB", parallel=4, step_tokens=8))
@@ -118,3 +118,43 @@ def test_the_engine_replays_its_decoding_steps_with_the_eager_tokens(dtype):
     assert runs["fast"] == runs["eager"]
     if dtype == torch.float32:  # bf16 kernels round differently from the readable functions
         assert runs["fast"] == runs["plain"]
+
+
+def test_the_engine_replays_from_its_first_steps_by_default():
+    """With the default threshold a one-off request replays almost every decoding step (what
+    LLM.generate and `llama3 generate` run), with the eager tokens."""
+    from llama3.engine import Engine, EngineConfig
+
+    fast, eager = pair()
+    runs = {}
+    for name, model in (("fast", fast), ("eager", eager)):
+        engine = Engine(model, None, EngineConfig(kv_memory="4MB"))
+        try:
+            runs[name] = engine.run([[3, 1, 4, 1, 5]], GenerationSettings(max_new_tokens=20))[0].token_ids
+        finally:
+            engine.close()
+    assert graph.PAGED_RECORD_AFTER <= 8
+    assert graph.graphs_of(fast).replays >= 19 - graph.PAGED_RECORD_AFTER - 1
+    assert runs["fast"] == runs["eager"]
+
+
+def test_a_request_during_the_engine_warm_up_gets_the_eager_tokens():
+    """warm_up records the one-sequence step in the engine's thread; a request submitted at once
+    waits for it and runs after, replayed from its first decoding step, with the eager tokens."""
+    from llama3.engine import Engine, EngineConfig
+
+    fast, eager = pair()
+    engine = Engine(fast, None, EngineConfig(kv_memory="4MB"))
+    try:
+        engine.warm_up()
+        got = engine.run([[9, 2, 6]], GenerationSettings(max_new_tokens=12))[0].token_ids
+        assert graph.graphs_of(fast).records                     # the warm-up's record (or the request's)
+    finally:
+        engine.close()
+    reference = Engine(eager, None, EngineConfig(kv_memory="4MB"))
+    try:
+        want = reference.run([[9, 2, 6]], GenerationSettings(max_new_tokens=12))[0].token_ids
+    finally:
+        reference.close()
+    assert got == want
+    assert graph.graphs_of(fast).replays >= 10

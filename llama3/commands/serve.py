@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         llm = load_fast(args.model, dtype=args.dtype, quantize=args.quantize, fuse=not args.plain, device=device)
         engine = Engine(llm.model, llm.tokenizer, engine_config)
+        engine.warm_up()  # the one-sequence decoding step recorded in the background, before the first request
     print(f"loaded in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     print(engine.describe(), file=sys.stderr)
     app = create_app(llm, name, api_key=args.api_key, limits=server_limits(args), queue=GenerationQueue(engine))

@@ -98,7 +98,7 @@ class Engine:
         self.lock = threading.Condition()
         self.requests = self.completion_tokens = self.cancelled = self.preemptions = self.steps = 0
         self.thread: threading.Thread | None = None
-        self.closed = self._exit_hook = False
+        self.closed = self._exit_hook = self._warm_pending = False
 
     @classmethod
     def sized_for(cls, model: Transformer, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
@@ -199,6 +199,31 @@ class Engine:
                     atexit.register(_close_at_exit, weakref.ref(self))
                     self._exit_hook = True
 
+    def warm_up(self) -> None:
+        """Record the one-sequence decoding step now, in the engine's thread, before any request needs
+        it (`llama3 serve` calls this at start-up): a lone client's first tokens then replay.  A
+        request submitted meanwhile waits in the inbox and runs right after (~0.2 s)."""
+        with self.lock:
+            self._warm_pending = True
+        self.start()
+
+    @torch.inference_mode()
+    def _warm(self) -> None:
+        """One decoding-shaped forward (one token of one sequence, in a borrowed block) recorded at once."""
+        graphs = graphs_of(self.model)
+        if graphs is None or self.cache.kernel is None or not self.cache.attend_in_blocks:
+            return
+        try:
+            block = self.pool.allocate()
+        except NoFreeBlock:
+            return
+        wait, graphs.paged_record_after = graphs.paged_record_after, 0
+        try:
+            self.forward(torch.zeros(1, 1, dtype=torch.long, device=self.device), [([block], 0, 1)], [0])
+        finally:
+            graphs.paged_record_after = wait
+            self.pool.release(block)
+
     def cancel_all(self) -> None:
         """Refuse new requests; end every running and waiting one with `Cancelled` (signal-safe)."""
         self.closed = True
@@ -216,6 +241,12 @@ class Engine:
     def _loop(self) -> None:
         """Step while there is work; after IDLE_SECONDS with none the thread ends (`start` makes a
         new one), so an engine nobody uses holds no thread and can be garbage-collected."""
+        if self._warm_pending:
+            self._warm_pending = False
+            try:
+                self._warm()
+            except Exception:  # a warm-up that fails leaves the steps eager until they record themselves
+                pass
         while True:
             with self.lock:
                 if not (self.inbox or self.waiting or self.running or self.closed):

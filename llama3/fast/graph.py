@@ -47,7 +47,9 @@ PURE_SLOTS = {readable.rms_norm, readable.apply_rope, readable.fused_attention,
               kernels.rms_norm, kernels.rms_norm_torch, kernels.rope, kernels.attention}
 
 
-PAGED_RECORD_AFTER = 256  # eager engine steps of one shape before it is recorded (DecodeGraphs.paged_record_after)
+# Eager engine steps of one shape before it is recorded (DecodeGraphs.paged_record_after): a few, so a
+# request of a token or two (a probe, a classification) traces nothing, and every longer one replays.
+PAGED_RECORD_AFTER = 4
 
 
 def enabled() -> bool:
@@ -80,9 +82,8 @@ class DecodeGraphs:
         self.pure = False
         self.hooks_seen_at = None         # RemovableHandle.next_id when the model was last found hook-free
         self.replays = 0                  # steps replayed (for tests and `llama3 bench`)
-        # A trace costs ~30-70 eager steps (measured, SmolLM2 int4, 2 cores): the engine's steps of a
-        # shape are recorded only once that many ran eagerly, so a one-off `llama3 generate` of a few
-        # hundred tokens never pays for one, and a server's steady shapes replay from then on.
+        # The engine's steps of a shape are recorded after this many eager ones (see _paged: a record
+        # costs ~10 eager steps once TorchScript's optimizer is kept off it)
         self.paged_record_after = PAGED_RECORD_AFTER
         self.seen: dict[tuple, int] = {}
 
@@ -139,8 +140,16 @@ class DecodeGraphs:
         def step(tokens, positions, *tensors):
             return self.eager(tokens, 0, cache.replayed(*tensors), positions, None, last_only)
 
-        return self._replay(key, (tokens, positions, *inputs), step,
-                            lambda: self.eager(tokens, 0, cache, positions, mask, last_only), self.paged_record_after)
+        # TorchScript's graph optimizer stays off for these records (a thread-local flag, set for this
+        # call): on a record of model.py's forward it spent 2-20 s of CPU on the second replay (the
+        # profiling executor's optimizing run; the legacy executor's first run alike) and made the
+        # replay no faster (SmolLM2 int4, 2 cores, same process, alternating: 16.1 ms CPU a step
+        # optimized, 15.4 not, 20.7 eager).  Without it a record costs the trace (~150-180 ms CPU)
+        # and one unoptimized first run (~40 ms): ~10 eager steps, not the ~2 s once measured.
+        with torch.jit.optimized_execution(False):
+            return self._replay(key, (tokens, positions, *inputs), step,
+                                lambda: self.eager(tokens, 0, cache, positions, mask, last_only),
+                                self.paged_record_after)
 
     def _replay(self, key, args, step, eager_step, wait: int = 0):
         """The record of `key` run on `args`: traced from `step` the first time (after `wait` eager
