@@ -3,6 +3,8 @@ enforced token by token by a grammar engine through the Sampler's logits-process
 
     grammar = compile_json(llm.tokenizer, llm.config.vocab_size, schema)   # or schema=None: any JSON object
     sampler = Sampler(vocab, temperature=1.0, processor=GrammarProcessor(grammar))
+    schema_problem(schema)   # why the engine cannot use a schema, or None (no tokenizer needed)
+    compile_json(..., before="<tool_call>\n", after="\n</tool_call>", most=4)   # tools.py's forced calls
 
 Each step the processor asks the engine which tokens may come next (a bitmask over the
 vocabulary) and sets every other logit to -inf; `accept` moves the engine's matcher on by the
@@ -79,11 +81,17 @@ class JsonGrammar:
         return GrammarProcessor(self)
 
 
-def compile_json(tokenizer, vocab_size: int, schema: dict | None = None, *, strict: bool = True) -> JsonGrammar:
-    """A grammar for JSON that validates against `schema` (None: any JSON object).
-    An unusable schema -> SchemaError saying why."""
+def _first_line(error: Exception) -> str:
+    """The engine's complaint in one line, without the time and C++ file xgrammar puts before it."""
+    import re
+
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+
+
+def _schema(schema) -> dict:
     if schema is None:
-        schema = ANY_JSON_OBJECT
+        return ANY_JSON_OBJECT
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -91,15 +99,45 @@ def compile_json(tokenizer, vocab_size: int, schema: dict | None = None, *, stri
             raise SchemaError(f"the JSON schema is not valid JSON ({error})") from None
     if not isinstance(schema, dict):
         raise SchemaError(f"a JSON schema is a JSON object, got {type(schema).__name__}")
+    return schema
+
+
+def schema_problem(schema: dict) -> str | None:
+    """Why the grammar engine cannot use this JSON schema (one line), or None.  No tokenizer needed:
+    for checking a request's schemas before anything is compiled for a vocabulary."""
+    try:
+        _xgrammar().Grammar.from_json_schema(json.dumps(_schema(schema)), any_whitespace=False, strict_mode=True)
+    except SchemaError as error:
+        return str(error)
+    except (RuntimeError, ValueError, TypeError) as error:
+        return _first_line(error)
+    return None
+
+
+def compile_json(tokenizer, vocab_size: int, schema: dict | None = None, *, strict: bool = True,
+                 before: str = "", after: str = "", most: int = 1) -> JsonGrammar:
+    """A grammar for JSON that validates against `schema` (None: any JSON object).
+    With `before` / `after`: the value is written between those two texts; with `most` > 1: 1 to
+    `most` such blocks, one per line (tools.py's <tool_call> blocks).  An unusable schema ->
+    SchemaError saying why."""
+    schema = _schema(schema)
     if not tokenizer.stop_ids:
         raise SchemaError("structured output needs a tokenizer with a stop token (it ends the answer once the "
                           "JSON value is complete)")
+    xgr = _xgrammar()
     compiler = _compiler(tokenizer, vocab_size)
     try:
-        compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+        if not (before or after or most > 1):
+            compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+        else:
+            def text(value: str):
+                return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(value)}")
+            value = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=strict)
+            block = xgr.Grammar.concat(*[g for g in (before and text(before), value, after and text(after)) if g])
+            compiled = compiler.compile_grammar(xgr.Grammar.union(*[
+                xgr.Grammar.concat(*([block, text("\n")] * (k - 1) + [block])) for k in range(1, most + 1)]))
     except (RuntimeError, ValueError, TypeError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SchemaError(f"the grammar engine cannot compile this JSON schema: {first}") from None
+        raise SchemaError(f"the grammar engine cannot compile this JSON schema: {_first_line(error)}") from None
     return JsonGrammar(compiled, vocab_size, schema)
 
 

@@ -36,7 +36,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from llama3.errors import Llama3Error
+
+if TYPE_CHECKING:  # structured.py (torch, xgrammar) is imported where a grammar is needed
+    from llama3.structured import JsonGrammar
 
 # Meta's built-in tools (llama_models.datatypes.BuiltinTool): offered as functions with these names.
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "photogen", "code_interpreter")
@@ -57,22 +62,12 @@ class ToolError(Llama3Error):
 
 
 # ------------------------------------------------------------------ checking
-def _schema_problem(schema: dict) -> str | None:
-    """Why the grammar engine cannot use this JSON schema, or None."""
-    from llama3.structured import _xgrammar
-
-    try:
-        _xgrammar().Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
-    except (RuntimeError, ValueError, TypeError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)  # xgrammar prefixes a time and a C++ file
-    return None
-
-
 def check_tools(tools) -> list[dict]:
     """OpenAI's `tools` -> the same list, each {"type": "function", "function": {"name", "description"?,
     "parameters"}} with parameters defaulting to an empty object schema.  Bad shapes, duplicate names and
     schemas the grammar engine cannot compile raise ToolError."""
+    from llama3.structured import schema_problem
+
     if tools is None:
         return []
     if not isinstance(tools, list):
@@ -96,7 +91,7 @@ def check_tools(tools) -> list[dict]:
         parameters = function.get("parameters", {"type": "object", "properties": {}})
         if not isinstance(parameters, dict):
             raise ToolError(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters")
-        problem = _schema_problem(parameters)
+        problem = schema_problem(parameters)
         if problem:
             raise ToolError(f"{where}.function.parameters is not a JSON schema the grammar engine can use: {problem}",
                             f"{where}.function.parameters")
@@ -299,7 +294,7 @@ class ToolPlan:
     tools: list[dict]              # as rendered and parsed (empty with tool_choice "none")
     choice: str                    # auto / none / required / a function's name
     style: str                     # call_style: "meta" or "hermes"
-    grammar: "CallGrammar | None"  # tool_choice required / named
+    grammar: "JsonGrammar | None"  # tool_choice required / named
     parallel: bool = True          # False: only the first call is kept
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
@@ -339,31 +334,16 @@ def call_schema(tools: list[dict], style: str) -> dict:
     return shapes[0] if len(shapes) == 1 else {"anyOf": shapes}
 
 
-@dataclass
-class CallGrammar:
-    """The grammar of a forced call, in the shape `llama3.structured.GrammarProcessor` takes."""
-
-    compiled: object
-    vocab_size: int
-    schema: dict
-
-    def processor(self):
-        from llama3.structured import GrammarProcessor
-
-        return GrammarProcessor(self)
-
-
 def call_grammar(tokenizer, vocab_size: int, tools: list[dict], choice: str, style: str,
-                 parallel: bool = True) -> CallGrammar | None:
+                 parallel: bool = True) -> "JsonGrammar | None":
     """tool_choice "required" or a function's name -> the grammar the answer must follow
     ("meta": one JSON call alone, Meta's format has one call per message; "hermes": the JSON inside
     <tool_call>\n ... \n</tool_call>, 1 to MAX_PARALLEL_CALLS such blocks on their own lines with
     `parallel`); otherwise None."""
     if choice in ("auto", "none"):
         return None
-    from llama3.structured import _compiler, _xgrammar
+    from llama3.structured import SchemaError, compile_json
 
-    xgr = _xgrammar()
     chosen = tools if choice == "required" else [t for t in tools if t["function"]["name"] == choice]
     schema = call_schema(chosen, style)
     if not tokenizer.stop_ids:
@@ -371,17 +351,11 @@ def call_grammar(tokenizer, vocab_size: int, tools: list[dict], choice: str, sty
     if style == "hermes" and CALL_OPEN in tokenizer.special_tokens:  # the grammar engine never allows those
         raise ToolError(f"this vocabulary has {CALL_OPEN} as a special token, which the grammar engine cannot "
                         "write; use tool_choice auto", "tool_choice")
+    blocks = {}
+    if style == "hermes":
+        blocks = {"before": f"{CALL_OPEN}\n", "after": f"\n{CALL_CLOSE}",
+                  "most": MAX_PARALLEL_CALLS if parallel and choice == "required" else 1}
     try:
-        grammar = xgr.Grammar.from_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
-        if style == "hermes":
-            block = xgr.Grammar.concat(xgr.Grammar.from_ebnf(f'root ::= "{CALL_OPEN}\\n"'), grammar,
-                                       xgr.Grammar.from_ebnf(f'root ::= "\\n{CALL_CLOSE}"'))
-            newline = xgr.Grammar.from_ebnf('root ::= "\\n"')
-            counts = range(1, (MAX_PARALLEL_CALLS if parallel and choice == "required" else 1) + 1)
-            grammar = xgr.Grammar.union(*[xgr.Grammar.concat(*([block, newline] * (k - 1) + [block]))
-                                          for k in counts])
-        compiled = _compiler(tokenizer, vocab_size).compile_grammar(grammar)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise ToolError(f"the grammar engine cannot compile these tools' schemas: {str(error)[:200]}",
-                        "tools") from None
-    return CallGrammar(compiled, vocab_size, schema)
+        return compile_json(tokenizer, vocab_size, schema, **blocks)
+    except SchemaError as error:
+        raise ToolError(f"a forced call of these tools needs a grammar: {error}", "tools") from None
