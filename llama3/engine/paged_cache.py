@@ -66,8 +66,11 @@ class PagedKVCache:
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, use_kernel: bool = True):
         shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # on a GPU zeros: a CUDA graph's padded step (llama3/fast/cuda_decode.py) reads whole blocks, and a
+        # slot never written must hold a finite number (its attention weight is 0, but 0 x NaN is NaN)
+        alloc = torch.empty if torch.device(device or "cpu").type == "cpu" else torch.zeros
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.block_size, self.n_blocks = block_size, n_blocks
         self.device = self.k.device
         self.kernel = paged_kernel(self.device, dtype) if use_kernel else None
