@@ -151,7 +151,8 @@ class StepCache:
         self.kernel_rows = [i for i, yes in enumerate(short) if yes]
         self.sdpa_rows = [rows[i] for i, yes in enumerate(short) if not yes]
         self.sdpa_firsts = [firsts[i] for i, yes in enumerate(short) if not yes]
-        self.sdpa_blocks = [gathered_blocks(table, end, size, device) for table, _, end in self.sdpa_rows]
+        self.sdpa_blocks = None      # their block indices, made on the first attend (a step replayed on a
+                                     # GPU never reads them: one host->device copy a row saved)
         self.kernel_tokens = None                    # all tokens go to the kernel (or none do)
         if self.kernel_rows:
             kernel = [rows[i] for i in self.kernel_rows]
@@ -185,6 +186,9 @@ class StepCache:
         if not self.sdpa_rows:                                                          # decoding only
             out = self._kernel(queries, keys, values)
         else:
+            if self.sdpa_blocks is None:
+                self.sdpa_blocks = [gathered_blocks(table, end, self.pool.block_size, self.pool.device)
+                                    for table, _, end in self.sdpa_rows]
             out = paged_attention_torch(queries, keys, values, self.sdpa_rows, self.pool.block_size,
                                         out=torch.empty_like(queries), firsts=self.sdpa_firsts,
                                         blocks=self.sdpa_blocks)
