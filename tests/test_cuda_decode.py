@@ -187,6 +187,19 @@ def test_hooks_and_prompt_steps_run_eagerly():
     assert fast.forward.padded_steps == 0 and len(calls) >= 6
 
 
+def test_steps_gathering_too_much_run_eagerly(monkeypatch):
+    """Past GATHER_LIMIT slots (B x W x block_size) a decoding step is not padded: the eager tokens."""
+    from llama3.fast import cuda_decode
+
+    model = sharp_model()
+    fast = padded(model)
+    prompts, settings = prompts_of([3, 9]), GenerationSettings(max_new_tokens=8)
+    want = Engine.sized_for(model, None, prompts, settings, block_size=4).run(prompts, settings)
+    monkeypatch.setattr(cuda_decode, "GATHER_LIMIT", 2 * 64 * 4 - 1)          # one slot short of B=2, W=64
+    got = engine_for(fast, prompts, settings).run(prompts, settings)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want] and fast.forward.padded_steps == 0
+
+
 def test_token_generation_samples_rows_on_the_device():
     """TokenGeneration (generate.py) with the CUDA path installed: the same seeded tokens."""
     model = sharp_model(seed=4)

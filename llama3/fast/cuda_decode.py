@@ -24,7 +24,8 @@ One graph per (B, W, pool): captured on a side stream after warm-up runs of the 
 warm-ups write the same keys into the same slots, so they change nothing), replayed on every later
 step of that shape.  The forward captured is model.py's `Transformer.forward`; nothing here says
 what a block computes.  Prompt chunks, steps mixing prompts and decoding, hooks, more than 256
-sequences run eagerly.  `capture=False` runs the same padded step without capturing (how the CPU
+sequences, and steps whose gathered slots (B x W x block_size) pass GATHER_LIMIT run eagerly.
+`capture=False` runs the same padded step without capturing (how the CPU
 tests check it); LLAMA3_GRAPH=0 turns the padded path off.
 
     model.forward = CudaGraphs(model)         # what apply_plan does on CUDA (plan.cuda_graphs)
@@ -50,6 +51,9 @@ from llama3.sampling import apply_min_p, apply_top_k, apply_top_p
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)   # rows of a padded decoding step
 TABLE_WIDTH = 64                                # blocks of a padded table at least (1,024 tokens of 16)
 WARMUP = 2                                      # eager runs before a capture (cuBLAS handles, lazy init)
+# A padded step gathers B x W x block_size key and value slots a layer; beyond this many it runs eagerly
+# (B = 32 rows up to 8,192 tokens; SmolLM2 bf16: ~200 MB a layer, freed before the next)
+GATHER_LIMIT = 1 << 18
 
 
 def bucket_of(rows: int) -> int | None:
@@ -164,8 +168,10 @@ class CudaGraphs(DecodeGraphs):
             return self.eager(tokens, start_pos, cache, positions, mask, last_only)
         pool = cache.pool
         size = pool.block_size
-        bucket = self._bucket(pool, bucket_of(len(rows)), width_of(max(begin // size + 1 for _, begin, _ in rows)),
-                              last_only)
+        rows_padded, width = bucket_of(len(rows)), width_of(max(begin // size + 1 for _, begin, _ in rows))
+        if rows_padded * width * size > GATHER_LIMIT:
+            return self.eager(tokens, start_pos, cache, positions, mask, last_only)
+        bucket = self._bucket(pool, rows_padded, width, last_only)
         bucket.load(tokens, rows)
         self.padded_steps += 1
         capture = self.capture if self.capture is not None else tokens.device.type == "cuda"
@@ -216,7 +222,8 @@ class CudaGraphs(DecodeGraphs):
                     bucket.forward(self.eager, pool, last_only)
             torch.cuda.current_stream(device).wait_stream(side)
             captured = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(captured):
+            # thread_local: other threads (a server's, making a request's samplers) may use CUDA meanwhile
+            with torch.cuda.graph(captured, capture_error_mode="thread_local"):
                 bucket.forward(self.eager, pool, last_only)
         except Exception as error:  # an operator that cannot be captured: this shape stays eager
             import warnings

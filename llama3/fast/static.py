@@ -15,7 +15,8 @@ Attending over every slot costs a little extra arithmetic per token, which the G
 hides; on a CPU the C++ kernels of the decoding plan are faster.  Every step, prefill and
 decoding, is model.py's `Transformer.forward`; only the cache differs (`StaticCache`
 stores and attends in place through the `attend` hook, at a tensor position).
-Used by `benchmarks/cuda_speed.py --static`.
+Used by `benchmarks/cuda_speed.py --static`.  What `generate`, `chat` and `serve` run on CUDA is
+`cuda_decode.py`: the engine's paged steps captured as CUDA graphs per batch bucket, with sampling.
 """
 
 from __future__ import annotations
