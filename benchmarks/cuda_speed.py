@@ -21,7 +21,8 @@ Every variant reports:
 GPU work is bracketed by torch.cuda.synchronize().  "transformers-generate" is `generate()` with
 do_sample=False and min_new_tokens = max_new_tokens = 128: end-to-end only.
 
-Variants: ours-plain (model.py as written), ours-fused (`speed_up`), ours-compiled (fused +
+Variants: ours-plain (model.py as written), ours-fused (`speed_up`: on CUDA that is fused projections and
+the engine's decoding steps replayed as CUDA graphs, llama3/fast/cuda_decode.py), ours-compiled (fused +
 torch.compile, mode --compile-mode, only with --compile), ours-static (`llama3.fast.static`:
 fixed-address cache, step compiled with CUDA graphs; only with --static), ours-int8 (fused + weight-only int8),
 transformers (LlamaForCausalLM, SDPA attention).  Ratios are ours / transformers (> 1: ours faster).
@@ -283,6 +284,7 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
         def compiled_variant():
             nonlocal model
             started = time.perf_counter()
+            plain_model.__dict__.pop("forward", None)  # torch.compile makes its own graphs of model.py's forward
             model = torch.compile(plain_model, mode=args.compile_mode, dynamic=args.dynamic)
             # warm-up at full length, twice: every prompt and cache length the timed runs will see,
             # after the recompiles that mark sizes dynamic
@@ -302,6 +304,7 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
 
         record("ours-compiled", compiled_variant)
         model = plain_model
+        speed_up(model)  # its CUDA graphs back (fusing again changes nothing)
     if args.static:
         record("ours-static", lambda: static_decode(model, config, args, device, dtype))
     speed_up(model, quantize="int8")

@@ -64,7 +64,8 @@ def test_plan_chooses_cuda_graphs_on_cuda_devices(name):
     assert not cpu.cuda_graphs and "cuda_decode" not in cpu.describe()
 
 
-def test_plan_cuda_graphs_off_with_llama3_graph_0(monkeypatch):
+def test_plan_cuda_graphs_off_with_llama3_graph_0_or_not_native(monkeypatch):
+    assert not choose_plan(device="cuda", dtype=torch.bfloat16, native=False).cuda_graphs  # torch.compile's callers
     monkeypatch.setenv("LLAMA3_GRAPH", "0")
     assert not choose_plan(device="cuda", dtype=torch.bfloat16).cuda_graphs
 

@@ -67,7 +67,8 @@ class DecodingPlan:
 def choose_plan(model: nn.Module | None = None, quantize: str | None = None, fuse: bool = True,
                 native: bool = True, pack: bool = True, device=None, dtype=None) -> DecodingPlan:
     """The plan for `model` as it lies (or for `device`, `dtype`): C++ kernels on the CPU where
-    they build (native=False: PyTorch's), bf16 packed for oneDNN where they do not and `pack`."""
+    they build (native=False: PyTorch's), bf16 packed for oneDNN where they do not and `pack`;
+    on CUDA the engine's decoding steps as CUDA graphs (cuda_decode.py; native=False: eager)."""
     from llama3.fast.quantize import CPU_HAS_BF16
 
     device = torch.device(device or "cpu") if model is None else model.device
@@ -84,8 +85,9 @@ def choose_plan(model: nn.Module | None = None, quantize: str | None = None, fus
 
     pack_bf16 = pack and fuse and not use_cpp and quantize is None and dtype == torch.bfloat16 and device.type == "cpu" and CPU_HAS_BF16
     # CUDA: the engine's decoding steps as CUDA graphs over its paged cache (decided from the device's
-    # name alone: choosing allocates nothing and needs no GPU)
-    cuda_graphs = device.type == "cuda" and graph.enabled()
+    # name alone: choosing allocates nothing and needs no GPU); not with native=False (torch.compile
+    # callers: a compiled forward makes graphs of its own)
+    cuda_graphs = device.type == "cuda" and native and graph.enabled()
     return DecodingPlan(str(device), str(dtype).removeprefix("torch."), quantize, fuse,
                         "C++" if use_cpp else "PyTorch", why, pack_bf16, graph=use_cpp and graph.enabled(),
                         cuda_graphs=cuda_graphs)
