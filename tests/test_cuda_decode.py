@@ -156,6 +156,37 @@ def test_engine_padded_steps_sampled_equal_eager():
     assert fast.forward.padded_steps > 0
 
 
+class ReplayedGraph:
+    """Stands in for a captured torch.cuda.CUDAGraph on the CPU: replay() reruns the captured step on
+    the same buffers, which is what a graph's replay computes.  Checks the bookkeeping around a graph:
+    buffers loaded before each replay, the output read after it, one capture per bucket."""
+
+    def __init__(self, graphs, bucket, pool, last_only):
+        self.step = lambda: bucket.forward(graphs.eager, pool, last_only)
+
+    def replay(self):
+        self.step()
+
+
+def test_engine_replays_one_capture_per_bucket(monkeypatch):
+    def capture(self, bucket, pool, last_only):
+        bucket.out = None                     # a replay must write the output
+        self.captures += 1
+        return ReplayedGraph(self, bucket, pool, last_only)
+
+    monkeypatch.setattr(CudaGraphs, "_capture", capture)
+    model = sharp_model(seed=3)
+    fast = padded(model, capture=True)
+    settings = GenerationSettings(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=5)
+    for lengths in ([4], [3, 8, 5], [6, 2, 9, 4, 7]):
+        prompts = prompts_of(lengths, seed=len(lengths))
+        want = Engine.sized_for(model, None, prompts, settings, block_size=4).run(prompts, settings)
+        got = engine_for(fast, prompts, settings).run(prompts, settings)
+        assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    graphs = fast.forward
+    assert graphs.captures == 3 and graphs.replays == graphs.padded_steps == 3 * 9
+
+
 def test_padded_step_logits_equal_model_forward():
     """One decoding step of 3 sequences (a bucket of 4) through the engine's forward: each row's
     logits equal the uncached forward over that sequence."""
