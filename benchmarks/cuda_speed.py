@@ -3,6 +3,8 @@ the same random weights, bfloat16.
 
     python benchmarks/cuda_speed.py [--configs smollm2-135m,llama-3.2-1b] [--compile] [--out cuda_speed.json]
     python benchmarks/cuda_speed.py --device cpu --tiny      # a tiny config and a few tokens: checks the script
+    python benchmarks/cuda_speed.py --batches 1,8,32 --configs smollm2-135m [--peers transformers-compiled]
+                                                             # decode per batch size (below)
 
 Model shapes (weights are random, seeded: the real files do not travel):
     smollm2-135m   SmolLM2-135M's exact config (576 wide, 30 layers, 9 query / 3 key-value heads,
@@ -19,11 +21,25 @@ Every variant reports:
 GPU work is bracketed by torch.cuda.synchronize().  "transformers-generate" is `generate()` with
 do_sample=False and min_new_tokens = max_new_tokens = 128: end-to-end only.
 
-Variants: ours-plain (model.py as written), ours-fused (`speed_up`), ours-compiled (fused +
+Variants: ours-plain (model.py as written), ours-fused (`speed_up`: on CUDA that is fused projections and
+the engine's decoding steps replayed as CUDA graphs, llama3/fast/cuda_decode.py), ours-compiled (fused +
 torch.compile, mode --compile-mode, only with --compile), ours-static (`llama3.fast.static`:
 fixed-address cache, step compiled with CUDA graphs; only with --static), ours-int8 (fused + weight-only int8),
 transformers (LlamaForCausalLM, SDPA attention).  Ratios are ours / transformers (> 1: ours faster).
 A markdown table goes to stdout; the JSON (rewritten after each config) to --out.
+
+--batches B1,B2,...: one row per batch size instead, B prompts of --prompt tokens, --new greedy tokens each:
+    ours                   the engine (`llama3.engine`: what generate, chat and serve run) on the model with
+                           its decoding plan (`speed_up`: fused projections; on CUDA the decoding steps
+                           padded to a bucket and replayed as CUDA graphs, rows sampled on the device)
+    transformers           `generate()`, its dynamic cache, eager (disable_compile)
+    transformers-compiled  `generate()` with cache_implementation="static" and its CompileConfig
+                           (torch.compile, mode reduce-overhead: transformers' own CUDA-graph path;
+                           on a CPU dry run backend "eager")
+    decode tokens/s = B x (new - 1) / (time of the last new token - time of the first), all rows together
+    (ours: the engine's per-row timers; transformers: a streamer's timestamps, one per step); e2e: the
+    whole call.  Best of 2 after warm-up runs (which capture / compile).  --peers picks the peers
+    (default transformers); --merge A.json B.json prints one table from runs made apart.
 """
 
 from __future__ import annotations
@@ -268,6 +284,7 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
         def compiled_variant():
             nonlocal model
             started = time.perf_counter()
+            plain_model.__dict__.pop("forward", None)  # torch.compile makes its own graphs of model.py's forward
             model = torch.compile(plain_model, mode=args.compile_mode, dynamic=args.dynamic)
             # warm-up at full length, twice: every prompt and cache length the timed runs will see,
             # after the recompiles that mark sizes dynamic
@@ -287,6 +304,7 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
 
         record("ours-compiled", compiled_variant)
         model = plain_model
+        speed_up(model)  # its CUDA graphs back (fusing again changes nothing)
     if args.static:
         record("ours-static", lambda: static_decode(model, config, args, device, dtype))
     speed_up(model, quantize="int8")
@@ -309,6 +327,181 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
         r.pop("tokens", None)
     return dict(config=config.to_dict(), logits_check=check, greedy_tokens_equal_transformers=same_tokens,
                 results=results, ratios=ratios)
+
+
+# ------------------------------------------------------------------ per batch size (--batches)
+def batch_prompts(batch: int, length: int, vocab: int) -> list[list[int]]:
+    return [prompt_of(length, vocab, seed=1 + row) for row in range(batch)]
+
+
+def ours_batch(model, prompts: list[list[int]], new: int, device: torch.device) -> dict:
+    """The engine over B prompts at once: a warm-up run (the buckets' CUDA graphs are captured in it),
+    then best of 2; decode rate from the engine's own per-row timers."""
+    from llama3.fast.graph import graphs_of
+
+    settings = GenerationSettings(max_new_tokens=new)
+    engine = Engine.sized_for(model, None, prompts, settings, step_tokens=max(256, sum(map(len, prompts))))
+    if device.type != "cuda":  # as PagedKVCache makes it on a GPU: a padded step reads whole blocks
+        engine.cache.k.zero_()
+        engine.cache.v.zero_()
+    try:
+        engine.run(prompts, settings)
+        best = dict(decode_tokens_per_second=0.0, e2e_seconds=math.inf)
+        for _ in range(2):
+            sync(device)
+            start = time.perf_counter()
+            results = engine.run(prompts, settings)
+            sync(device)
+            e2e = time.perf_counter() - start
+            assert all(r.completion_tokens == new for r in results), "every row makes all its tokens"
+            decode = sum(r.decode_steps for r in results) / max(r.decode_seconds for r in results)
+            if decode > best["decode_tokens_per_second"]:
+                best = dict(decode_tokens_per_second=decode, e2e_seconds=e2e, tokens=[r.token_ids for r in results])
+    finally:
+        engine.close()
+    graphs = graphs_of(model)
+    best.update(path=type(graphs).__name__ if graphs is not None else "eager",
+                captures=getattr(graphs, "captures", 0), replays=getattr(graphs, "replays", 0),
+                padded_steps=getattr(graphs, "padded_steps", 0))
+    return best
+
+
+def hf_batch(hf, prompts: list[list[int]], new: int, device: torch.device, compiled: bool, args) -> dict:
+    """transformers' generate() over the same B prompts (greedy, exactly `new` tokens), eager or with
+    its static cache compiled; decode rate from a streamer's timestamps (generate reads each step's
+    tokens to the host before it calls put)."""
+    from transformers import CompileConfig
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):  # the prompt first, then one call a step
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.tensor(prompts, device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                  pad_token_id=0, eos_token_id=None)
+    if compiled:
+        backend = args.hf_backend or ("inductor" if device.type == "cuda" else "eager")
+        config = CompileConfig(backend=backend, mode=args.compile_mode if backend == "inductor" else None)
+        if device.type != "cuda":
+            config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+        kwargs.update(cache_implementation="static", compile_config=config)
+    else:
+        kwargs.update(disable_compile=True)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(2 if compiled else 1):  # compiled: compiles, then records its graphs
+            hf.generate(ids, **kwargs)
+        sync(device)
+        warm = time.perf_counter() - started
+        best = dict(decode_tokens_per_second=0.0, e2e_seconds=math.inf)
+        for _ in range(2):
+            stamps = Stamps()
+            sync(device)
+            start = time.perf_counter()
+            out = hf.generate(ids, streamer=stamps, **kwargs)
+            sync(device)
+            e2e = time.perf_counter() - start
+            assert out.shape == (len(prompts), ids.shape[1] + new) and len(stamps.times) == new + 1
+            decode = len(prompts) * (new - 1) / (stamps.times[new] - stamps.times[1])
+            if decode > best["decode_tokens_per_second"]:
+                best = dict(decode_tokens_per_second=decode, e2e_seconds=e2e, tokens=out[:, ids.shape[1]:].tolist())
+    best["warmup_seconds"] = round(warm, 1)
+    if compiled:
+        best["compile"] = dict(backend=backend, mode=config.mode)
+    return best
+
+
+def bench_batches(name: str, config: ModelConfig, args, device: torch.device, dtype: torch.dtype,
+                  save=None) -> dict:
+    """One row per batch size: ours and each peer of --peers on the same prompts and weights;
+    save(result so far) after each row, so a timeout keeps the rows measured."""
+    from llama3.fast import speed_up
+
+    model = build_ours(config, device, dtype, args.seed)
+    hf = build_transformers(model, config, device, dtype) if args.peers else None
+    speed_up(model)
+    if device.type != "cuda":  # a dry run: the CUDA path's padded steps and device sampling, without capture
+        from llama3.fast.cuda_decode import CudaGraphs
+
+        model.forward = CudaGraphs(model, capture=False)
+    from llama3.fast.plan import plan_of
+
+    log(f"{name}: ours runs {plan_of(model)}")
+    rows = {}
+    for batch in args.batches:
+        prompts = batch_prompts(batch, args.prompt, config.vocab_size)
+        row = rows[str(batch)] = {}
+
+        def record(variant, fn):
+            start = time.perf_counter()
+            try:
+                row[variant] = fn()
+            except Exception as e:  # one broken variant must not hide the others' numbers
+                row[variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            row[variant]["wall_seconds"] = round(time.perf_counter() - start, 2)
+            log(f"{name} batch {batch}: {variant}: "
+                f"{ {k: v for k, v in row[variant].items() if k != 'tokens'} }")
+
+        if "ours" in args.variants:
+            record("ours", lambda: ours_batch(model, prompts, args.new, device))
+        for peer in args.peers:
+            record(peer, lambda: hf_batch(hf, prompts, args.new, device, peer == "transformers-compiled", args))
+        ours = row.get("ours", {})
+        for peer in args.peers:
+            if "tokens" in ours and "tokens" in row[peer]:
+                row[peer]["greedy_rows_equal_ours"] = sum(a == b for a, b in zip(ours["tokens"], row[peer]["tokens"]))
+        for r in row.values():
+            r.pop("tokens", None)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if save is not None:
+            save(dict(config=config.to_dict(), batches=rows))
+    return dict(config=config.to_dict(), batches=rows)
+
+
+def batch_table(reports: list[dict]) -> str:
+    """Markdown: one row per (config, batch size), ratios ours / peer within the run(s)."""
+    merged: dict[str, dict[str, dict]] = {}
+    for report in reports:
+        for name, c in report["configs"].items():
+            for batch, row in c["batches"].items():
+                merged.setdefault(name, {}).setdefault(batch, {}).update(row)
+    first = reports[0]
+    lines = []
+    for name, batches in merged.items():
+        lines += [f"### {name}: decode per batch size ({first['dtype']}, {first['device_name']}, "
+                  f"prompt {first['settings']['prompt']}, {first['settings']['new']} new tokens each)", "",
+                  "| batch | ours tok/s | transformers tok/s | compiled transformers tok/s | ours / transformers "
+                  "| ours / compiled | e2e s: ours, transformers, compiled | transformers' greedy rows equal ours |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for batch, row in sorted(batches.items(), key=lambda kv: int(kv[0])):
+            def rate(variant):
+                r = row.get(variant)
+                if r is None:
+                    return None, "-"
+                if "error" in r:
+                    return None, "error: " + r["error"][:60]
+                return r["decode_tokens_per_second"], f"{r['decode_tokens_per_second']:,.0f}"
+
+            (ours, ours_s), (tf, tf_s), (comp, comp_s) = rate("ours"), rate("transformers"), rate("transformers-compiled")
+            e2e = ", ".join(f"{row[v]['e2e_seconds']:.2f}" if v in row and "e2e_seconds" in row[v] else "-"
+                            for v in ("ours", "transformers", "transformers-compiled"))
+            equal = ", ".join(f"{short} {row[v]['greedy_rows_equal_ours']}/{batch}"
+                              for v, short in (("transformers", "eager"), ("transformers-compiled", "compiled"))
+                              if "greedy_rows_equal_ours" in row.get(v, {}))
+            lines.append(f"| {batch} | {ours_s} | {tf_s} | {comp_s} | "
+                         f"{f'{ours / tf:.2f}' if ours and tf else '-'} | {f'{ours / comp:.2f}' if ours and comp else '-'} "
+                         f"| {e2e} | {equal or '-'} |")
+        lines.append("")
+    lines.append("tok/s: decode tokens per second of all rows together; ratio > 1 means ours is faster.")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------ report
@@ -354,7 +547,31 @@ def main() -> None:
     parser.add_argument("--dynamic", default=None, type=lambda s: {"true": True, "false": False}.get(s.lower()),
                         help="torch.compile dynamic= (true/false; default: torch's automatic choice)")
     parser.add_argument("--out", default=None, help="write the JSON report here")
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes: the per-batch decode table")
+    parser.add_argument("--peers", default="transformers",
+                        help="with --batches: comma-separated from transformers, transformers-compiled (or none)")
+    parser.add_argument("--variants", default="ours", help="with --batches: 'ours' or none (peers only)")
+    parser.add_argument("--hf-backend", default=None,
+                        help="torch.compile backend for transformers-compiled (default inductor on CUDA, eager elsewhere)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="print one per-batch table from these --batches reports and exit")
     args = parser.parse_args()
+    if args.merge:
+        reports = [json.loads(Path(f).read_text()) for f in args.merge if Path(f).is_file()]
+        if not reports:
+            raise SystemExit(f"none of {', '.join(args.merge)} exists; run with --batches --out first")
+        print(batch_table(reports))
+        return
+    args.peers = [p for p in args.peers.split(",") if p and p != "none"]
+    args.variants = [v for v in args.variants.split(",") if v and v != "none"]
+    for peer in args.peers:
+        if peer not in ("transformers", "transformers-compiled"):
+            raise SystemExit(f"unknown peer {peer!r}; choose transformers, transformers-compiled or none")
+    if args.batches:
+        try:
+            args.batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            raise SystemExit(f"--batches {args.batches!r}: give whole numbers, e.g. 1,8,32") from None
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -373,12 +590,22 @@ def main() -> None:
                                 compile_mode=args.compile_mode if args.compile else None, seed=args.seed),
                   configs={})
     torch.manual_seed(args.seed)
-    for name, config in configs.items():
-        report["configs"][name] = bench_config(name, config, args, device, dtype)
-        if args.out:  # after each config, so a timeout keeps what was measured
+    if args.batches:
+        report["settings"].update(batches=args.batches, peers=args.peers, variants=args.variants)
+    def save(name, result):
+        report["configs"][name] = result
+        if args.out:  # after each config (and batch row), so a timeout keeps what was measured
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
+            temporary = Path(args.out).with_suffix(".tmp")
+            temporary.write_text(json.dumps(report, indent=2) + "\n")
+            temporary.replace(args.out)
+
+    for name, config in configs.items():
+        if args.batches:
+            save(name, bench_batches(name, config, args, device, dtype, lambda result: save(name, result)))
+        else:
+            save(name, bench_config(name, config, args, device, dtype))
+    print(batch_table([report]) if args.batches else table(report))
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ class TokenGeneration:
         """One id per unfinished row, each from its own Sampler -> (ids [B] on the device to feed
         back (a finished row gets 0), the same as a list with None for finished rows)."""
         active = [None if reason is not None else s for s, reason in zip(self.samplers, self.finish_reasons)]
-        ids = pick_batch(active, logits)
+        pick_rows = getattr(self.model.__dict__.get("forward"), "pick_rows", None)  # CUDA: rows sampled on the device
+        ids = pick_rows(active, logits) if pick_rows is not None else pick_batch(active, logits)
         fed = torch.tensor([0 if i is None else i for i in ids], device=logits.device)  # [B]
         return fed, ids
 

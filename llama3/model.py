@@ -146,7 +146,8 @@ class RotaryEmbedding(nn.Module):
         needed: 1 + the largest position, when the caller knows it (saves reading it from the
         tensor: a device sync, and a graph break under torch.compile)."""
         if needed is None:
-            if torch.compiler.is_compiling():  # no host sync inside a graph: the caller built the tables
+            if torch.compiler.is_compiling() or (positions.is_cuda and torch.cuda.is_current_stream_capturing()):
+                # no host sync inside a graph (compiled, or a CUDA graph being captured): the caller built the tables
                 return self.cos[positions], self.sin[positions]
             needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0] or self.cos.device != positions.device:

@@ -196,7 +196,7 @@ def test_seeded_sampling_is_reproducible_on_the_device():
 
     def sampled(seed):
         gen, _ = run(model, [[1, 2, 3], [4, 5]], seed=seed, **settings)
-        assert gen.generator.device.type == DEVICE.type
+        assert all(s.generator.device.type == DEVICE.type for s in gen.samplers)  # each row's own generator
         return gen.tokens
 
     first = sampled(7)
@@ -371,3 +371,115 @@ def test_compiled_model_same_logits_and_tokens():
     with torch.no_grad():
         torch.testing.assert_close(compiled(tokens), want, atol=1e-4, rtol=1e-4)
     assert run(compiled, [prompt], max_new_tokens=8)[0].tokens == want_tokens
+
+
+# ---------------------------------------------------------------- CUDA graphs in the engine (llama3/fast/cuda_decode.py)
+# Everything but the capture runs on the CPU in tests/test_cuda_decode.py; these capture and replay.
+NEEDS_CUDA = pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device")
+
+
+def engine_tokens(model, prompts, settings, **config):
+    from llama3.engine import Engine
+
+    engine = Engine.sized_for(model, None, prompts, settings, **config)
+    try:
+        return [r.token_ids for r in engine.run(prompts, settings)]
+    finally:
+        engine.close()
+
+
+@NEEDS_CUDA
+def test_plan_on_cuda_captures_the_engines_decoding_steps(tmp_path):
+    """llama3.load on CUDA (what generate, chat and serve load) installs the CUDA path by itself; its
+    captured and replayed steps give the eager engine's greedy tokens, 1 and 3 rows (bucket 4)."""
+    from llama3.fast.cuda_decode import CudaGraphs
+    from llama3.fast.graph import graphs_of
+
+    hf_reference(DEVICE_HF_CONFIGS["gqa-untied"], tmp_path)
+    llm = llama3.load(tmp_path, device=DEVICE)
+    plain = llama3.load(tmp_path, device=DEVICE, plain=True)
+    graphs = graphs_of(llm.model)
+    assert isinstance(graphs, CudaGraphs) and llm.plan.cuda_graphs and graphs_of(plain.model) is None
+    settings = GenerationSettings(max_new_tokens=20)
+    for prompts in ([[1, 2, 3, 4]], [[5, 6, 7], list(range(10, 31)), [9] * 9]):
+        assert engine_tokens(llm.model, prompts, settings) == engine_tokens(plain.model, prompts, settings)
+    assert graphs.captures == 2 and graphs.replays >= 2 * 18
+    assert [r.token_ids for r in llm.engine.run([[1, 2, 3, 4]], settings)] == \
+        engine_tokens(plain.model, [[1, 2, 3, 4]], settings)     # LLM.generate's engine (chat, serve) too
+
+
+@NEEDS_CUDA
+def test_cuda_graph_steps_sampled_on_the_device_equal_eager():
+    """Seeded sampling with every rule, rows drawn on the device from their own generators: the
+    eager engine's tokens (each row's Sampler.pick); blocks of 4, so the tables grow mid-answer."""
+    from llama3.fast import speed_up
+
+    model = on_device(sharp_model(seed=2))
+    prompts = [[4, 9, 1], list(range(20, 37)), [3] * 8, [7, 8]]
+    settings = GenerationSettings(max_new_tokens=24, temperature=0.9, top_k=20, top_p=0.9, min_p=0.02,
+                                  repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2,
+                                  logit_bias={5: -3.0, 7: 2.0}, seed=11)
+    want = engine_tokens(model, prompts, settings, block_size=4)
+    speed_up(model)
+    got = engine_tokens(model, prompts, settings, block_size=4)
+    assert got == want
+    assert model.forward.captures >= 1 and model.forward.replays > 0
+
+
+@NEEDS_CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_step_logits_equal_the_uncached_forward(dtype):
+    """One replayed step of 3 sequences (a bucket of 4): each row's logits are the uncached forward's."""
+    from llama3.engine import Engine, EngineConfig
+    from llama3.fast.cuda_decode import install
+
+    model = on_device(sharp_model(), dtype)
+    fast = install(copy.deepcopy(model))
+    engine = Engine(fast, None, EngineConfig(kv_memory="4MB", block_size=4, prefix_cache=False))
+    assert not engine.cache.k.any()                      # zeros on a GPU: a padded step reads whole blocks
+    prompts, new = [[1, 2, 3, 4, 5, 6], list(range(30, 40)), [7, 8, 9]], [11, 12, 13]
+    tables = [[engine.pool.allocate() for _ in range(-(-(len(ids) + 1) // 4))] for ids in prompts]
+    ends = [sum(len(p) for p in prompts[:i + 1]) - 1 for i in range(3)]
+    engine.forward(torch.tensor([sum(prompts, [])], device=DEVICE), [(t, 0, len(p)) for t, p in zip(tables, prompts)], ends)
+    rows = [(t, len(p), len(p) + 1) for t, p in zip(tables, prompts)]
+    for _ in range(2):                                   # captured, then replayed: the same numbers
+        got = engine.forward(torch.tensor([new], device=DEVICE), rows, [0, 1, 2])
+    with torch.inference_mode():
+        want = torch.stack([model(torch.tensor([ids + [t]], device=DEVICE))[0, -1] for ids, t in zip(prompts, new)])
+    assert fast.forward.captures == 1 and fast.forward.replays == 2
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    else:
+        assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@NEEDS_CUDA
+def test_cuda_graphs_follow_a_changing_batch():
+    """A server's steps: requests of 1, 5 and 2 prompts one after another in one engine, and a request
+    joining one that is decoding; each bucket is captured once, the tokens are each prompt's alone."""
+    import threading
+
+    from llama3.engine import Engine, EngineConfig
+    from llama3.fast import speed_up
+
+    model = on_device(sharp_model(seed=5))
+    settings = GenerationSettings(max_new_tokens=16)
+    alone = {}
+    requests = [[[1, 2, 3]], [[4, 5], [6] * 7, [8, 9, 10], [11] * 3, [12, 13]], [[14, 15, 16, 17], [18]]]
+    for prompts in requests:
+        for p in prompts:
+            alone[tuple(p)] = engine_tokens(model, [p], settings)[0]
+    speed_up(model)
+    engine = Engine(model, None, EngineConfig(kv_memory="8MB", parallel=8))
+    for prompts in requests:
+        assert [r.token_ids for r in engine.run(prompts, settings)] == [alone[tuple(p)] for p in prompts]
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("a", engine.run(requests[1], settings)))
+    first.start()
+    results["b"] = engine.run(requests[2], settings)
+    first.join()
+    assert [r.token_ids for r in results["a"]] == [alone[tuple(p)] for p in requests[1]]
+    assert [r.token_ids for r in results["b"]] == [alone[tuple(p)] for p in requests[2]]
+    engine.close()
+    assert {key[1] for key in model.forward.buckets} >= {1, 2, 8}

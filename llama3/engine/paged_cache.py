@@ -66,8 +66,11 @@ class PagedKVCache:
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, use_kernel: bool = True):
         shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # on a GPU zeros: a CUDA graph's padded step (llama3/fast/cuda_decode.py) reads whole blocks, and a
+        # slot never written must hold a finite number (its attention weight is 0, but 0 x NaN is NaN)
+        alloc = torch.empty if torch.device(device or "cpu").type == "cpu" else torch.zeros
+        self.k = alloc(shape, dtype=dtype, device=device)
+        self.v = alloc(shape, dtype=dtype, device=device)
         self.block_size, self.n_blocks = block_size, n_blocks
         self.device = self.k.device
         self.kernel = paged_kernel(self.device, dtype) if use_kernel else None
@@ -148,7 +151,8 @@ class StepCache:
         self.kernel_rows = [i for i, yes in enumerate(short) if yes]
         self.sdpa_rows = [rows[i] for i, yes in enumerate(short) if not yes]
         self.sdpa_firsts = [firsts[i] for i, yes in enumerate(short) if not yes]
-        self.sdpa_blocks = [gathered_blocks(table, end, size, device) for table, _, end in self.sdpa_rows]
+        self.sdpa_blocks = None      # their block indices, made on the first attend (a step replayed on a
+                                     # GPU never reads them: one host->device copy a row saved)
         self.kernel_tokens = None                    # all tokens go to the kernel (or none do)
         if self.kernel_rows:
             kernel = [rows[i] for i in self.kernel_rows]
@@ -182,6 +186,9 @@ class StepCache:
         if not self.sdpa_rows:                                                          # decoding only
             out = self._kernel(queries, keys, values)
         else:
+            if self.sdpa_blocks is None:
+                self.sdpa_blocks = [gathered_blocks(table, end, self.pool.block_size, self.pool.device)
+                                    for table, _, end in self.sdpa_rows]
             out = paged_attention_torch(queries, keys, values, self.sdpa_rows, self.pool.block_size,
                                         out=torch.empty_like(queries), firsts=self.sdpa_firsts,
                                         blocks=self.sdpa_blocks)

@@ -287,12 +287,15 @@ class Engine:
         for seq, n in plan:
             seq.computed += n
             self._offer_full_blocks(seq)
-        for seq, row_logits in zip(sampling, logits):
+        # a plan's batched sampler (CUDA: every row's token on the device, one host read) or each row's own
+        pick_rows = getattr(graphs_of(self.model), "pick_rows", None)
+        picked = pick_rows([seq.sampler for seq in sampling], logits) if pick_rows is not None else None
+        for index, (seq, row_logits) in enumerate(zip(sampling, logits)):
             for sibling in self._fork(seq):  # n choices: the prompt was prefilled once, for all
                 sibling.accept(sibling.pick(row_logits.clone()))
                 if sibling.finished:
                     self._finish(sibling, sibling.result.finish_reason)
-            seq.accept(seq.pick(row_logits))
+            seq.accept(picked[index] if picked is not None else seq.pick(row_logits))
             if seq.finished:
                 self._finish(seq, seq.result.finish_reason)
         self.steps += 1

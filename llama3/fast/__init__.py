@@ -9,7 +9,9 @@
     int4.py       weight-only int4 linears, 32-weight groups (the Q4_1 scheme of the embedded model)
     gguf_quantized.py  a GGUF file straight to int8/int4 (Q8_0/Q4_x blocks never become float matrices)
     compile.py    torch.compile of the forward (opt-in: compiling takes minutes on a small CPU)
-    static.py     greedy decoding with a fixed-address KV cache, compiled into one CUDA graph
+    cuda_decode.py  CUDA: the engine's decoding steps padded to batch buckets and replayed as CUDA
+                  graphs; every row's token sampled on the device (chosen by the plan on CUDA)
+    static.py     greedy decoding with a fixed-address KV cache, compiled into one CUDA graph (a benchmark)
     measure.py    prefill / time-to-first-token / decode speed and peak memory
 
 The forward is always model.py's: prompts, one-token decoding, batches, training and

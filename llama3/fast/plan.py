@@ -45,6 +45,8 @@ class DecodingPlan:
     why_not_cpp: str | None = None
     pack_bf16: bool = False
     graph: bool = False     # one-token steps recorded once and replayed without Python (graph.py)
+    cuda_graphs: bool = False  # CUDA: the engine's decoding steps padded to buckets, captured as CUDA
+                               # graphs, rows sampled on the device (cuda_decode.py)
 
     def describe(self) -> str:
         parts = [f"{self.device}, {self.dtype}", self.quantize or "float weights",
@@ -56,13 +58,17 @@ class DecodingPlan:
             parts.append("bf16 linears packed for oneDNN")
         if self.graph:
             parts.append("decoding steps recorded and replayed (llama3/fast/graph.py)")
+        if self.cuda_graphs:
+            parts.append("decoding steps padded to batch buckets and replayed as CUDA graphs, "
+                         "sampling on the device (llama3/fast/cuda_decode.py)")
         return "; ".join(parts) + "; forward: llama3/model.py"
 
 
 def choose_plan(model: nn.Module | None = None, quantize: str | None = None, fuse: bool = True,
                 native: bool = True, pack: bool = True, device=None, dtype=None) -> DecodingPlan:
     """The plan for `model` as it lies (or for `device`, `dtype`): C++ kernels on the CPU where
-    they build (native=False: PyTorch's), bf16 packed for oneDNN where they do not and `pack`."""
+    they build (native=False: PyTorch's), bf16 packed for oneDNN where they do not and `pack`;
+    on CUDA the engine's decoding steps as CUDA graphs (cuda_decode.py; native=False: eager)."""
     from llama3.fast.quantize import CPU_HAS_BF16
 
     device = torch.device(device or "cpu") if model is None else model.device
@@ -78,8 +84,13 @@ def choose_plan(model: nn.Module | None = None, quantize: str | None = None, fus
     from llama3.fast import graph
 
     pack_bf16 = pack and fuse and not use_cpp and quantize is None and dtype == torch.bfloat16 and device.type == "cpu" and CPU_HAS_BF16
+    # CUDA: the engine's decoding steps as CUDA graphs over its paged cache (decided from the device's
+    # name alone: choosing allocates nothing and needs no GPU); not with native=False (torch.compile
+    # callers: a compiled forward makes graphs of its own)
+    cuda_graphs = device.type == "cuda" and native and graph.enabled()
     return DecodingPlan(str(device), str(dtype).removeprefix("torch."), quantize, fuse,
-                        "C++" if use_cpp else "PyTorch", why, pack_bf16, graph=use_cpp and graph.enabled())
+                        "C++" if use_cpp else "PyTorch", why, pack_bf16, graph=use_cpp and graph.enabled(),
+                        cuda_graphs=cuda_graphs)
 
 
 class KernelLinear(Lean, nn.Linear):
@@ -158,6 +169,10 @@ def apply_plan(model: nn.Module, plan: DecodingPlan, namespace: str = "llama3") 
         from llama3.fast import graph
 
         graph.install(model)
+    if plan.cuda_graphs:
+        from llama3.fast import cuda_decode
+
+        cuda_decode.install(model)
     return model
 
 
@@ -171,5 +186,7 @@ def plan_of(model: nn.Module) -> str:
     return (f"{model.device}, {str(model.dtype).removeprefix('torch.')}; "
             + ("fused q/k/v and gate/up; " if is_fused(model) else "")
             + ("C++ kernels (llama3/fast/kernels.cpp)" if cpp else "PyTorch kernels")
-            + ("; decoding steps recorded and replayed (llama3/fast/graph.py)" if graphs_of(model) else "")
+            + (("; decoding steps replayed as CUDA graphs (llama3/fast/cuda_decode.py)"
+                if hasattr(graphs_of(model), "pick_rows") else
+                "; decoding steps recorded and replayed (llama3/fast/graph.py)") if graphs_of(model) else "")
             + "; forward: llama3/model.py")

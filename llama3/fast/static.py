@@ -15,7 +15,8 @@ Attending over every slot costs a little extra arithmetic per token, which the G
 hides; on a CPU the C++ kernels of the decoding plan are faster.  Every step, prefill and
 decoding, is model.py's `Transformer.forward`; only the cache differs (`StaticCache`
 stores and attends in place through the `attend` hook, at a tensor position).
-Used by `benchmarks/cuda_speed.py --static`.
+Used by `benchmarks/cuda_speed.py --static`.  What `generate`, `chat` and `serve` run on CUDA is
+`cuda_decode.py`: the engine's paged steps captured as CUDA graphs per batch bucket, with sampling.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class StaticDecoder(nn.Module):
         """tokens [B, 1] at position pos ([1] long tensor) -> next greedy ids [B, 1]."""
         self.cache.pos = pos
         self.cache.visible = (torch.arange(self.max_len, device=pos.device) <= pos)[None, None, None, :]  # [1,1,1,S]
-        logits = self.model(tokens, 0, self.cache, positions=pos[None, :].expand(tokens.shape[0], 1))
+        logits = Transformer.forward(self.model, tokens, 0, self.cache, positions=pos[None, :].expand(tokens.shape[0], 1))
         return logits.argmax(dim=-1)                                                       # [B, 1]
 
     @torch.inference_mode()
@@ -69,7 +70,7 @@ class StaticDecoder(nn.Module):
         if length + new_tokens > self.max_len:
             raise ValueError(f"{length} + {new_tokens} tokens do not fit max_len={self.max_len}")
         self.cache.pos = None                             # prefill: the readable cache writes
-        token = self.model(prompt, 0, self.cache, last_only=True).argmax(dim=-1)  # [B, 1]
+        token = Transformer.forward(self.model, prompt, 0, self.cache, last_only=True).argmax(dim=-1)  # [B, 1]
         out = [token]
         for step in range(new_tokens - 1):
             pos = torch.tensor([length + step], device=prompt.device)
