@@ -246,6 +246,18 @@ def logits_check(ours, hf, config: ModelConfig, n: int, device: torch.device) ->
 
 
 # ------------------------------------------------------------------ one config
+def timed(results: dict, variant: str, fn, label: str) -> None:
+    """results[variant] = fn()'s numbers and its wall time, logged; an error is recorded, not raised
+    (one broken variant must not hide the others' numbers)."""
+    start = time.perf_counter()
+    try:
+        results[variant] = fn()
+    except Exception as e:
+        results[variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    results[variant]["wall_seconds"] = round(time.perf_counter() - start, 2)
+    log(f"{label}: {variant}: { {k: v for k, v in results[variant].items() if k != 'tokens'} }")
+
+
 def bench_config(name: str, config: ModelConfig, args, device: torch.device, dtype: torch.dtype) -> dict:
     from llama3.fast import speed_up
 
@@ -259,13 +271,7 @@ def bench_config(name: str, config: ModelConfig, args, device: torch.device, dty
     log(f"{name}: logits check {check}")
 
     def record(variant, fn):
-        start = time.perf_counter()
-        try:
-            results[variant] = fn()
-        except Exception as e:  # one broken variant must not hide the others' numbers
-            results[variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
-        results[variant]["wall_seconds"] = round(time.perf_counter() - start, 2)
-        log(f"{name}: {variant}: {results[variant]}")
+        timed(results, variant, fn, name)
 
     def ours_variant():
         return dict(prefill_tokens_per_second=ours_prefill(model, config, args.prefill, device, dtype),
@@ -440,14 +446,7 @@ def bench_batches(name: str, config: ModelConfig, args, device: torch.device, dt
         row = rows[str(batch)] = {}
 
         def record(variant, fn):
-            start = time.perf_counter()
-            try:
-                row[variant] = fn()
-            except Exception as e:  # one broken variant must not hide the others' numbers
-                row[variant] = {"error": f"{type(e).__name__}: {e}"[:500]}
-            row[variant]["wall_seconds"] = round(time.perf_counter() - start, 2)
-            log(f"{name} batch {batch}: {variant}: "
-                f"{ {k: v for k, v in row[variant].items() if k != 'tokens'} }")
+            timed(row, variant, fn, f"{name} batch {batch}")
 
         if "ours" in args.variants:
             record("ours", lambda: ours_batch(model, prompts, args.new, device))
