@@ -202,8 +202,9 @@ class LLM:
             samplers = [Sampler.from_settings(settings, self.config.vocab_size, prompt_ids=row, seed=settings.seed,
                                               processor=plans[0].grammar.processor(), device=self.device)
                         for row in ids]
-        messages = [plan.message(text) for plan, text in zip(plans, self._complete(ids, settings, False, False,
-                                                                                      samplers))]
+        results = self.engine.run(ids, settings, samplers=samplers)  # a call cut by max_new_tokens is dropped
+        messages = [plan.message(result.text, cut=result.finish_reason == "length")
+                    for plan, result in zip(plans, results)]
         return messages[0] if single else messages
 
     def _json_samplers(self, prompt_ids, settings, json_schema, json_object):

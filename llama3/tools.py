@@ -27,6 +27,11 @@ How a model writes a call depends on its chat format (`call_style`):
 
 Text that is not a call stays the message's content; a call to a function that was not offered,
 or a block that is not valid JSON, is content too (never a call the client cannot run).
+
+An answer cut off by max_tokens (`cut`, finish_reason "length") in the middle of a call: the unfinished
+call is dropped, neither a call nor content (never the raw <tool_call> text); the calls finished before
+it are kept, and finish_reason stays "length" so the client knows (OpenAI and vLLM report "length" for
+a cut call too).  A forced call's answer (tool_choice required / named) is only calls: no content at all.
 """
 
 from __future__ import annotations
@@ -217,8 +222,25 @@ def _builtin_call(text: str, names: set[str]) -> dict | None:
     return new_call(match["name"], arguments)
 
 
-def parse_calls(text: str, style: str, tools: list[dict]) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of a generated answer; no calls -> (text, [])."""
+def _without_open_call(text: str) -> str:
+    """(hermes) The text before a last <tool_call> block that was never closed (the answer was cut in it)."""
+    start = text.rfind(CALL_OPEN)
+    if start < 0 or CALL_CLOSE in text[start:]:
+        return text
+    return text[:start].rstrip()
+
+
+def parse_calls(text: str, style: str, tools: list[dict], *, cut: bool = False,
+                forced: bool = False) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a generated answer; no calls -> (text, []).
+    cut: the answer stopped at max_tokens, so a call it was still writing is dropped (see the module
+    docstring); forced: a forced call's answer, whose cut leaves no content."""
+    if cut:
+        before = _without_open_call(text) if style == "hermes" else text
+        content, calls = parse_calls(before, style, tools)
+        if forced:  # the grammar wrote calls only: what is not a finished call was the cut one
+            return None, calls
+        return (content or None, calls) if before != text else (content, calls)
     names = set(tool_names(tools))
     if style == "meta":
         body = text.strip()
@@ -246,8 +268,8 @@ class CallStream:
     """One streamed choice: `feed(piece)` -> the content that can be sent now (text that may still
     turn out to be a call is held back), `finish()` -> (the rest of the content, the calls)."""
 
-    def __init__(self, style: str, tools: list[dict], parallel: bool = True):
-        self.style, self.tools, self.parallel = style, tools, parallel
+    def __init__(self, style: str, tools: list[dict], parallel: bool = True, forced: bool = False):
+        self.style, self.tools, self.parallel, self.forced = style, tools, parallel, forced
         self.text, self.sent = "", ""
         self.builtins = [n for n in tool_names(tools) if n in BUILTIN_TOOLS]
 
@@ -279,8 +301,9 @@ class CallStream:
         new, self.sent = ready[len(self.sent):], ready
         return new
 
-    def finish(self) -> tuple[str, list[dict]]:
-        content, calls = parse_calls(self.text, self.style, self.tools)
+    def finish(self, cut: bool = False) -> tuple[str, list[dict]]:
+        """cut: the answer stopped at max_tokens (finish_reason "length"; see parse_calls)."""
+        content, calls = parse_calls(self.text, self.style, self.tools, cut=cut, forced=self.forced)
         calls, content = calls if self.parallel else calls[:1], content or ""
         rest = content[len(self.sent):] if content.startswith(self.sent) else ""
         return rest, calls
@@ -297,16 +320,23 @@ class ToolPlan:
     grammar: "JsonGrammar | None"  # tool_choice required / named
     parallel: bool = True          # False: only the first call is kept
 
-    def parse(self, text: str) -> tuple[str | None, list[dict]]:
-        content, calls = parse_calls(text, self.style, self.tools) if self.tools else (text, [])
+    @property
+    def forced(self) -> bool:
+        return self.choice not in ("auto", "none")
+
+    def parse(self, text: str, cut: bool = False) -> tuple[str | None, list[dict]]:
+        """cut: the answer stopped at max_tokens (finish_reason "length"; see parse_calls)."""
+        if not self.tools:
+            return text, []
+        content, calls = parse_calls(text, self.style, self.tools, cut=cut, forced=self.forced)
         return content, calls if self.parallel else calls[:1]
 
     def stream(self) -> CallStream:
-        return CallStream(self.style, self.tools, self.parallel)
+        return CallStream(self.style, self.tools, self.parallel, self.forced)
 
-    def message(self, text: str) -> dict:
+    def message(self, text: str, cut: bool = False) -> dict:
         """The answer as OpenAI's assistant message (with tool_calls when it made calls)."""
-        content, calls = self.parse(text)
+        content, calls = self.parse(text, cut)
         return {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
 
 

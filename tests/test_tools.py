@@ -395,6 +395,9 @@ def test_llm_chat_forced_calls_validate_at_temperature_one(smollm2):
                          temperature=1.0, seed=7, max_new_tokens=64)
     validate(named, {"add"})
     assert named["content"] is None and len(named["tool_calls"]) == 1
+    cut = smollm2.chat(question, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
+                       temperature=0, max_new_tokens=6)  # max_new_tokens ends it inside the call
+    assert cut == {"role": "assistant", "content": None}
 
 
 def test_meta_format_forced_call_on_a_random_llama3_model():
@@ -509,3 +512,61 @@ def test_reply_parses_an_auto_answer_whole_and_streamed():
         streamed_calls = [c for d in deltas for c in d["delta"].get("tool_calls", [])]
         assert [c["index"] for c in streamed_calls] == list(range(len(expected)))
         assert [c["function"] for c in streamed_calls] == [c["function"] for c in message["message"]["tool_calls"]]
+
+
+CUT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'   # max_tokens ended it mid-call
+ADD = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+
+
+@pytest.mark.parametrize("choice, style, text, content, calls", [
+    ("required", "hermes", CUT, None, []),
+    ("required", "hermes", "<tool_c", None, []),
+    ("required", "hermes", ADD + CUT, None, ["add"]),          # the finished call is kept, finish stays length
+    ("get_weather", "meta", '{"name": "get_weather", "parameters": {"ci', None, []),
+    ("auto", "hermes", "Let me check. " + CUT, "Let me check.", []),
+    ("auto", "hermes", CUT, None, []),
+    ("auto", "hermes", "a plain answer, cut", "a plain answer, cut", []),
+])
+def test_a_call_cut_by_max_tokens_is_dropped_whole_and_streamed(choice, style, text, content, calls):
+    """finish_reason "length" inside a call: no raw <tool_call> text as content, the unfinished call is
+    not a call, finish_reason stays "length" (as OpenAI and vLLM answer a cut call); streamed = whole."""
+    from llama3.server_api.reply import Reply
+    from llama3.tools import ToolPlan
+
+    plan = ToolPlan(check_tools(TOOLS), choice, style, grammar=None)  # the grammar only steers sampling
+    whole, streamed = Reply("m", True, [[1]], tools=plan), Reply("m", True, [[1]], tools=plan)
+    chunks = []
+    for i in range(0, len(text), 5):
+        whole.add(("text", 0, text[i:i + 5]))
+        chunks.append(streamed.add(("text", 0, text[i:i + 5])))
+    whole.add(("end", 0, "length", 16, 0))
+    chunks.append(streamed.add(("end", 0, "length", 16, 0)))
+    choice_ = whole.whole()["choices"][0]
+    assert choice_["finish_reason"] == "length"
+    assert choice_["message"]["content"] == content
+    assert [c["function"]["name"] for c in choice_["message"].get("tool_calls", [])] == calls
+    deltas = [c["choices"][0] for c in chunks if c is not None]
+    assert "".join(d["delta"].get("content", "") for d in deltas) == (content or "")
+    assert deltas[-1]["finish_reason"] == "length"
+    assert [c["function"] for d in deltas for c in d["delta"].get("tool_calls", [])] == \
+        [c["function"] for c in choice_["message"].get("tool_calls", [])]
+
+
+def test_openai_client_gets_no_tag_text_for_a_forced_call_cut_by_max_tokens(server):
+    """The same cut, through the server and the official client, streamed and not: finish_reason length,
+    no content (never the raw <tool_call> text) and no unfinished call."""
+    body = dict(model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}}, temperature=0,
+                max_tokens=6)
+    client = server.client()
+    whole = client.chat.completions.create(**body).choices[0]
+    assert whole.finish_reason == "length" and whole.message.content is None and whole.message.tool_calls is None
+    content, finish, calls = "", None, []
+    for chunk in client.chat.completions.create(**body, stream=True):
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            calls += choice.delta.tool_calls or []
+            finish = choice.finish_reason or finish
+    assert finish == "length" and content == "" and calls == []
+    answer = server.client().chat.completions.create(**{**body, "max_tokens": 64}).choices[0]
+    assert answer.finish_reason == "tool_calls"  # the same request with room for the call makes it

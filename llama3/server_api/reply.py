@@ -78,11 +78,10 @@ class Reply:
                 if echo_logprobs is not None:
                     logprobs = {name: echo_logprobs[name] + logprobs[name] for name in logprobs}
             body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": echoed + text}
-            if self.tools:
-                content, calls = self.tools.parse(text)
-                if calls:
-                    body["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
-                    finish = "tool_calls" if finish == "stop" else finish
+            if self.tools:  # a call cut by max_tokens is dropped, and finish_reason stays "length"
+                content, calls = self.tools.parse(text, cut=finish == "length")
+                body["message"] = {"role": "assistant", "content": content, **({"tool_calls": calls} if calls else {})}
+                finish = "tool_calls" if calls and finish == "stop" else finish
             choices.append({"index": i, **body, "logprobs": logprobs, "finish_reason": finish})
         return {**self._envelope(choices, chunk=False), "usage": self.usage()}
 
@@ -124,7 +123,7 @@ class Reply:
             if finish is None:
                 piece = stream.feed(piece)
             else:
-                piece, calls = stream.finish()   # (the end event brings no text of its own)
+                piece, calls = stream.finish(cut=finish == "length")   # (the end event brings no text of its own)
                 finish = "tool_calls" if calls and finish == "stop" else finish
         if not piece and finish is None and logprobs is None:
             return None
