@@ -44,7 +44,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # beside ours go in this list.
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
            Path(__file__).with_name("paged_attention.cpp")]  # the engine's attention over its KV blocks
-HEADERS = [Path(__file__).with_name("threads.h")]
+HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h")]
 # -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
 # answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
 # not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
