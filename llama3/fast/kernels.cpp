@@ -20,8 +20,10 @@
  *   attend(q, k, v, visible)            softmax(q kᵀ / √Dh) v for one query row per sequence, over a
  *                                       KV cache read in place (strided views), each key/value head
  *                                       serving its H/Hkv query heads without copies
+ *   dpbf16()                            whether this build has the bf16 x bf16 product (vdpbf16ps)
  *
- * Activations are float32 inside (16-bit inputs are widened once).  Threads: our own pool (threads.h:
+ * Activations are float32 inside (bfloat16 inputs are read, and answers written, here, widened
+ * once; a bf16 x into a bf16 matvec is multiplied as it is where the CPU has AVX512_BF16).  Threads: our own pool (threads.h:
  * chunks claimed one at a time, so a thread the OS did not run costs nothing; at::parallel_for's
  * OpenMP regions waited for it), as many threads as torch.set_num_threads says.  AVX-512 intrinsics for the matrix-vector
  * products where the CPU has them, plain loops the compiler vectorises elsewhere (-DLLAMA3_PLAIN_C).
@@ -750,6 +752,11 @@ std::vector<double> thread_stats(bool reset) {
             s.lost_seconds};
 }
 
+/* Whether this build's bf16 matvec takes a bf16 x through vdpbf16ps (AVX512_BF16 at compile time):
+ * tests compare that path with the widening one where it is there, and fail where the CPU has the
+ * instruction and the build lost it. */
+bool dpbf16() { return DPBF16; }
+
 TORCH_LIBRARY(LLAMA3_NS, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales, int kind, int n, Tensor? offsets=None) -> Tensor");
     m.def("dequantize_int4(Tensor packed, Tensor scales_and_zeros, int n) -> Tensor");
@@ -758,6 +765,7 @@ TORCH_LIBRARY(LLAMA3_NS, m) {
     m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
     m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
     m.def("thread_stats(bool reset=False) -> float[]");
+    m.def("dpbf16() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
@@ -769,4 +777,7 @@ TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
     m.impl("attend", TORCH_FN(attend));
 }
 
-TORCH_LIBRARY_IMPL(LLAMA3_NS, CatchAll, m) { m.impl("thread_stats", TORCH_FN(thread_stats)); }
+TORCH_LIBRARY_IMPL(LLAMA3_NS, CatchAll, m) {
+    m.impl("thread_stats", TORCH_FN(thread_stats));
+    m.impl("dpbf16", TORCH_FN(dpbf16));
+}

@@ -14,6 +14,7 @@ kernels do each step in one call, reading weights and the KV cache where they li
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
     thread_stats     the thread pool's counters (threads.h: chunks claimed one at a time, so a busy
                      machine's pre-empted thread costs little; `thread_stats()` below)
+    dpbf16           whether the build multiplies a bf16 x by bf16 weights as they are (AVX512_BF16)
 
 They know nothing of a Llama block: model.py calls them through the slots `plan.py`
 fills (`RMSNorm.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
