@@ -14,6 +14,7 @@ kernels do each step in one call, reading weights and the KV cache where they li
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
     thread_stats     the thread pool's counters (threads.h: chunks claimed one at a time, so a busy
                      machine's pre-empted thread costs little; `thread_stats()` below)
+    dpbf16           whether the build multiplies a bf16 x by bf16 weights as they are (AVX512_BF16)
 
 They know nothing of a Llama block: model.py calls them through the slots `plan.py`
 fills (`RMSNorm.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
@@ -44,7 +45,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # beside ours go in this list.
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
            Path(__file__).with_name("paged_attention.cpp")]  # the engine's attention over its KV blocks
-HEADERS = [Path(__file__).with_name("threads.h")]
+HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h")]
 # -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
 # answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
 # not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
