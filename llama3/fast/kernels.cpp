@@ -524,7 +524,8 @@ at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &si
 }
 
 /* q [B, H, 1, Dh]; k, v [B, Hkv, S, Dh] views (the last dimension contiguous, float32 or bfloat16);
- * visible: None or bool [B or 1, S] (False: that key is hidden from the row).  -> [B, H, 1, Dh]. */
+ * visible: None or bool [B or 1, S], or [B or 1, 1, 1, S] (the same bytes: a model's mask as it comes)
+ * (False: that key is hidden from the row).  -> [B, H, 1, Dh]. */
 at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                   const c10::optional<at::Tensor> &visible) {
     const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
@@ -540,6 +541,8 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     int64_t mask_stride = 0;
     if (visible.has_value()) {
         mask = visible->to(at::kBool).contiguous();
+        TORCH_CHECK(mask.dim() >= 1 && (mask.size(0) == 1 || mask.size(0) == B) && mask.numel() == mask.size(0) * S,
+                    "attend: visible is [B or 1, S] (or [B or 1, 1, 1, S])");
         seen = mask.data_ptr<bool>();
         mask_stride = mask.size(0) == 1 ? 0 : S;
     }
