@@ -665,8 +665,9 @@ at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &si
 }
 
 /* q [B, H, 1, Dh]; k, v [B, Hkv, S, Dh] views (the last dimension contiguous, float32 or bfloat16);
- * visible: None or bool [B or 1, S] (False: that key is hidden from the row).  -> [B, H, 1, Dh] in
- * q's dtype (a bf16 q is read, and its answer written, here: no ATen conversions). */
+ * visible: None or bool [B or 1, S], or [B or 1, 1, 1, S] (the same bytes: a model's mask as it comes)
+ * (False: that key is hidden from the row).  -> [B, H, 1, Dh] in q's dtype (a bf16 q is read, and its
+ * answer written, here: no ATen conversions). */
 at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                   const c10::optional<at::Tensor> &visible) {
     const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
@@ -685,6 +686,8 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     if (visible.has_value()) {
         mask = visible->scalar_type() == at::kBool ? *visible : visible->to(at::kBool);
         if (!mask.is_contiguous()) mask = mask.contiguous();
+        TORCH_CHECK(mask.dim() >= 1 && (mask.size(0) == 1 || mask.size(0) == B) && mask.numel() == mask.size(0) * S,
+                    "attend: visible is [B or 1, S] (or [B or 1, 1, 1, S])");
         seen = mask.data_ptr<bool>();
         mask_stride = mask.size(0) == 1 ? 0 : S;
     }

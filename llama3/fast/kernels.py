@@ -158,8 +158,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if (q.shape[2] == 1 and q.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)
             and not (q.requires_grad and torch.is_grad_enabled())
             and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1))):
-        visible = None if mask is None else mask[:, 0, 0, :]                # [B or 1, S]
-        return torch.ops.llama3.attend(q, k, v, visible)
+        # the mask as it comes, [B or 1, 1, 1, S]: the kernel reads its rows as [B or 1, S] (no
+        # per-layer slicing in a recorded step: graph.py's masks are one tensor for every layer)
+        if mask is None or (mask.shape[0] in (1, q.shape[0]) and mask.shape[3] == k.shape[2]):
+            return torch.ops.llama3.attend(q, k, v, mask)
     return readable.fused_attention(q, k, v, mask)
 
 
