@@ -122,7 +122,12 @@ class DecodeGraphs:
             layers = list(zip(kv[0::2], kv[1::2]))
             return self.eager(tokens, 0, _Slots(layers, slot), positions, visible, last_only)
 
-        return self._replay(key, args, step, lambda: self.eager(tokens, start_pos, cache, positions, mask, last_only))
+        # TorchScript's optimizer off, as in _paged: its optimizing run on the second replay cost 110-400 ms
+        # of CPU once per record, and optimized replays were no faster (SmolLM2 int4, 1 thread, alternating
+        # on one record: 14.9 vs 15.0 ms CPU a step, median of 150)
+        with torch.jit.optimized_execution(False):
+            return self._replay(key, args, step, lambda: self.eager(tokens, start_pos, cache, positions, mask,
+                                                                    last_only))
 
     def _paged(self, tokens, cache, positions, mask, last_only):
         """A step of the engine (`llama3/engine/paged_cache.py`): one new token per decoding sequence,
