@@ -5,11 +5,19 @@ wrong: a missing file, a corrupt checkpoint, an unknown preset, an invalid
 sampling value.  The message is one line that says what is wrong and what to
 do.  The CLI prints it as `error: <message>` and exits with status 2, never a
 traceback.  Bugs in our own code stay ordinary exceptions.
+
+`ServiceError` is the one kind that is not the user's doing: the program cannot go on (e.g. a
+tensor-parallel peer died).  The CLI treats it like any Llama3Error; the server answers 503.
 """
 
 
 class Llama3Error(Exception):
     """A user-facing error: one line, what is wrong and what to do."""
+
+
+class ServiceError(Llama3Error):
+    """The service, not the request, failed (a tensor-parallel rank stopped, a collective timed out):
+    one line saying what failed and what to do (e.g. restart the server).  HTTP 503, not 400."""
 
 
 class ConfigError(Llama3Error):

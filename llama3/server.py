@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from llama3.errors import Llama3Error
+from llama3.errors import Llama3Error, ServiceError
 from llama3.engine import Engine, EngineConfig
 from llama3.generate import fit_prompt
 from llama3.llm import LLM
@@ -78,6 +78,17 @@ class APIError(Exception):
 
 def _internal_error(error: Exception) -> APIError:
     return APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
+
+
+def _llama3_error(error: Llama3Error) -> APIError:
+    """A Llama3Error as the client sees it, answered or streamed: a RequestError names its field and
+    status; a ServiceError (the server failed, e.g. a tensor-parallel rank died) is a 503; the rest are 400s."""
+    if isinstance(error, RequestError):  # names the field (server_api)
+        return APIError(error.status, str(error), param=error.param, code=error.code)
+    if isinstance(error, ServiceError):
+        log.error("%s", error)  # the operator's one line: the server cannot answer until it is fixed
+        return APIError(503, str(error), type="server_error", code="service_unavailable")
+    return APIError(400, str(error), code="invalid_value")
 
 
 def _validation_error(error: ValidationError) -> APIError:
@@ -220,10 +231,8 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
         return _internal_error(error).response()
 
     @app.exception_handler(Llama3Error)
-    async def user_error(request: Request, error: Llama3Error):  # e.g. an unknown chat role
-        if isinstance(error, RequestError):  # names the field (server_api)
-            return APIError(error.status, str(error), param=error.param, code=error.code).response()
-        return APIError(400, str(error), code="invalid_value").response()
+    async def user_error(request: Request, error: Llama3Error):  # e.g. an unknown chat role; 503: ServiceError
+        return _llama3_error(error).response()
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -373,6 +382,9 @@ async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[
                     yield _sse(chunk)
         except Cancelled as error:
             yield _sse(APIError(503, str(error), type="server_error", code="cancelled").body())
+            return
+        except Llama3Error as error:  # as the same request unstreamed is answered (ServiceError: 503)
+            yield _sse(_llama3_error(error).body())
             return
         except Exception as error:  # a bug: tell the client, log the traceback, end the stream
             log.exception("generation failed")

@@ -265,6 +265,45 @@ def test_shutdown_ends_open_streams_at_once(tiny_llm):
     assert not queue._thread.is_alive() and queue.stats()["completion_tokens"] < 2000
 
 
+def test_a_failed_collective_is_a_503_whole_and_streamed(tiny_llm):
+    """A tensor-parallel rank that dies mid-request is the server's failure, not the client's: a 503
+    (streamed: an error event after the text sent so far, no [DONE]) saying what failed and to restart."""
+    from llama3.parallel.tp import collective_error
+
+    server = LiveServer(create_app(tiny_llm, "tiny"))
+    engine = server.app.state.queue.engine
+    forward, calls = engine.forward, []
+
+    def dies_at_the_fourth_step(*args):  # as lockstep.lead's forward raises when rank 1 is gone
+        calls.append(1)
+        if len(calls) % 4 == 0:
+            raise collective_error(RuntimeError("Connection closed by peer [127.0.0.1]:29500"), 0)
+        return forward(*args)
+
+    engine.forward = dies_at_the_fourth_step
+    try:
+        calls[:] = [1, 1, 1]  # the next forward fails
+        response = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, key=None)
+        assert_error(response, 503, code="service_unavailable")
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "\n" not in error["message"]
+        assert error["message"].startswith("rank 0: a tensor-parallel collective failed (Connection closed by peer")
+        assert "restart" in error["message"]
+
+        calls.clear()  # prefill, two tokens, then the failure
+        body = {"prompt": "hi", "max_tokens": 50, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as streamed:
+            assert streamed.status_code == 200
+            events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line]
+        assert "[DONE]" not in events and len(events) >= 2
+        assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]]  # the text before the failure
+        last = json.loads(events[-1])["error"]
+        assert last["code"] == "service_unavailable" and last["type"] == "server_error"
+        assert last["message"] == error["message"]
+    finally:
+        server.stop()
+
+
 # ------------------------------------------------------------------ real model
 REAL = "smollm2-135m-instruct"
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from llama3.config import ModelConfig
-from llama3.errors import Llama3Error
+from llama3.errors import Llama3Error, ServiceError
 
 COLWISE = ("attention.wq", "attention.wk", "attention.wv", "feed_forward.w1", "feed_forward.w3")
 ROWWISE = ("attention.wo", "feed_forward.w2")
@@ -186,8 +186,16 @@ def local_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-class CollectiveError(Llama3Error):
-    """A collective failed or timed out: another rank stopped, or did not answer in time."""
+class CollectiveError(ServiceError):
+    """A collective failed or timed out: another rank stopped, or did not answer in time (the server: 503)."""
+
+
+def collective_error(cause: BaseException, rank: int) -> CollectiveError:
+    """The one line for a collective that failed with `cause` on `rank`: what failed, what to do."""
+    first = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+    return CollectiveError(f"rank {rank}: a tensor-parallel collective failed ({first}); another rank stopped or "
+                           f"did not answer within LLAMA3_TP_TIMEOUT={timeout_seconds():g} s; restart the whole "
+                           "torchrun command (every rank)")
 
 
 @contextlib.contextmanager
@@ -203,9 +211,7 @@ def collective_errors():
     except (RuntimeError, dist.DistError) as e:
         if isinstance(e, Llama3Error) or not dist.is_initialized():
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        error = CollectiveError(f"rank {dist.get_rank()}: a tensor-parallel collective failed ({first}); another "
-                                f"rank stopped or did not answer within LLAMA3_TP_TIMEOUT={timeout_seconds():g} s")
+        error = collective_error(e, dist.get_rank())
         if dist.get_rank() != 0:
             print(f"error: {error}", file=sys.__stderr__, flush=True)
         raise error from None
