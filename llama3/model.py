@@ -302,20 +302,19 @@ class Attention(Lean):
             setattr(self, name, Tap())
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> q [B, T, H*Dh], k [B, T, Hkv*Dh], v [B, T, Hkv*Dh]: three matmuls,
-        or one against the three matrices stacked where `wqkv` is set (llama3.fast.fuse)."""
+        """x [B, T, D] -> q [B, T, H, Dh], k [B, T, Hkv, Dh], v [B, T, Hkv, Dh]: three matmuls, each
+        output cut into heads of Dh channels; or one matmul against the three matrices stacked where
+        `wqkv` is set (llama3.fast.fuse), its output cut into H + 2*Hkv heads and split once."""
         if self.wqkv is None:
-            return self.wq(x), self.wk(x), self.wv(x)
-        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return self.wqkv(x).split((q_width, kv_width, kv_width), dim=-1)
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)                     # [B, T, H*Dh | Hkv*Dh]
+            return tuple(t.unflatten(-1, (-1, self.head_dim)) for t in (q, k, v))
+        heads = self.wqkv(x).unflatten(-1, (-1, self.head_dim))              # [B, T, H + 2*Hkv, Dh]
+        return heads.split((self.n_heads, self.n_kv_heads, self.n_kv_heads), dim=2)
 
     def forward(self, x, cos, sin, start_pos=0, cache: KVCache | None = None, mask=None):
         """x [B, T, D] -> [B, T, D].  mask: None (causal) or bool [B or 1, 1, T, S], True = may attend."""
-        batch, seqlen, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = self.q(q.view(batch, seqlen, self.n_heads, self.head_dim))     # [B, T, H, Dh]
-        k = self.k(k.view(batch, seqlen, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, Dh]
-        v = self.v(v.view(batch, seqlen, self.n_kv_heads, self.head_dim))  # [B, T, Hkv, Dh]
+        q, k, v = self.q(q), self.k(k), self.v(v)                           # [B, T, H|Hkv, Dh]
         q = self.q_rotated(self.rope_kernel(q, cos, sin))                  # position enters here only
         k = self.k_rotated(self.rope_kernel(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
@@ -326,7 +325,7 @@ class Attention(Lean):
             if cache is not None:
                 k, v = cache.update(self.layer_id, start_pos, k, v)         # [B, Hkv, S, Dh]
             out = self.attention_kernel(q, k, v, mask) if self.fused else self.explicit_attention(q, k, v, mask)
-        out = self.heads(out).transpose(1, 2).reshape(batch, seqlen, -1)   # concat heads: [B, T, H*Dh]
+        out = self.heads(out).transpose(1, 2).flatten(2)                   # concat heads: [B, T, H*Dh]
         return self.wo(out)                                                 # [B, T, D]
 
     def explicit_attention(self, q, k, v, mask=None):

@@ -87,10 +87,15 @@ def test_attention_kernel_reads_the_cache_in_place(ops, dtype):
     mask = (torch.arange(301)[None, :] >= torch.tensor([0, 40, 200])[:, None])[:, None, None, :]
     for m in (None, mask):
         want = fused_attention(q.float(), k.float(), v.float(), m)
-        got = ops.attend(q, k, v, None if m is None else m[:, 0, 0])
-        assert got.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 0.02
-        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+        # the mask as rows [B, S] or as the model's [B, 1, 1, S] (what a recorded step passes)
+        for visible in ((None,) if m is None else (m[:, 0, 0], m)):
+            got = ops.attend(q, k, v, visible)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    for wrong in (mask[..., :300], mask[:2]):  # a key too few, a row too few: refused, not read past
+        with pytest.raises(RuntimeError, match="visible is"):
+            ops.attend(q, k, v, wrong)
 
 
 CONFIGS = {

@@ -59,13 +59,15 @@ def enabled() -> bool:
 class _Slots:
     """A KVCache seen by a recorded step: key/value tensors that are inputs of the record, the new
     token's key and value written at a tensor position, every slot returned (the mask hides the
-    ones not yet written).  k, v: [n_layers, B, Hkv, max_len, Dh]; slot: long [1]."""
+    ones not yet written).  layers: each layer's (keys, values) [B, Hkv, max_len, Dh], the views
+    `KVCache.layers` holds (inputs of the record one by one: no per-layer indexing replayed);
+    slot: long [1]."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, slot: torch.Tensor):
-        self.k, self.v, self.slot = k, v, slot
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor):
+        self.layers, self.slot = layers, slot
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
-        keys, values = self.k[layer], self.v[layer]           # [B, Hkv, max_len, Dh]
+        keys, values = self.layers[layer]                      # [B, Hkv, max_len, Dh]
         keys.index_copy_(2, self.slot, k)                      # k [B, Hkv, 1, Dh] at the slot
         values.index_copy_(2, self.slot, v)
         return keys, values
@@ -113,12 +115,19 @@ class DecodeGraphs:
             visible = mask.new_zeros(mask.shape[0], 1, 1, length)                # [B or 1, 1, 1, max_len]
             visible[..., :mask.shape[-1]] = mask
         key = (batch, cache.k.dtype, positions is None, visible.shape[0], last_only)
-        args = (tokens, slot if positions is None else positions, visible, slot, cache.k, cache.v)
+        args = (tokens, slot if positions is None else positions, visible, slot,
+                *(t for pair in cache.layers for t in pair))  # keys 0, values 0, keys 1, ...
 
-        def step(tokens, positions, visible, slot, k, v):
-            return self.eager(tokens, 0, _Slots(k, v, slot), positions, visible, last_only)
+        def step(tokens, positions, visible, slot, *kv):
+            layers = list(zip(kv[0::2], kv[1::2]))
+            return self.eager(tokens, 0, _Slots(layers, slot), positions, visible, last_only)
 
-        return self._replay(key, args, step, lambda: self.eager(tokens, start_pos, cache, positions, mask, last_only))
+        # TorchScript's optimizer off, as in _paged: its optimizing run on the second replay cost 110-400 ms
+        # of CPU once per record, and optimized replays were no faster (SmolLM2 int4, 1 thread, alternating
+        # on one record: 14.9 vs 15.0 ms CPU a step, median of 150)
+        with torch.jit.optimized_execution(False):
+            return self._replay(key, args, step, lambda: self.eager(tokens, start_pos, cache, positions, mask,
+                                                                    last_only))
 
     def _paged(self, tokens, cache, positions, mask, last_only):
         """A step of the engine (`llama3/engine/paged_cache.py`): one new token per decoding sequence,

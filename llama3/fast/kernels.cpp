@@ -20,8 +20,10 @@
  *   attend(q, k, v, visible)            softmax(q kᵀ / √Dh) v for one query row per sequence, over a
  *                                       KV cache read in place (strided views), each key/value head
  *                                       serving its H/Hkv query heads without copies
+ *   dpbf16()                            whether this build has the bf16 x bf16 product (vdpbf16ps)
  *
- * Activations are float32 inside (16-bit inputs are widened once).  Threads: our own pool (threads.h:
+ * Activations are float32 inside (bfloat16 inputs are read, and answers written, here, widened
+ * once; a bf16 x into a bf16 matvec is multiplied as it is where the CPU has AVX512_BF16).  Threads: our own pool (threads.h:
  * chunks claimed one at a time, so a thread the OS did not run costs nothing; at::parallel_for's
  * OpenMP regions waited for it), as many threads as torch.set_num_threads says.  AVX-512 intrinsics for the matrix-vector
  * products where the CPU has them, plain loops the compiler vectorises elsewhere (-DLLAMA3_PLAIN_C).
@@ -31,6 +33,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "softmax.h"
 #include "threads.h"
 
 #include <cmath>
@@ -141,6 +144,67 @@ void matvec_rows(const Matrix &m, const float *xs, float *ys, int batch, int64_t
             ys[(size_t)b * N + n] = scale ? acc * scale[n] : acc;
         }
 }
+#endif
+
+/* With AVX512_BF16 (vdpbf16ps: 32 bf16 products summed in pairs into 16 float32 lanes, one
+ * instruction) the bf16 product takes a bf16 x (a bf16 model's activations) as it is, instead of
+ * widening every weight to float32 first: 1 instruction per 32 weights instead of 6.  The
+ * products are exact in float32, so the answer is the float32 one up to the order of the sums.
+ * Measured at 1 thread on SmolLM2-135M's bf16 shapes: 0.83x the widening loop's time where the
+ * rows sit in L2 (960 x 576, 576 x 576), 0.92x on 576 x 1536, equal where they stream from L3.
+ * Tried and dropped: a float32 x split into two bf16 halves (hi + lo, ~2^-17 relative error)
+ * took 1.4x the widening loop's time, and int4 bytes turned into bf16 (q - 8) by vpermb + vpermw
+ * look-ups for vdpbf16ps were no faster than widening them to float32 (1.05x). */
+#if SIMD && defined(__AVX512BF16__)
+#define DPBF16 1
+
+inline __m512 dot_bf16(__m512 acc, __m512i w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+
+/* BF16 rows [n_begin, n_end), 4 at a time, 32 columns per step (a 16-column tail when K % 32 ==
+ * 16).  xh [batch, K] bf16. */
+void matvec_bf16_pairs(const Matrix &m, const uint16_t *xh, float *ys, int batch, int64_t n_begin,
+                       int64_t n_end) {
+    const uint16_t *w = (const uint16_t *)m.w;
+    const int K = m.k, N = m.n, full = K & ~31;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
+        const int rows = N - n0 < 4 ? N - n0 : 4;
+        const uint16_t *r0 = w + (size_t)n0 * K;
+        const uint16_t *r1 = r0 + (rows > 1 ? K : 0), *r2 = r0 + (rows > 2 ? 2 * K : 0),
+                       *r3 = r0 + (rows > 3 ? 3 * K : 0);
+        for (int b = 0; b < batch; b++) {
+            const uint16_t *x = xh + (size_t)b * K;
+            float *y = ys + (size_t)b * N;
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            auto step = [&](int k, __mmask32 mask) {
+                const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + k);
+                const __m512i w0 = _mm512_maskz_loadu_epi16(mask, r0 + k), w1 = _mm512_maskz_loadu_epi16(mask, r1 + k),
+                              w2 = _mm512_maskz_loadu_epi16(mask, r2 + k), w3 = _mm512_maskz_loadu_epi16(mask, r3 + k);
+                a0 = dot_bf16(a0, w0, xv);
+                a1 = dot_bf16(a1, w1, xv);
+                a2 = dot_bf16(a2, w2, xv);
+                a3 = dot_bf16(a3, w3, xv);
+            };
+            for (int k = 0; k < full; k += 32) {
+                if (b == 0) {
+                    _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);
+                }
+                step(k, 0xFFFFFFFFu);
+            }
+            if (full < K) step(full, 0xFFFFu);
+            const float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                                   _mm512_reduce_add_ps(a3)};
+            for (int r = 0; r < rows; r++) y[n0 + r] = sums[r];
+        }
+    }
+}
+
+#else
+#define DPBF16 0
 #endif
 
 /* INT4: blocks [begin, end) of 64 rows. */
@@ -347,29 +411,67 @@ void matvec_int8_groups(const Matrix &m, int group, const uint16_t *offsets, con
 #endif
 }
 
+/* bfloat16 <-> float32 for a run of values (the compiler vectorises both loops). */
+void widen_bf16(const uint16_t *from, float *to, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) to[i] = bf16_to_f32(from[i]);
+}
+
+void narrow_bf16(const float *from, uint16_t *to, int64_t count) {
+#pragma omp simd
+    for (int64_t i = 0; i < count; i++) to[i] = f32_to_bf16(from[i]);
+}
+
+/* Per-call scratch of the thread that calls matvec (workers only read and write through its
+ * pointers): no allocation once a call of each size has been made. */
+template <typename T>
+T *scratch(std::vector<T> &buffer, size_t count) {
+    if (buffer.size() < count) buffer.resize(count);
+    return buffer.data();
+}
+
 }  // namespace
 
-/* x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype. */
+/* x [..., K] (float32 or bfloat16) -> [..., N] in x's dtype.  A bfloat16 x is read and its
+ * answer written in bfloat16 here, in C++: converting through ATen (x.to, y.to) cost two more
+ * operator calls per product, ~400 a token of SmolLM2 in bf16. */
 at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::optional<at::Tensor> &scales, int64_t kind,
                   int64_t n, const c10::optional<at::Tensor> &offsets) {
     const int64_t k = x.size(-1);
     TORCH_CHECK(weight.is_contiguous() && weight.device().is_cpu() && k % 16 == 0,
                 "matvec: a contiguous CPU weight, K a multiple of 16");
     TORCH_CHECK(kind == INT4 || weight.size(1) == k, "matvec: x has ", k, " columns, the weight ", weight.size(1));
-    /* float32 contiguous input (the usual case) is read where it lies: no extra operator calls */
-    const bool as_is = x.scalar_type() == at::kFloat && x.is_contiguous();
-    at::Tensor rows = as_is ? x : x.to(at::kFloat).contiguous();
+    const bool x16 = x.scalar_type() == at::kBFloat16, native_type = x16 || x.scalar_type() == at::kFloat;
+    /* contiguous input (the usual case) is read where it lies: no extra operator calls */
+    at::Tensor rows = !native_type ? x.to(at::kFloat).contiguous() : x.is_contiguous() ? x : x.contiguous();
     const int batch = (int)(rows.numel() / k);
     Matrix m{(int)kind, (int)n, (int)k, weight.data_ptr(), scales.has_value() ? scales->data_ptr() : nullptr};
     std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
     shape.back() = n;
     at::Tensor y = at::empty(shape, rows.options());
-    const float *xs = rows.data_ptr<float>();
-    float *ys = y.data_ptr<float>();
+    thread_local std::vector<float> x_wide, y_wide;
+    const bool pairs = DPBF16 && x16 && kind == BF16;  // vdpbf16ps on x as it is (above)
+    const float *xs = nullptr;
+    const uint16_t *xh = pairs ? (const uint16_t *)rows.data_ptr() : nullptr;
+    if (x16 && !pairs) {  // the products that widen their weights to float32 read a float32 x
+        float *wide = scratch(x_wide, (size_t)batch * k);
+        widen_bf16((const uint16_t *)rows.data_ptr(), wide, (int64_t)batch * k);
+        xs = wide;
+    } else if (!x16) xs = rows.data_ptr<float>();
+    float *ys = x16 ? scratch(y_wide, (size_t)batch * n) : y.data_ptr<float>();
+    uint16_t *y16 = x16 ? (uint16_t *)y.data_ptr() : nullptr;
+    auto narrow = [&](int64_t lo, int64_t hi) {  // rows [lo, hi) of every x row, into the bf16 answer
+        if (y16)
+            for (int b = 0; b < batch; b++) narrow_bf16(ys + (size_t)b * n + lo, y16 + (size_t)b * n + lo, hi - lo);
+    };
+    (void)xh;
     if (kind == INT4) {
         TORCH_CHECK(n % 64 == 0 && scales.has_value() && !offsets.has_value(),
                     "matvec: int4 needs N % 64 == 0 and scales (its zeros are in them)");
-        llama3_threads::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) { matvec_int4(m, xs, ys, batch, b, e); });
+        llama3_threads::parallel_for(0, n / 64, 1, [&](int64_t b, int64_t e) {
+            matvec_int4(m, xs, ys, batch, b, e);
+            narrow(64 * b, 64 * e);
+        });
     } else if (kind == INT8_GROUP) {
         TORCH_CHECK(scales.has_value() && scales->scalar_type() == at::kHalf && scales->is_contiguous() &&
                         scales->dim() == 2 && scales->size(0) == n && k % scales->size(1) == 0 &&
@@ -385,6 +487,7 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
             const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
             if (group == 32) matvec_int8_groups<32>(m, group, offs, xsums.data(), xs, ys, batch, lo, hi);
             else matvec_int8_groups<0>(m, group, offs, xsums.data(), xs, ys, batch, lo, hi);
+            narrow(lo, hi);
         });
     } else {
         TORCH_CHECK(!offsets.has_value(), "matvec: offsets belong to int8 groups (kind 4) only");
@@ -392,11 +495,15 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
         llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
             const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
             if (kind == F32) matvec_rows<float>(m, xs, ys, batch, lo, hi);
+#if DPBF16
+            else if (kind == BF16 && pairs) matvec_bf16_pairs(m, xh, ys, batch, lo, hi);
+#endif
             else if (kind == BF16) matvec_rows<uint16_t>(m, xs, ys, batch, lo, hi);
             else matvec_rows<int8_t>(m, xs, ys, batch, lo, hi);
+            narrow(lo, hi);
         });
     }
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    return native_type ? y : y.to(x.scalar_type());
 }
 
 /* An INT4 matrix as bfloat16 [N, K] (w = (q - 8) * scale + zero, rounded once), for prompts:
@@ -462,69 +569,105 @@ at::Tensor dequantize_int8(const at::Tensor &weight, const at::Tensor &scales, c
     return out;
 }
 
-/* weight * (x / sqrt(mean(x²) + eps)): the sum in float32, the normalised row rounded to x's dtype
- * and then multiplied by the weight in the result's dtype, as model.py's RMSNorm does. */
-at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
-    const int64_t d = x.size(-1);
-    at::Tensor rows = x.reshape({-1, d}).contiguous(), w = weight.to(at::kFloat).contiguous();
-    const auto out_type = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
-    at::Tensor out = at::empty(rows.sizes(), rows.options().dtype(out_type));
-    const bool in16 = rows.scalar_type() == at::kBFloat16, out16 = out_type == at::kBFloat16;
-    TORCH_CHECK((in16 || rows.scalar_type() == at::kFloat) && (out16 || out_type == at::kFloat),
-                "rms_norm: float32 or bfloat16");
-    const float *wf = w.data_ptr<float>();
-    const void *in = rows.data_ptr();  // pointers read once: data_ptr() per element cost ~15 us a row
-    void *to = out.data_ptr();
-    llama3_threads::parallel_for(0, rows.size(0), 64, [&](int64_t begin, int64_t end) {
-        std::vector<float> row(d);
-        for (int64_t r = begin; r < end; r++) {
-            for (int64_t i = 0; i < d; i++)
-                row[i] = in16 ? bf16_to_f32(((const uint16_t *)in)[r * d + i]) : ((const float *)in)[r * d + i];
-            float ss = 0.f;
-            for (int64_t i = 0; i < d; i++) ss += row[i] * row[i];
-            const float inv = 1.f / std::sqrt(ss / d + (float)eps);
-            for (int64_t i = 0; i < d; i++) {
-                float normed = row[i] * inv;
-                if (in16) normed = bf16_to_f32(f32_to_bf16(normed));  // .type_as(x)
-                const float y = wf[i] * normed;
-                if (out16) ((uint16_t *)to)[r * d + i] = f32_to_bf16(y);
-                else ((float *)to)[r * d + i] = y;
-            }
-        }
-    });
-    return out.view(x.sizes());
+/* A row of float32 or bfloat16 values as float32: in place when it is float32, else widened into
+ * `buffer`. */
+inline const float *as_float(const void *row, bool bf16, int64_t count, std::vector<float> &buffer) {
+    if (!bf16) return (const float *)row;
+    float *to = scratch(buffer, (size_t)count);
+    widen_bf16((const uint16_t *)row, to, count);
+    return to;
 }
 
-/* x [B, T, H, Dh] (float32 or bfloat16); cos, sin float32 [T, Dh/2] or [B, T, Dh/2]. */
+/* weight * (x / sqrt(mean(x²) + eps)): the sum in float32, the normalised row rounded to x's dtype
+ * and then multiplied by the weight in the result's dtype, as model.py's RMSNorm does.  A bf16 x
+ * or weight is read as it is (converting through ATen cost an operator call each, per norm). */
+at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
+    const int64_t d = x.size(-1);
+    const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();  // no reshape, no view: ~1 us a call
+    at::Tensor w = weight;
+    const bool w16 = w.scalar_type() == at::kBFloat16;
+    if (!(w16 || w.scalar_type() == at::kFloat)) w = w.to(at::kFloat);
+    if (!w.is_contiguous()) w = w.contiguous();
+    const auto out_type = c10::promoteTypes(x.scalar_type(), weight.scalar_type());
+    at::Tensor out = at::empty(x.sizes(), rows.options().dtype(out_type));
+    const bool in16 = rows.scalar_type() == at::kBFloat16, out16 = out_type == at::kBFloat16;
+    TORCH_CHECK((in16 || rows.scalar_type() == at::kFloat) && (out16 || out_type == at::kFloat) && w.numel() == d,
+                "rms_norm: float32 or bfloat16, a weight per column");
+    const int64_t count = d ? rows.numel() / d : 0;
+    const void *in = rows.data_ptr(), *wp = w.data_ptr();  // pointers read once: data_ptr() per element cost ~15 us a row
+    void *to = out.data_ptr();
+    const float inv_d = 1.f / (float)d;
+    llama3_threads::parallel_for(0, count, 64, [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> row_buffer, weight_buffer, out_buffer;
+        const float *wf = as_float(wp, w16, d, weight_buffer);
+        float *y = scratch(out_buffer, (size_t)d);
+        for (int64_t r = begin; r < end; r++) {
+            const float *row = as_float(in16 ? (const void *)((const uint16_t *)in + r * d)
+                                             : (const void *)((const float *)in + r * d),
+                                        in16, d, row_buffer);
+            float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < d; i++) ss += row[i] * row[i];
+            const float inv = 1.f / std::sqrt(ss * inv_d + (float)eps);
+            if (in16) {  // .type_as(x): the normalised row in bf16, then times the weight
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) y[i] = wf[i] * bf16_to_f32(f32_to_bf16(row[i] * inv));
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) y[i] = wf[i] * (row[i] * inv);
+            }
+            if (out16) narrow_bf16(y, (uint16_t *)to + r * d, d);
+            else std::memcpy((float *)to + r * d, y, d * sizeof(float));
+        }
+    });
+    return out;
+}
+
+/* x [B, T, H, Dh] (float32 or bfloat16, each head's Dh values contiguous); cos, sin float32
+ * [T, Dh/2] or [B, T, Dh/2].  The answer is contiguous, in x's dtype (rotated in float32, rounded
+ * once, as apply_rope's float32 arithmetic on a bf16 x is). */
 at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &sin) {
-    TORCH_CHECK(x.dim() == 4 && cos.scalar_type() == at::kFloat, "rope: x [B, T, H, Dh], float32 tables");
+    TORCH_CHECK(x.dim() == 4 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+                "rope: x [B, T, H, Dh], float32 tables");
     const int64_t B = x.size(0), T = x.size(1), H = x.size(2), Dh = x.size(3), half = Dh / 2;
-    at::Tensor xf = x.to(at::kFloat).contiguous();
+    at::Tensor xs = x;
+    const bool x16 = x.scalar_type() == at::kBFloat16;
+    if (!(x16 || x.scalar_type() == at::kFloat)) xs = x.to(at::kFloat);
+    if (xs.stride(3) != 1) xs = xs.contiguous();
     at::Tensor c = cos.contiguous(), s = sin.contiguous();
     const bool per_row = c.dim() == 3;
-    at::Tensor out = at::empty(xf.sizes(), xf.options());
-    const float *xi = xf.data_ptr<float>(), *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
-    float *o = out.data_ptr<float>();
+    at::Tensor out = at::empty({B, T, H, Dh}, xs.options());
+    const int64_t sb = xs.stride(0), st = xs.stride(1), sh = xs.stride(2);
+    const char *xi = (const char *)xs.data_ptr();
+    const size_t elem = x16 ? 2 : 4;
+    const float *cp = c.data_ptr<float>(), *sp = s.data_ptr<float>();
+    char *o = (char *)out.data_ptr();
     llama3_threads::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> in_buffer, out_buffer;
+        float *w = scratch(out_buffer, (size_t)Dh);
         for (int64_t bt = begin; bt < end; bt++) {
-            const int64_t table_row = per_row ? bt : bt % T;
+            const int64_t b = bt / T, t = bt % T, table_row = per_row ? bt : t;
             const float *cr = cp + table_row * half, *sr = sp + table_row * half;
             for (int64_t h = 0; h < H; h++) {
-                const float *v = xi + (bt * H + h) * Dh;
-                float *w = o + (bt * H + h) * Dh;
+                const float *v = as_float(xi + (b * sb + t * st + h * sh) * elem, x16, Dh, in_buffer);
+                float *dest = x16 ? w : (float *)(o + ((bt * H + h) * Dh) * elem);
+#pragma omp simd
                 for (int64_t i = 0; i < half; i++) {
-                    const float a = v[2 * i], b = v[2 * i + 1];
-                    w[2 * i] = a * cr[i] - b * sr[i];
-                    w[2 * i + 1] = a * sr[i] + b * cr[i];
+                    const float a = v[2 * i], bb = v[2 * i + 1];
+                    dest[2 * i] = a * cr[i] - bb * sr[i];
+                    dest[2 * i + 1] = a * sr[i] + bb * cr[i];
                 }
+                if (x16) narrow_bf16(w, (uint16_t *)(o + ((bt * H + h) * Dh) * elem), Dh);
             }
         }
     });
-    return out.to(x.scalar_type());
+    return x16 || x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
 /* q [B, H, 1, Dh]; k, v [B, Hkv, S, Dh] views (the last dimension contiguous, float32 or bfloat16);
- * visible: None or bool [B or 1, S] (False: that key is hidden from the row).  -> [B, H, 1, Dh]. */
+ * visible: None or bool [B or 1, S], or [B or 1, 1, 1, S] (the same bytes: a model's mask as it comes)
+ * (False: that key is hidden from the row).  -> [B, H, 1, Dh] in q's dtype (a bf16 q is read, and its
+ * answer written, here: no ATen conversions). */
 at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                   const c10::optional<at::Tensor> &visible) {
     const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
@@ -533,13 +676,18 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                 "attend: one query row, key/value rows contiguous");
     const bool bf16 = k.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || k.scalar_type() == at::kFloat, "attend: a float32 or bfloat16 cache");
-    at::Tensor qf = q.to(at::kFloat).contiguous();
-    at::Tensor out = at::empty({B, H, 1, Dh}, qf.options());
+    const bool q16 = q.scalar_type() == at::kBFloat16;
+    at::Tensor qs = q16 || q.scalar_type() == at::kFloat ? q : q.to(at::kFloat);
+    if (!qs.is_contiguous()) qs = qs.contiguous();
+    at::Tensor out = at::empty({B, H, 1, Dh}, qs.options());
     at::Tensor mask;
     const bool *seen = nullptr;
     int64_t mask_stride = 0;
     if (visible.has_value()) {
-        mask = visible->to(at::kBool).contiguous();
+        mask = visible->scalar_type() == at::kBool ? *visible : visible->to(at::kBool);
+        if (!mask.is_contiguous()) mask = mask.contiguous();
+        TORCH_CHECK(mask.dim() >= 1 && (mask.size(0) == 1 || mask.size(0) == B) && mask.numel() == mask.size(0) * S,
+                    "attend: visible is [B or 1, S] (or [B or 1, 1, 1, S])");
         seen = mask.data_ptr<bool>();
         mask_stride = mask.size(0) == 1 ? 0 : S;
     }
@@ -547,13 +695,16 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
     const char *kp = (const char *)k.data_ptr(), *vp = (const char *)v.data_ptr();
     const size_t elem = bf16 ? 2 : 4;
     const float scale = 1.f / std::sqrt((float)Dh);
-    const float *qp = qf.data_ptr<float>();
-    float *op = out.data_ptr<float>();
+    const void *qp = qs.data_ptr();
+    void *op = out.data_ptr();
     llama3_threads::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores(S);
+        thread_local std::vector<float> score_buffer, q_buffer, out_buffer;
+        float *scores = scratch(score_buffer, (size_t)S);
         for (int64_t bh = begin; bh < end; bh++) {
             const int64_t b = bh / H, g = (bh % H) / n_rep;
-            const float *qr = qp + bh * Dh;
+            const float *qr = as_float(q16 ? (const void *)((const uint16_t *)qp + bh * Dh)
+                                           : (const void *)((const float *)qp + bh * Dh),
+                                       q16, Dh, q_buffer);
             const bool *row_seen = seen ? seen + b * mask_stride : nullptr;
             const size_t base = (size_t)(b * sb + g * sh);
             float top = -INFINITY;
@@ -573,10 +724,8 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                 scores[t] = dot * scale;
                 top = scores[t] > top ? scores[t] : top;
             }
-            float total = 0.f;
-            for (int64_t t = 0; t < S; t++) total += (scores[t] = std::exp(scores[t] - top));
-            const float inverse = 1.f / total;
-            float *o = op + bh * Dh;
+            const float inverse = 1.f / llama3_softmax::exp_and_sum(scores, S, top);
+            float *o = q16 ? scratch(out_buffer, (size_t)Dh) : (float *)op + bh * Dh;
             for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
             for (int64_t t = 0; t < S; t++) {
                 const float p = scores[t] * inverse;
@@ -592,9 +741,10 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                     for (int64_t i = 0; i < Dh; i++) o[i] += p * vr[i];
                 }
             }
+            if (q16) narrow_bf16(o, (uint16_t *)op + bh * Dh, Dh);
         }
     });
-    return out.to(q.scalar_type());
+    return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 /* The thread pool's counters (threads.h): jobs, shared_jobs, worker_chunks, losses, solo_jobs, lost_seconds. */
@@ -605,6 +755,11 @@ std::vector<double> thread_stats(bool reset) {
             s.lost_seconds};
 }
 
+/* Whether this build's bf16 matvec takes a bf16 x through vdpbf16ps (AVX512_BF16 at compile time):
+ * tests compare that path with the widening one where it is there, and fail where the CPU has the
+ * instruction and the build lost it. */
+bool dpbf16() { return DPBF16; }
+
 TORCH_LIBRARY(LLAMA3_NS, m) {
     m.def("matvec(Tensor x, Tensor weight, Tensor? scales, int kind, int n, Tensor? offsets=None) -> Tensor");
     m.def("dequantize_int4(Tensor packed, Tensor scales_and_zeros, int n) -> Tensor");
@@ -613,6 +768,7 @@ TORCH_LIBRARY(LLAMA3_NS, m) {
     m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
     m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
     m.def("thread_stats(bool reset=False) -> float[]");
+    m.def("dpbf16() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
@@ -624,4 +780,7 @@ TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
     m.impl("attend", TORCH_FN(attend));
 }
 
-TORCH_LIBRARY_IMPL(LLAMA3_NS, CatchAll, m) { m.impl("thread_stats", TORCH_FN(thread_stats)); }
+TORCH_LIBRARY_IMPL(LLAMA3_NS, CatchAll, m) {
+    m.impl("thread_stats", TORCH_FN(thread_stats));
+    m.impl("dpbf16", TORCH_FN(dpbf16));
+}

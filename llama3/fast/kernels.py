@@ -14,6 +14,7 @@ kernels do each step in one call, reading weights and the KV cache where they li
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
     thread_stats     the thread pool's counters (threads.h: chunks claimed one at a time, so a busy
                      machine's pre-empted thread costs little; `thread_stats()` below)
+    dpbf16           whether the build multiplies a bf16 x by bf16 weights as they are (AVX512_BF16)
 
 They know nothing of a Llama block: model.py calls them through the slots `plan.py`
 fills (`RMSNorm.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
@@ -44,7 +45,7 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # beside ours go in this list.
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
            Path(__file__).with_name("paged_attention.cpp")]  # the engine's attention over its KV blocks
-HEADERS = [Path(__file__).with_name("threads.h")]
+HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h")]
 # -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
 # answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
 # not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.
@@ -157,8 +158,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if (q.shape[2] == 1 and q.device.type == "cpu" and k.dtype in (torch.float32, torch.bfloat16)
             and not (q.requires_grad and torch.is_grad_enabled())
             and (mask is None or (mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1))):
-        visible = None if mask is None else mask[:, 0, 0, :]                # [B or 1, S]
-        return torch.ops.llama3.attend(q, k, v, visible)
+        # the mask as it comes, [B or 1, 1, 1, S]: the kernel reads its rows as [B or 1, S] (no
+        # per-layer slicing in a recorded step: graph.py's masks are one tensor for every layer)
+        if mask is None or (mask.shape[0] in (1, q.shape[0]) and mask.shape[3] == k.shape[2]):
+            return torch.ops.llama3.attend(q, k, v, mask)
     return readable.fused_attention(q, k, v, mask)
 
 

@@ -30,6 +30,7 @@
 #define LLAMA3_NS llama3
 #endif
 
+#include "softmax.h"  // exp(s - top) 16 at a time
 #include "threads.h"  // the kernels' own pool: a pre-empted worker costs nothing (threads.cpp)
 
 namespace {
@@ -71,9 +72,18 @@ inline void add_row<uint16_t>(float *o, float p, const uint16_t *v, int64_t n) {
     for (int64_t i = 0; i < n; i++) o[i] += p * widen(v[i]);
 }
 
+inline uint16_t narrow(float f) {  // float32 -> bfloat16, round to nearest even as PyTorch does
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+/* q and the answer float32, or both bfloat16 (q16): a bf16 model's queries are read, and its
+ * answer written, here (converting through ATen cost two operator calls a layer). */
 template <typename T>
-void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables, int64_t table_width,
-                const int64_t *rows, const int64_t *positions, float *op, int64_t T_, int64_t H, int64_t Hkv,
+void attend_all(const void *qp, bool q16, const T *kp, const T *vp, const int64_t *tables, int64_t table_width,
+                const int64_t *rows, const int64_t *positions, void *op, int64_t T_, int64_t H, int64_t Hkv,
                 int64_t Dh, int64_t block_size) {
     const int64_t n_rep = H / Hkv, block_stride = Hkv * block_size * Dh, head_stride = block_size * Dh;
     const float scale = 1.f / std::sqrt((float)Dh);
@@ -85,12 +95,17 @@ void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables
     const int64_t MIN_WORK = 1 << 16, per_unit = work / T_ + 1;
     const int64_t grain = std::max<int64_t>(1, MIN_WORK / per_unit);
     llama3_threads::parallel_for(0, T_ * H, grain, [&](int64_t begin, int64_t end) {
-        std::vector<float> scores;
+        thread_local std::vector<float> scores, q_wide, o_wide;  // kept between calls: no allocation per chunk
+        if (q16) q_wide.resize(Dh), o_wide.resize(Dh);
         for (int64_t th = begin; th < end; th++) {
             const int64_t t = th / H, h = th % H, g = h / n_rep;
             const int64_t seen = positions[t] + 1;  // keys 0..position
             const int64_t *table = tables + rows[t] * table_width;
-            const float *q = qp + th * Dh;
+            const float *q = (const float *)qp + th * Dh;
+            if (q16) {
+                for (int64_t i = 0; i < Dh; i++) q_wide[i] = widen(((const uint16_t *)qp)[th * Dh + i]);
+                q = q_wide.data();
+            }
             scores.resize(seen);
             float top = -INFINITY;
             for (int64_t b = 0, p = 0; p < seen; b++) {  // block by block: its 16 rows of head g are contiguous
@@ -101,10 +116,8 @@ void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables
                     top = s > top ? s : top;
                 }
             }
-            float total = 0.f;
-            for (int64_t p = 0; p < seen; p++) total += (scores[p] = std::exp(scores[p] - top));
-            const float inverse = 1.f / total;
-            float *o = op + th * Dh;
+            const float inverse = 1.f / llama3_softmax::exp_and_sum(scores.data(), seen, top);
+            float *o = q16 ? o_wide.data() : (float *)op + th * Dh;
             for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
             for (int64_t b = 0, p = 0; p < seen; b++) {
                 const T *v = vp + table[b] * block_stride + g * head_stride;
@@ -113,6 +126,8 @@ void attend_all(const float *qp, const T *kp, const T *vp, const int64_t *tables
                     if (w != 0.f) add_row<T>(o, w, v + i * Dh, Dh);
                 }
             }
+            if (q16)
+                for (int64_t i = 0; i < Dh; i++) ((uint16_t *)op)[th * Dh + i] = narrow(o[i]);
         }
     });
 }
@@ -133,7 +148,9 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
                     query_pos.scalar_type() == at::kLong && tables.dim() == 2 && query_row.numel() == T_ &&
                     query_pos.numel() == T_,
                 "paged_attend: int64 tables [R, M], query_row [T], query_pos [T]");
-    at::Tensor qf = q.to(at::kFloat).contiguous();
+    const bool q16 = q.scalar_type() == at::kBFloat16;
+    at::Tensor qf = q16 || q.scalar_type() == at::kFloat ? q : q.to(at::kFloat);
+    if (!qf.is_contiguous()) qf = qf.contiguous();
     at::Tensor tab = tables.contiguous(), rows = query_row.contiguous(), pos = query_pos.contiguous();
     const int64_t *row_p = rows.data_ptr<int64_t>(), *pos_p = pos.data_ptr<int64_t>();
     const int64_t R = tab.size(0), M = tab.size(1), n_blocks = k_cache.size(0);
@@ -149,13 +166,13 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     }
     at::Tensor out = at::empty({T_, H, Dh}, qf.options());
     if (bf16)
-        attend_all<uint16_t>(qf.data_ptr<float>(), (const uint16_t *)k_cache.data_ptr(),
-                             (const uint16_t *)v_cache.data_ptr(), tab_p, M, row_p, pos_p, out.data_ptr<float>(),
-                             T_, H, Hkv, Dh, block_size);
+        attend_all<uint16_t>(qf.data_ptr(), q16, (const uint16_t *)k_cache.data_ptr(),
+                             (const uint16_t *)v_cache.data_ptr(), tab_p, M, row_p, pos_p, out.data_ptr(), T_, H, Hkv,
+                             Dh, block_size);
     else
-        attend_all<float>(qf.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tab_p, M,
-                          row_p, pos_p, out.data_ptr<float>(), T_, H, Hkv, Dh, block_size);
-    return out.to(q.scalar_type());
+        attend_all<float>(qf.data_ptr(), q16, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tab_p, M, row_p,
+                          pos_p, out.data_ptr(), T_, H, Hkv, Dh, block_size);
+    return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 }  // namespace

@@ -7,11 +7,16 @@
  * token opens ~200 of them, and the old C step fell from 52 to 3.3 tokens/s.  Here the calling
  * thread claims chunks as well and only waits for chunks another thread has claimed and not
  * finished; a worker that has not woken yet claims nothing.  When the caller still loses time
- * waiting (a worker pre-empted halfway through a chunk), the pool runs jobs on the caller alone for
- * a while (50 ms, doubling while the losses continue, up to 2 s) and then tries its workers again
- * (LLAMA3_ADAPT=0 turns that off, to measure what it gains).  For that stretch it also sets
- * PyTorch's thread count to 1 (at::set_num_threads: its OpenMP regions wait at the same kind of
- * barrier) and sets it back after.
+ * waiting (a worker pre-empted halfway through a chunk) for more than 1/20 of a 50 ms window, the
+ * pool tries running jobs on the caller alone for 20 ms and compares, kind of job by kind of job
+ * (kernel and size), with the same jobs' recent shared times: alone wins only when it is faster.
+ * Then it stays alone for a stretch (50 ms, doubling while alone keeps winning, up to 2 s) and
+ * tries its workers again for 20 ms the same way.  A quiet machine's rare pre-emptions (a
+ * hypervisor's) start no probe, or one that shared wins; the single-loss trigger used before ran
+ * 36-69% of an idle benchmark's jobs alone (fp32 decode 27.6 against 36.0 tok/s without adapting).
+ * LLAMA3_ADAPT=0 turns adapting off, to measure what it gains.  While alone it also sets PyTorch's
+ * thread count to 1 (at::set_num_threads: its OpenMP regions wait at the same kind of barrier) and
+ * sets it back after, unless the thread count was changed meanwhile.
  *
  * Threads: `at::get_num_threads()` (torch.set_num_threads, `--threads`), read at every call.
  * Workers spin ~50 us after a job (a replayed decoding step calls a kernel every few microseconds),
