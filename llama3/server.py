@@ -4,7 +4,7 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)               # or: llama3 serve
 
 Endpoints (the part of OpenAI's API that clients need to generate text):
-    GET  /health                 liveness and a few counters (no key needed)
+    GET  /health                 liveness and a few counters (no key needed); 503 once the server failed
     GET  /v1/models              the one model served
     POST /v1/completions         continue a prompt
     POST /v1/chat/completions    answer a conversation (the model's chat template applied)
@@ -209,6 +209,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
     app = FastAPI(title="llama3", description="OpenAI-compatible API for a llama3 model",
                   lifespan=lifespan)
     app.state.queue = queue
+    app.state.failure = None  # a ServiceError's message once one was answered: /health is 503 from then on
     install_limits(app, limits, api_key)
     # /metrics: the engine's KV blocks, prefix-cache use and preemptions as llama3_cache_* gauges
     app.state.metrics = metrics = Metrics(queue, cache_stats=getattr(queue, "cache_stats", None))
@@ -232,7 +233,12 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
 
     @app.exception_handler(Llama3Error)
     async def user_error(request: Request, error: Llama3Error):  # e.g. an unknown chat role; 503: ServiceError
-        return _llama3_error(error).response()
+        return answer(error).response()
+
+    def answer(error: Llama3Error) -> APIError:  # the handler's and the streams' (a ServiceError: /health too)
+        if isinstance(error, ServiceError):
+            app.state.failure = str(error)  # the server cannot answer until it is restarted: /health says so
+        return _llama3_error(error)
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -266,6 +272,9 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
 
     @app.get("/health")
     async def health():
+        if app.state.failure is not None:  # e.g. a --tp rank died: a supervisor restarts a server whose health fails
+            return JSONResponse({"status": "error", "error": app.state.failure, "model": model_name, **queue.stats()},
+                                status_code=503)
         return {"status": "ok", "model": model_name, **queue.stats()}
 
     @app.get("/v1/models")
@@ -339,7 +348,7 @@ def create_app(llm: LLM, model_name: str, api_key: str | None = None, *,
                       echo_texts=echo_texts, timer=timer, tools=tools)
         if req.stream:
             usage = req.stream_options is not None and req.stream_options.include_usage
-            return StreamingResponse(_stream(job, reply, usage), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, reply, usage, answer), media_type="text/event-stream",
                                      background=BackgroundTask(job.cancel))
         whole = await _until_done_or_gone(request, job, reply)
         return JSONResponse(whole) if whole is not None else Response(status_code=499)
@@ -368,7 +377,8 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+async def _stream(job: Job, reply: Reply, include_usage: bool,
+                  answer=_llama3_error) -> AsyncIterator[str]:
     """Server-sent events: (chat) a first chunk with the role, the text as it comes,
     a last chunk per choice with its finish reason, optional usage, then [DONE].
     An error after the stream has started is sent as an `{"error": ...}` event, without [DONE]."""
@@ -384,7 +394,7 @@ async def _stream(job: Job, reply: Reply, include_usage: bool) -> AsyncIterator[
             yield _sse(APIError(503, str(error), type="server_error", code="cancelled").body())
             return
         except Llama3Error as error:  # as the same request unstreamed is answered (ServiceError: 503)
-            yield _sse(_llama3_error(error).body())
+            yield _sse(answer(error).body())
             return
         except Exception as error:  # a bug: tell the client, log the traceback, end the stream
             log.exception("generation failed")

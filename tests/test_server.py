@@ -282,24 +282,26 @@ def test_a_failed_collective_is_a_503_whole_and_streamed(tiny_llm):
 
     engine.forward = dies_at_the_fourth_step
     try:
-        calls[:] = [1, 1, 1]  # the next forward fails
-        response = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, key=None)
-        assert_error(response, 503, code="service_unavailable")
-        error = response.json()["error"]
-        assert error["type"] == "server_error" and "\n" not in error["message"]
-        assert error["message"].startswith("rank 0: a tensor-parallel collective failed (Connection closed by peer")
-        assert "restart" in error["message"]
-
-        calls.clear()  # prefill, two tokens, then the failure
-        body = {"prompt": "hi", "max_tokens": 50, "temperature": 0, "stream": True}
+        body = {"prompt": "hi", "max_tokens": 50, "temperature": 0, "stream": True}  # prefill, 2 tokens, the failure
         with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as streamed:
             assert streamed.status_code == 200
             events = [line.removeprefix("data: ") for line in streamed.iter_lines() if line]
         assert "[DONE]" not in events and len(events) >= 2
         assert [json.loads(e)["choices"][0]["text"] for e in events[:-1]]  # the text before the failure
-        last = json.loads(events[-1])["error"]
-        assert last["code"] == "service_unavailable" and last["type"] == "server_error"
-        assert last["message"] == error["message"]
+        error = json.loads(events[-1])["error"]
+        assert error["code"] == "service_unavailable" and error["type"] == "server_error"
+        assert "\n" not in error["message"]
+        assert error["message"].startswith("rank 0: a tensor-parallel collective failed (Connection closed by peer")
+        assert "restart" in error["message"]
+        health = httpx.get(server.url + "/health")  # every request would fail now: a supervisor restarts it
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert health.json()["error"] == error["message"]
+
+        calls[:] = [1, 1, 1]  # the next forward fails
+        response = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, key=None)
+        assert_error(response, 503, code="service_unavailable")
+        assert response.json()["error"]["message"] == error["message"]
+        assert response.json()["error"]["type"] == "server_error"
     finally:
         server.stop()
 
