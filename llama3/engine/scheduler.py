@@ -45,8 +45,7 @@ from llama3.model import Transformer
 
 
 IDLE_SECONDS = 5.0
-HANDOFF_SECONDS = 0.001   # a step waits at most this long for its consumers (sequence.Handoff): a stream
-                          # handles an event in ~0.05 ms, the server's event loop writes a chunk in ~0.3 ms
+HANDOFF_SECONDS = 0.002   # a step waits at most this long for its consumers (sequence.Handoff)
 
 
 class QueueFull(Llama3Error):
@@ -102,7 +101,6 @@ class Engine:
         self.requests = self.completion_tokens = self.cancelled = self.preemptions = self.steps = 0
         self.thread: threading.Thread | None = None
         self.closed = self._exit_hook = self._warm_pending = False
-        self.handoffs: list[Handoff] = []   # the last step's consumers to wait for (_settle)
 
     @classmethod
     def sized_for(cls, model: Transformer, tokenizer, prompt_ids: list[list[int]], settings: GenerationSettings,
@@ -263,18 +261,10 @@ class Engine:
             except Exception as error:  # a bug: every request in flight gets the error, the loop goes on
                 for seq in list(self.running):
                     self._finish(seq, None, error)
-            self._settle()
             if self.closed and not (self.running or self.waiting or self.inbox):
                 with self.lock:
                     self.thread = None
                 return
-
-    def _settle(self) -> None:
-        """Wait (at most HANDOFF_SECONDS) for the consumers of the last step's events (sequence.Handoff)."""
-        handoffs, self.handoffs = self.handoffs, []
-        deadline = time.perf_counter() + HANDOFF_SECONDS
-        for handoff in handoffs:
-            handoff.wait(deadline)
 
     # ------------------------------------------------------------ one step
     def step(self) -> bool:
@@ -310,10 +300,10 @@ class Engine:
             seq.accept(picked[index] if picked is not None else seq.pick(row_logits))
             if seq.finished:
                 self._finish(seq, seq.result.finish_reason)
-        # the loop lets these consumers handle this step's events before the next forward (sequence.Handoff);
-        # only the Handoffs are kept, so a finished sequence is not held a moment longer
-        self.handoffs = [request.handoff for request in {id(seq.request): seq.request for seq in sampling}.values()
-                         if request.handoff is not None and not request.closed]
+        # the consumers handle this step's events now, not during the next forward (sequence.Handoff)
+        deadline = time.perf_counter() + HANDOFF_SECONDS
+        for request in {id(seq.request): seq.request for seq in sampling}.values():
+            request.settle(deadline)
         self.steps += 1
         return True
 

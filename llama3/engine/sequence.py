@@ -149,6 +149,12 @@ class Request:
             self.sink(event)
             self.closed = event is None or isinstance(event, BaseException)
 
+    def settle(self, deadline: float) -> None:
+        """Let the consumer finish with this step's events now (see Handoff); the engine calls it
+        after sampling, before its next forward."""
+        if self.handoff is not None and not self.closed:
+            self.handoff.wait(deadline)
+
 
 class Handoff:
     """The events a consumer thread has finished with, so the engine waits for it before its next
