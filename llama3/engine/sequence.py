@@ -160,14 +160,11 @@ class Handoff:
     """The events a consumer thread has finished with, so the engine waits for it before its next
     forward: the consumer's Python (a stream's loop body, the server's event loop writing a chunk)
     then runs while the engine's thread waits, not in the middle of the forward's parallel kernels,
-    where it can take a core from a kernel thread: the pool (llama3/fast/threads.cpp) counts a stall
-    of over 0.1 ms as a loss to another process and runs alone for 50 ms to 2 s.  (Why: on 2 cores a
-    lone client's engine decoded 58.5 tokens/s, one thread's speed, where bench's 2 threads made
-    84.6, with the same CPU per step at 1 thread, 17.8 vs 17.7 ms; a speed A/B on a quiet machine
-    is still to be made: LLAMA3_HANDOFF=0 turns it off.)  `sent` counts in the engine's thread,
-    `taken()` in the consumer's after it has handled an event.  The engine waits only for a consumer
-    that had handled everything sent before (one that reads as it comes), and at most until a
-    deadline (scheduler.HANDOFF_SECONDS)."""
+    where it takes a core from a kernel thread: the pool (llama3/fast/threads.cpp) counts such a
+    stall as a loss to another process and runs alone for 50 ms to 2 s, so a lone streaming client
+    decoded at one thread's speed.  `sent` counts in the engine's thread, `taken()` in the
+    consumer's after it has handled an event.  The engine waits only for a consumer that had
+    handled everything sent before (one that reads as it comes), and at most until a deadline."""
 
     def __init__(self):
         self.sent = 0           # events sent (the engine's thread)
