@@ -22,7 +22,6 @@ import threading
 from typing import AsyncIterator
 
 from llama3.engine import Cancelled, Engine, QueueFull, Request
-from llama3.engine.sequence import Handoff
 
 __all__ = ["Cancelled", "FinishedJob", "GenerationQueue", "Job", "QueueFull"]
 
@@ -34,7 +33,6 @@ class Job:
         self._loop = loop
         self._events: asyncio.Queue = asyncio.Queue()
         self.request: Request | None = None
-        self.handoff = Handoff()  # the engine waits for this loop to write each step's events (see Handoff)
 
     def send(self, event) -> None:
         """Called by the engine's thread: hand one event to the waiting handler."""
@@ -54,7 +52,6 @@ class Job:
             if isinstance(event, BaseException):
                 raise event
             yield event
-            self.handoff.taken()
 
 
 class FinishedJob:
@@ -89,7 +86,7 @@ class GenerationQueue:
         samplers: one per prompt (see Engine.submit).
         Raises QueueFull when the waiting queue is full, Cancelled when the server is stopping."""
         job = Job(asyncio.get_running_loop())
-        job.request = self.engine.submit(prompt_ids, settings, job.send, samplers=samplers, handoff=job.handoff)
+        job.request = self.engine.submit(prompt_ids, settings, job.send, samplers=samplers)
         self.engine.start()
         return job
 

@@ -180,39 +180,3 @@ def test_block_pool_refcounts_and_lru():
     pool.release(b)
     pool.release(c)
     assert pool.available == 2 and pool.stats()["prefix_cache_blocks"] == 1
-
-
-def test_each_step_waits_for_a_consumer_that_keeps_up_and_not_for_one_that_lags(model, monkeypatch):
-    """sequence.Handoff: a stream read as it comes has handled every event of a step before the
-    engine's next forward starts; a stream nobody reads (yet) is never waited for."""
-    import threading
-    import time
-
-    from llama3.engine import scheduler
-    from llama3.engine.sequence import Handoff
-
-    monkeypatch.setattr(scheduler, "HANDOFF_SECONDS", 60.0)  # no deadline on a busy machine
-
-    engine = Engine(model, None, EngineConfig(kv_memory="4MB", block_size=8))
-    prompt = prompts_of([5])[0]
-    forward, behind = engine.forward, []
-    handled = []
-
-    def counted(*args):  # at each forward: events sent so far that the consumer has not finished with
-        behind.append(stream._handoff.sent - stream._handoff.done)
-        return forward(*args)
-
-    engine.forward = counted
-    stream = engine.stream([prompt], GREEDY)
-    for event in stream:
-        time.sleep(0.0005)  # the consumer's own work on an event (printing, an HTTP write)
-        handled.append(event)
-    assert [e[2] for e in handled if e[0] == "token"] == alone(model, prompt, GREEDY)
-    assert len(behind) == 10 and set(behind) == {0}
-
-    lagging = Handoff()
-    lagging.sent, lagging.settled = 2, 2  # two events sent at the last step, none handled
-    waiter = threading.Thread(target=lagging.wait, args=(time.perf_counter() + 60,))
-    waiter.start()
-    waiter.join(10)
-    assert not waiter.is_alive()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import atexit
 import threading
-import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch
 from llama3.engine.blocks import BlockPool, NoFreeBlock, chain_key
 from llama3.engine.memory import default_parallel, human, memory_budget
 from llama3.engine.paged_cache import PagedKVCache, bytes_per_token
-from llama3.engine.sequence import Cancelled, Handoff, Request, Result, Sequence, Stream
+from llama3.engine.sequence import Cancelled, Request, Result, Sequence, Stream
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, checked_prompt
 from llama3.fast.cpu_share import prompt_threads
@@ -45,7 +44,6 @@ from llama3.model import Transformer
 
 
 IDLE_SECONDS = 5.0
-HANDOFF_SECONDS = 0.002   # a step waits at most this long for its consumers (sequence.Handoff)
 
 
 class QueueFull(Llama3Error):
@@ -129,7 +127,7 @@ class Engine:
 
     # ------------------------------------------------------------ callers
     def submit(self, prompt_ids: list[list[int]], settings: GenerationSettings, sink, stop_ids=None,
-               samplers=None, handoff: Handoff | None = None) -> Request:
+               samplers=None) -> Request:
         """Queue one sequence per prompt; events go to `sink` from the engine's thread (see Request).
         samplers: one `llama3.sampling.Sampler` per prompt (default: made from settings, each
         seeded with settings.seed, so a prompt gives the same tokens alone or with others)."""
@@ -137,7 +135,7 @@ class Engine:
         if not prompt_ids:
             raise Llama3Error("no prompts given; pass at least one")
         stop_ids = self.stop_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
-        request = Request(sink, config.vocab_size, handoff)
+        request = Request(sink, config.vocab_size)
         if samplers is not None and len(samplers) != len(prompt_ids):
             raise Llama3Error(f"{len(samplers)} samplers for {len(prompt_ids)} prompts; give one per prompt")
         capacity = self.pool.n_blocks * self.pool.block_size
@@ -300,10 +298,6 @@ class Engine:
             seq.accept(picked[index] if picked is not None else seq.pick(row_logits))
             if seq.finished:
                 self._finish(seq, seq.result.finish_reason)
-        # the consumers handle this step's events now, not during the next forward (sequence.Handoff)
-        deadline = time.perf_counter() + HANDOFF_SECONDS
-        for request in {id(seq.request): seq.request for seq in sampling}.values():
-            request.settle(deadline)
         self.steps += 1
         return True
 

@@ -11,7 +11,6 @@ prompt and answer so far and then samples on.
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -23,8 +22,6 @@ import torch
 from llama3.errors import Llama3Error
 from llama3.generate import GenerationSettings, RowText
 from llama3.sampling import Sampler
-
-HANDOFF = os.environ.get("LLAMA3_HANDOFF", "1") != "0"  # 0: the engine never waits for a consumer (to measure it)
 
 
 class Cancelled(Llama3Error):
@@ -124,8 +121,8 @@ class Request:
         None  (the request is over)   or an exception (it failed).
     `sink` receives them (a queue's put, or a hop onto an event loop)."""
 
-    def __init__(self, sink, vocab_size: int, handoff: "Handoff | None" = None):
-        self.sink, self.vocab_size, self.handoff = sink, vocab_size, handoff
+    def __init__(self, sink, vocab_size: int):
+        self.sink, self.vocab_size = sink, vocab_size
         self.sequences: list[Sequence] = []
         self._cancelled = threading.Event()
         self.closed = False
@@ -144,48 +141,8 @@ class Request:
 
     def send(self, event) -> None:
         if not self.closed:
-            if self.handoff is not None:
-                self.handoff.sent += 1
             self.sink(event)
             self.closed = event is None or isinstance(event, BaseException)
-
-    def settle(self, deadline: float) -> None:
-        """Let the consumer finish with this step's events now (see Handoff); the engine calls it
-        after sampling, before its next forward."""
-        if self.handoff is not None and not self.closed:
-            self.handoff.wait(deadline)
-
-
-class Handoff:
-    """The events a consumer thread has finished with, so the engine waits for it before its next
-    forward: the consumer's Python (a stream's loop body, the server's event loop writing a chunk)
-    then runs while the engine's thread waits, not in the middle of the forward's parallel kernels,
-    where it takes a core from a kernel thread: the pool (llama3/fast/threads.cpp) counts such a
-    stall as a loss to another process and runs alone for 50 ms to 2 s, so a lone streaming client
-    decoded at one thread's speed.  `sent` counts in the engine's thread, `taken()` in the
-    consumer's after it has handled an event.  The engine waits only for a consumer that had
-    handled everything sent before (one that reads as it comes), and at most until a deadline."""
-
-    def __init__(self):
-        self.sent = 0           # events sent (the engine's thread)
-        self.done = 0           # events the consumer has finished with
-        self.settled = 0        # `sent` at the last wait
-        self.ready = threading.Condition()
-
-    def taken(self) -> None:
-        with self.ready:
-            self.done += 1
-            self.ready.notify()
-
-    def wait(self, deadline: float) -> None:
-        keeping_up, self.settled = self.done >= self.settled, self.sent
-        if not keeping_up or self.done >= self.sent or not HANDOFF:
-            return
-        with self.ready:
-            while self.done < self.sent:
-                left = deadline - time.perf_counter()
-                if left <= 0 or not self.ready.wait(left):
-                    return
 
 
 class Stream:
@@ -195,9 +152,7 @@ class Stream:
     def __init__(self, engine, prompt_ids: list[list[int]], settings: GenerationSettings, stop_ids=None,
                  samplers=None):
         self._events: queue.Queue = queue.Queue()
-        self._handoff = Handoff()
-        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids, samplers,
-                                     handoff=self._handoff)
+        self.request = engine.submit(prompt_ids, settings, self._events.put, stop_ids, samplers)
         # what a progress notice reads (llama3.commands.generate.prefill_progress): the prompt sizes, and
         # the seconds until the first event (0 until then)
         self.prompt_lengths = [s.prompt_tokens for s in self.request.sequences]
@@ -213,7 +168,6 @@ class Stream:
                 if not self.prefill_seconds:
                     self.prefill_seconds = time.perf_counter() - self._start
                 yield event
-                self._handoff.taken()
         finally:
             self.request.cancel()
 
