@@ -8,7 +8,9 @@ model.py's forward once and records the operators it calls; replaying the record
 same operators, in the same order, on the same weights, from C++ (TorchScript's interpreter):
 the Python goes, the numbers stay (tests/test_fast_graph.py checks they are bit for bit the
 eager ones).  Nothing here says what a block computes; the record is whatever model.py's
-forward did.
+forward did: for a SmolLM2 block 23 operators (4 matvec, 2 rms_norm, 2 rope, attend, 2 index_copy_,
+4 transposes, 2 residual adds, unflatten, split, flatten, chunk, silu, mul), each ~0.2-3 us of
+interpreter and dispatch besides its work.
 
     model.forward = DecodeGraphs(model)        # what apply_plan does with the C++ kernels
 
