@@ -75,6 +75,9 @@ class PagedKVCache:
         self.device = self.k.device
         self.kernel = paged_kernel(self.device, dtype) if use_kernel else None
         self.attend_in_blocks = True
+        # each layer's blocks, views [n_blocks, Hkv, block_size, Dh]: a recorded step takes them as
+        # inputs one by one, so it replays no per-layer indexing (60 selects a SmolLM2 step)
+        self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layers)]
 
     def slots(self, table: list[int], begin: int, end: int) -> list[int]:
         """The slots of positions begin..end-1 of a sequence with block table `table`."""
@@ -170,7 +173,7 @@ class StepCache:
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v [1, Hkv, N, Dh] into their slots; -> the layer's pool twice, [n_blocks, Hkv, block_size, Dh]."""
-        keys, values = self.pool.k[layer], self.pool.v[layer]
+        keys, values = self.pool.layers[layer]
         keys[self.write_block, :, self.write_offset] = k[0].transpose(0, 1).to(keys.dtype)      # [N, Hkv, Dh]
         values[self.write_block, :, self.write_offset] = v[0].transpose(0, 1).to(values.dtype)
         return keys, values
@@ -198,23 +201,24 @@ class StepCache:
 
     def graph_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """This step as tensors only, for a recorded decoding step (llama3/fast/graph.py replays the
-        model's forward with these as inputs): (k pool, v pool, write_block, write_offset, tables,
-        kernel_row, kernel_pos).  The tables are padded to TABLE_WIDTH blocks or the next power of two
-        (the kernel reads a row's blocks only up to its position), so one record serves every length
-        up to 1,024 tokens, and a longer one records again only at 2,048, 4,096, ... tokens.  None unless
-        every token is a decoding row attended by the C++ kernel."""
+        model's forward with these as inputs): (write_block, write_offset, tables, kernel_row,
+        kernel_pos, keys 0, values 0, keys 1, ...), each layer's pool a view of its own.  The tables
+        are padded to TABLE_WIDTH blocks or the next power of two (the kernel reads a row's blocks
+        only up to its position), so one record serves every length up to 1,024 tokens, and a longer
+        one records again only at 2,048, 4,096, ... tokens.  None unless every token is a decoding
+        row attended by the C++ kernel."""
         if self.sdpa_rows or not self.kernel_rows or not self.pool.attend_in_blocks:
             return None
         width = max(TABLE_WIDTH, 1 << (self.tables.shape[1] - 1).bit_length())
         tables = self.tables.new_zeros(self.tables.shape[0], width)                    # [R, width]
         tables[:, :self.tables.shape[1]] = self.tables
-        return (self.pool.k, self.pool.v, self.write_block, self.write_offset, tables, self.kernel_row,
-                self.kernel_pos)
+        return (self.write_block, self.write_offset, tables, self.kernel_row, self.kernel_pos,
+                *(t for pair in self.pool.layers for t in pair))
 
-    def replayed(self, k, v, write_block, write_offset, tables, kernel_row, kernel_pos) -> "RecordedStep":
+    def replayed(self, write_block, write_offset, tables, kernel_row, kernel_pos, *layers) -> "RecordedStep":
         """The cache a recorded step sees: the same `attend`, on `graph_inputs()`'s tensors only."""
-        return RecordedStep(self.pool.kernel, self.pool.block_size, k, v, write_block, write_offset, tables,
-                            kernel_row, kernel_pos)
+        return RecordedStep(self.pool.kernel, self.pool.block_size, list(zip(layers[0::2], layers[1::2])),
+                            write_block, write_offset, tables, kernel_row, kernel_pos)
 
     def _kernel(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         return self.pool.kernel.paged_attend(queries, keys, values, self.tables, self.kernel_row,
@@ -251,16 +255,16 @@ class StepCache:
 class RecordedStep:
     """`StepCache.attend` for decoding rows only, written on tensors alone (no Python lists), so that a
     trace of model.py's forward over it (llama3/fast/graph.py) holds every step of that shape:
-    k, v [n_layers, n_blocks, Hkv, block_size, Dh]; write_block, write_offset, kernel_row,
-    kernel_pos [N]; tables [R, M]."""
+    layers: each layer's (keys, values) [n_blocks, Hkv, block_size, Dh]; write_block, write_offset,
+    kernel_row, kernel_pos [N]; tables [R, M]."""
 
-    def __init__(self, kernel, block_size: int, k, v, write_block, write_offset, tables, kernel_row, kernel_pos):
-        self.kernel, self.block_size = kernel, block_size
-        self.k, self.v, self.write_block, self.write_offset = k, v, write_block, write_offset
+    def __init__(self, kernel, block_size: int, layers, write_block, write_offset, tables, kernel_row, kernel_pos):
+        self.kernel, self.block_size, self.layers = kernel, block_size, layers
+        self.write_block, self.write_offset = write_block, write_offset
         self.tables, self.kernel_row, self.kernel_pos = tables, kernel_row, kernel_pos
 
     def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
-        keys, values = self.k[layer], self.v[layer]                                     # [n_blocks, Hkv, bs, Dh]
+        keys, values = self.layers[layer]                                               # [n_blocks, Hkv, bs, Dh]
         # a cast only where the types differ: the record then holds no no-op aten::to (60 of them a step)
         k, v = (k, v) if k.dtype == keys.dtype else (k.to(keys.dtype), v.to(values.dtype))
         keys[self.write_block, :, self.write_offset] = k[0].transpose(0, 1)             # [N, Hkv, Dh]

@@ -134,7 +134,7 @@ class DecodeGraphs:
     def _paged(self, tokens, cache, positions, mask, last_only):
         """A step of the engine (`llama3/engine/paged_cache.py`): one new token per decoding sequence,
         side by side [1, N], each at its own position [1, N]; the cache's `graph_inputs()` (its
-        block pool, slots and tables as tensors) are the record's inputs, `replayed(...)` the cache
+        write slots, tables and each layer's block pool as tensors) are the record's inputs, `replayed(...)` the cache
         the record was traced over.  Prompt chunks and anything else run eagerly."""
         inputs = None
         if (enabled() and not torch.is_grad_enabled() and not torch.jit.is_tracing() and mask is None
@@ -146,7 +146,7 @@ class DecodeGraphs:
         model = self.model
         if model.rope.cos.shape[0] < model.config.max_seq_len:  # tables for every position, built now
             model.rope(torch.zeros(1, dtype=torch.long), model.config.max_seq_len)
-        key = ("paged", type(cache), tokens.shape[1], inputs[4].shape, inputs[0].dtype, last_only)
+        key = ("paged", type(cache), tokens.shape[1], inputs[2].shape, inputs[5].dtype, last_only)  # tables, keys 0
 
         def step(tokens, positions, *tensors):
             return self.eager(tokens, 0, cache.replayed(*tensors), positions, None, last_only)
