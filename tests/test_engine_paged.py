@@ -167,3 +167,30 @@ def test_recorded_engine_steps_equal_the_readable_forward():
             n = len(got[i])
             torch.testing.assert_close(torch.stack(got[i]), readable(torch.tensor([s[:n]]))[0],
                                        atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("new_dtype", [torch.float32, torch.bfloat16])
+def test_paged_store_attend_is_indexing_in_then_paged_attend(cache_dtype, new_dtype):
+    """The recorded step's one call writes k, v [1, Hkv, N, Dh] (a transposed view, as model.py hands
+    them) at their slots exactly as indexing them in does (cast to the cache's type), then attends;
+    a slot outside the pool is refused."""
+    gen = torch.Generator().manual_seed(3)
+    n_blocks, kv_heads, size, dh, heads = 12, 2, 4, 8, 4
+    keys = torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(cache_dtype)
+    values = torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(cache_dtype)
+    k = torch.randn(1, 2, kv_heads, dh, generator=gen).to(new_dtype).transpose(1, 2)   # [1, Hkv, N, Dh] view
+    v = torch.randn(1, 2, kv_heads, dh, generator=gen).to(new_dtype).transpose(1, 2)
+    q = torch.randn(2, heads, dh, generator=gen).to(new_dtype)
+    write_block, write_offset = torch.tensor([5, 9]), torch.tensor([2, 0])
+    tables, row, pos = torch.tensor([[1, 5, 0], [3, 7, 9]]), torch.tensor([0, 1]), torch.tensor([6, 8])
+    want_k, want_v = keys.clone(), values.clone()
+    want_k[write_block, :, write_offset] = k[0].transpose(0, 1).to(cache_dtype)
+    want_v[write_block, :, write_offset] = v[0].transpose(0, 1).to(cache_dtype)
+    want = KERNEL.paged_attend(q, want_k, want_v, tables, row, pos, size)
+    got = KERNEL.paged_store_attend(q, keys, values, k, v, write_block, write_offset, tables, row, pos, size)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        KERNEL.paged_store_attend(q, keys, values, k, v, torch.tensor([5, 12]), write_offset, tables, row, pos, size)

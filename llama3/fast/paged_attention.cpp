@@ -2,6 +2,8 @@
  * See llama3/engine/paged_cache.py, which calls it, and its pure-PyTorch twin `paged_attention_torch`.
  *
  *   paged_attend(q, k_cache, v_cache, tables, query_row, query_pos, block_size) -> [T, H, Dh]
+ *   paged_store_attend(q, k_cache, v_cache, k, v, write_block, write_offset, tables, query_row,
+ *                      query_pos, block_size)   the same after writing k, v [1, Hkv, N, Dh] at their slots
  *
  *   q          [T, H, Dh]          the step's new queries, side by side (any float type)
  *   k_cache,   [n_blocks, Hkv, block_size, Dh]   one layer of the block pool, contiguous, float32
@@ -175,11 +177,65 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+/* Writes new [1, Hkv, N, Dh] (any strides, float32 or bfloat16) into cache [n_blocks, Hkv,
+ * block_size, Dh] at (write_block[n], write_offset[n]) for each token n, in the cache's type
+ * (bfloat16 rounded to nearest even, as Tensor.to). */
+void store(at::Tensor &cache, const at::Tensor &fresh, const int64_t *blocks, const int64_t *offsets) {
+    const int64_t Hkv = cache.size(1), bs = cache.size(2), Dh = cache.size(3), N = fresh.size(2);
+    const int64_t sh = fresh.stride(1), sn = fresh.stride(2), sd = fresh.stride(3);
+    const bool to16 = cache.scalar_type() == at::kBFloat16, from16 = fresh.scalar_type() == at::kBFloat16;
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t dst = ((blocks[n] * Hkv + h) * bs + offsets[n]) * Dh, src = h * sh + n * sn;
+            for (int64_t d = 0; d < Dh; d++) {
+                const float x = from16 ? widen(((const uint16_t *)fresh.data_ptr())[src + d * sd])
+                                       : ((const float *)fresh.data_ptr())[src + d * sd];
+                if (to16) ((uint16_t *)cache.data_ptr())[dst + d] = narrow(x);
+                else ((float *)cache.data_ptr())[dst + d] = x;
+            }
+        }
+}
+
+/* One call for a recorded decoding step's layer: store the new keys and values k, v [1, Hkv, N, Dh]
+ * at their slots, then paged_attend (the trace of a step held, for each layer, two index_put_
+ * and the selects, transposes and casts feeding them: ~6 operator calls a block). */
+at::Tensor paged_store_attend(const at::Tensor &q, at::Tensor &k_cache, at::Tensor &v_cache, const at::Tensor &k,
+                              const at::Tensor &v, const at::Tensor &write_block, const at::Tensor &write_offset,
+                              const at::Tensor &tables, const at::Tensor &query_row, const at::Tensor &query_pos,
+                              int64_t block_size) {
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                    v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                    (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+                "paged_store_attend: contiguous float32 or bfloat16 caches [n_blocks, Hkv, block_size, Dh]");
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(1) == k_cache.size(1) &&
+                    k.size(3) == k_cache.size(3) && k.scalar_type() == v.scalar_type() &&
+                    (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
+                "paged_store_attend: k, v [1, Hkv, N, Dh], float32 or bfloat16");
+    const int64_t N = k.size(2), n_blocks = k_cache.size(0);
+    TORCH_CHECK(write_block.scalar_type() == at::kLong && write_offset.scalar_type() == at::kLong &&
+                    write_block.numel() == N && write_offset.numel() == N,
+                "paged_store_attend: int64 write_block [N], write_offset [N]");
+    at::Tensor blocks = write_block.contiguous(), offsets = write_offset.contiguous();
+    const int64_t *b = blocks.data_ptr<int64_t>(), *o = offsets.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N; n++)
+        TORCH_CHECK(b[n] >= 0 && b[n] < n_blocks && o[n] >= 0 && o[n] < k_cache.size(2),
+                    "paged_store_attend: slot ", n, " is outside the pool");
+    store(k_cache, k, b, o);
+    store(v_cache, v, b, o);
+    return paged_attend(q, k_cache, v_cache, tables, query_row, query_pos, block_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(LLAMA3_NS, m) {
     m.def("paged_attend(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor query_row, "
           "Tensor query_pos, int block_size) -> Tensor");
+    m.def("paged_store_attend(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+          "Tensor write_block, Tensor write_offset, Tensor tables, Tensor query_row, Tensor query_pos, "
+          "int block_size) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) { m.impl("paged_attend", TORCH_FN(paged_attend)); }
+TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
+    m.impl("paged_attend", TORCH_FN(paged_attend));
+    m.impl("paged_store_attend", TORCH_FN(paged_store_attend));
+}
