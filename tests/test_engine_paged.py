@@ -23,6 +23,23 @@ def prompts_of(lengths, vocab=101, seed=1):
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+def run_steps(engine, seqs, tables, steps):
+    """Each step's spans (or None) of each sequence through engine.forward side by side -> each
+    sequence's logits rows, in position order."""
+    got = [[] for _ in seqs]
+    for step in steps:
+        rows, tokens, owners = [], [], []
+        for i, span in enumerate(step):
+            if span is not None:
+                rows.append((tables[i], *span))
+                tokens += seqs[i][span[0]:span[1]]
+                owners += [i] * (span[1] - span[0])
+        logits = engine.forward(torch.tensor([tokens]), rows, list(range(len(tokens))))
+        for i, row_logits in zip(owners, logits):
+            got[i].append(row_logits)
+    return got
+
+
 def reference(attention: Attention, q, k, v):
     """model.py's explicit attention of one sequence: q [T, H, Dh] the last T of k, v [S, Hkv, Dh]."""
     return attention.explicit_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
@@ -72,20 +89,10 @@ def test_engine_prefill_chunks_and_decoding_equal_the_readable_forward(use_kerne
     seqs = prompts_of([30, 9, 17])
     prompt_len = [21, 5, 11]                                # the rest is decoded one token at a time
     tables = [[9, 2, 30, 5, 17, 11, 50, 41], [1, 40, 22], [3, 60, 61, 7, 8]]
-    got = [[] for _ in seqs]
     steps = [[(0, 13), (0, 5), None], [(13, 21), None, (0, 11)]]    # prompt chunks
     steps += [[(p, p + 1) if p < len(s) else None for p, s in zip(pos, seqs)]
               for pos in zip(*(range(n, n + 9) for n in prompt_len))]  # decoding steps
-    for step in steps:
-        rows, tokens, owners = [], [], []
-        for i, span in enumerate(step):
-            if span is not None:
-                rows.append((tables[i], *span))
-                tokens += seqs[i][span[0]:span[1]]
-                owners += [i] * (span[1] - span[0])
-        logits = engine.forward(torch.tensor([tokens]), rows, list(range(len(tokens))))
-        for i, row_logits in zip(owners, logits):
-            got[i].append(row_logits)
+    got = run_steps(engine, seqs, tables, steps)
     with torch.no_grad():
         for i, s in enumerate(seqs):
             n = len(got[i])
@@ -147,20 +154,10 @@ def test_recorded_engine_steps_equal_the_readable_forward():
     engine = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=4))
     seqs = prompts_of([14, 12])
     tables = [[9, 2, 30, 5], [1, 40, 22]]
-    got = [[] for _ in seqs]
     steps = [[(0, 6), None], [None, (0, 5)]]                                       # prompts, eager
     steps += [[(p, p + 1), None] for p in range(6, 9)]                             # one sequence
     steps += [[(p, p + 1), (q, q + 1)] for p, q in zip(range(9, 14), range(5, 10))]  # two
-    for step in steps:
-        rows, tokens, owners = [], [], []
-        for i, span in enumerate(step):
-            if span is not None:
-                rows.append((tables[i], *span))
-                tokens += seqs[i][span[0]:span[1]]
-                owners += [i] * (span[1] - span[0])
-        logits = engine.forward(torch.tensor([tokens]), rows, list(range(len(tokens))))
-        for i, row_logits in zip(owners, logits):
-            got[i].append(row_logits)
+    got = run_steps(engine, seqs, tables, steps)
     assert records.replays >= 6
     with torch.no_grad():
         for i, s in enumerate(seqs):
