@@ -10,6 +10,18 @@ The names below are imported on first use (PEP 562), so `import llama3` and the
 """
 
 import importlib
+import os
+import sys
+
+# PyTorch's OpenMP threads (libgomp) spin ~8 ms after every parallel region before they sleep
+# (GOMP_SPINCOUNT's default, 300,000 turns, measured here).  Decoding runs the C++ kernels on their
+# own pool (llama3/fast/threads.cpp), whose worker then shares its core with a spinning OpenMP
+# thread: one ATen operator over 32,768 elements a token (a logits copy, a sampling step) is
+# enough, and bf16 decoding fell from 64 to 44 tokens/s on a 2-core Zen 4.  10,000 turns (~0.3 ms)
+# still bridge the back-to-back regions of a prompt's matrix products.  libgomp reads this once, when
+# torch is first imported: it is set only if torch is not imported yet and the user set neither.
+if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 # public name -> the module that defines it
 _EXPORTS = {

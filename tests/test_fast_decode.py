@@ -130,3 +130,39 @@ def test_static_decoder_gives_the_engines_greedy_tokens(tiny_model, compiled):
     assert decoder.generate(torch.tensor(prompts), 10).tolist() == want.tokens
     with pytest.raises(ValueError, match="max_len=16"):
         decoder.generate(torch.tensor(prompts), 13)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_a_bf16_plans_head_answers_float32_logits(quantize):
+    """A 16-bit model's head, run by the C++ matvec, answers float32 logits itself (plan.float_logits_head):
+    model.py's `.float()` then copies nothing (that copy of [B, 1, V] opened an OpenMP region every
+    token).  The logits are the readable bf16 model's within bf16 rounding, prompt and decoding alike,
+    and greedy tokens agree."""
+    from llama3.fast import kernels
+
+    if kernels.library() is None:
+        pytest.skip(f"no C++ kernels here: {kernels.build_error()}")
+    model = make_model(make_config(vocab_size=101, n_layers=2), seed=4).to(torch.bfloat16)
+    fast = speed_up(copy.deepcopy(model), quantize=quantize)
+    assert fast.output.float_logits
+    x = torch.randn(2, 1, model.config.dim).to(torch.bfloat16)
+    with torch.no_grad():
+        head = fast.output(x)
+        assert head.dtype == torch.float32                             # no bf16 answer for .float() to copy
+        want = model.output(x).float()
+        spread = float(want.std())
+        tol = 0.02 if quantize is None else 0.2                        # int8 / int4 heads: their own rounding
+        assert float((head - want).abs().max()) < tol * spread + 1e-2
+        prompt = torch.randint(0, 101, (1, 5), generator=torch.Generator().manual_seed(2))
+        caches = [KVCache(model.config, 1, 12, dtype=torch.bfloat16) for _ in range(2)]
+        for pos, tokens in [(0, prompt)] + [(5 + i, torch.tensor([[7 + i]])) for i in range(4)]:
+            want, got = model(tokens, pos, caches[0]), fast(tokens, pos, caches[1])
+            assert got.dtype == torch.float32
+            if quantize is None:
+                torch.testing.assert_close(got[:, -1], want[:, -1], rtol=0.05, atol=0.05 * float(want.std()))
+
+
+def test_a_fp32_plans_head_keeps_its_dtype(tiny_model):
+    """float32 models need no conversion: the head is left as it is (no extra operator a step)."""
+    fast = speed_up(copy.deepcopy(tiny_model))
+    assert not getattr(fast.output, "float_logits", False)

@@ -88,3 +88,25 @@ def test_a_forked_child_gets_a_pool_of_its_own(lib):
     answer = os.read(read, 1)
     os.waitpid(pid, 0)
     assert answer == b"1"
+
+
+def test_import_llama3_shortens_openmps_spinning_unless_told_otherwise():
+    """`import llama3` before torch sets GOMP_SPINCOUNT=10000 (libgomp's default spins ~8 ms after each
+    region on the core the kernels' pool needs); a user's GOMP_SPINCOUNT or OMP_WAIT_POLICY stays, and
+    nothing is set once torch is imported (libgomp has read its settings then)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, sys; {}; import llama3, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(pre, **extra):
+        out = subprocess.run([sys.executable, "-c", code.format(pre)], env={**env, **extra}, capture_output=True,
+                             text=True, check=True)
+        return out.stdout.strip()
+
+    assert run("pass") == "10000"
+    assert run("pass", GOMP_SPINCOUNT="5") == "5"
+    assert run("pass", OMP_WAIT_POLICY="active") == "None"
+    assert run("import torch") == "None"

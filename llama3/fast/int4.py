@@ -148,9 +148,12 @@ class Bf16Head(Lean):
         self.packed = PackedLinear(self.table) if can_pack(self.table) else None
         self.dtype = dtype
         self.native = None  # the C++ kernels, where the plan chose them (then nothing is packed)
+        self.float_logits = False  # set by the plan for a 16-bit model (plan.float_logits_head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native is not None and x.numel() < PREFILL_ROWS * self.table.shape[1]:
+            if self.float_logits:  # float32 logits straight from the kernel (plan.float_logits_head)
+                return getattr(torch.ops, self.native).matvec(x.float(), self.table, None, 1, self.table.shape[0])
             return getattr(torch.ops, self.native).matvec(x, self.table, None, 1, self.table.shape[0]).to(self.dtype)
         x = x.to(torch.bfloat16)
         y = self.packed(x) if self.packed is not None else nn.functional.linear(x, self.table)

@@ -104,10 +104,12 @@ class KernelLinear(Lean, nn.Linear):
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, None
         new.native, new.kind = namespace, {torch.float32: kernels.F32, torch.bfloat16: kernels.BF16}[linear.weight.dtype]
+        new.float_logits = False
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() < PREFILL_ROWS * self.in_features and not (torch.is_grad_enabled() and self.weight.requires_grad):
+            x = x.float() if self.float_logits else x  # the head: float32 logits from the kernel (float_logits_head)
             return getattr(torch.ops, self.native).matvec(x, self.weight, None, self.kind, self.out_features)
         return F.linear(x, self.weight)
 
@@ -127,6 +129,20 @@ def _kernel_linears(model: nn.Module, namespace: str) -> None:
                 child.native = namespace
             elif isinstance(child, Bf16Head) and child.table.shape[1] % 16 == 0:
                 child.native, child.packed = namespace, None
+    float_logits_head(model)
+
+
+def float_logits_head(model: nn.Module) -> None:
+    """A 16-bit model's head, where the C++ matvec runs it, takes its [B, 1, D] input in float32 and
+    answers float32 logits, so model.py's `.float()` on them copies nothing.  That copy of [B, 1, V]
+    (V = 49,152 for SmolLM2) was the one ATen operator of a decoding step big enough to open an
+    OpenMP region, after which libgomp's thread spins on the core the kernels' pool needs: bf16
+    decode 44 tok/s with it, 64 with the spinning off (GOMP_SPINCOUNT=0), on a 2-core Zen 4.
+    The logits are the head's float32 sums not rounded to 16 bits: closer to exact, not equal to
+    the readable path's bf16 logits (within their rounding)."""
+    head = model.output
+    if model.dtype != torch.float32 and getattr(head, "native", None) is not None and hasattr(head, "float_logits"):
+        head.float_logits = True
 
 
 @torch.no_grad()

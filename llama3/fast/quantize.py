@@ -116,6 +116,7 @@ class Int8Linear(Lean):
         self.register_buffer("scales", scales.to(torch.float16).contiguous())   # [N, K/G] float16
         self.register_buffer("offsets", None if offsets is None else offsets.to(torch.float16).contiguous())
         self.native = None  # the C++ kernels' namespace name ("llama3"), where the plan chose them
+        self.float_logits = False  # set by the plan on a 16-bit model's head (plan.float_logits_head)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -130,6 +131,7 @@ class Int8Linear(Lean):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., K] -> [..., N]
         few_rows = x.numel() < PREFILL_ROWS * self.in_features
         if self.native is not None and few_rows:  # decoding: the C++ matvec reads the groups in place
+            x = x.float() if self.float_logits else x  # the head: float32 logits (plan.float_logits_head)
             return getattr(torch.ops, self.native).matvec(x, self.weight, self.scales, kernels.INT8_GROUP,
                                                            self.out_features, self.offsets)
         if x.device.type == "cpu" and CPU_HAS_BF16 and x.dtype in (torch.float32, torch.bfloat16) and not few_rows:
