@@ -44,7 +44,8 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # Every C++ file of the extension (one library, one thread pool: threads.h/.cpp); kernels added
 # beside ours go in this list.
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
-           Path(__file__).with_name("paged_attention.cpp")]  # the engine's attention over its KV blocks
+           Path(__file__).with_name("paged_attention.cpp"),  # the engine's attention over its KV blocks
+           Path(__file__).with_name("cache_attend.cpp")]  # a recorded step's store + attend over a KVCache
 HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h")]
 # -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
 # answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
