@@ -8,9 +8,10 @@ model.py's forward once and records the operators it calls; replaying the record
 same operators, in the same order, on the same weights, from C++ (TorchScript's interpreter):
 the Python goes, the numbers stay (tests/test_fast_graph.py checks they are bit for bit the
 eager ones).  Nothing here says what a block computes; the record is whatever model.py's
-forward did: for a SmolLM2 block 23 operators (4 matvec, 2 rms_norm, 2 rope, attend, 2 index_copy_,
-4 transposes, 2 residual adds, unflatten, split, flatten, chunk, silu, mul), each ~0.2-3 us of
-interpreter and dispatch besides its work.
+forward did: for a SmolLM2 block 17 operators (4 matvec, 2 rms_norm, 2 rope, store_attend, 2 residual
+adds, unflatten, split, flatten, chunk, silu, mul), each ~0.2-3 us of interpreter and dispatch
+besides its work (23 before the cache stored and attended in one call, taking q, k, v tokens first:
+2 index_copy_ and 4 transposes a block; the engine's step 25 -> 17 alike).
 
     model.forward = DecodeGraphs(model)        # what apply_plan does with the C++ kernels
 
@@ -20,9 +21,10 @@ cache with `graph_inputs()`: its block pool, write slots and padded block tables
 inputs, `replayed(...)` the cache traced over; one record per number of sequences); anything else
 (prompts and prompt chunks, training, hooks, other devices) runs `Transformer.forward` itself.  A record is independent of the position and of the
 cache's length: the position, the cache's tensors and a mask over all its slots are inputs
-(`_Slots`: the new key/value written with index_copy_ at a tensor position, attention over every
-slot with the ones not yet written masked off: the same numbers as attending over the first
-start_pos + 1).  One record per (batch size, dtype, mask or not, positions or not, last_only).
+(`_Slots.attend`: the new key/value written at a tensor position and attended over slots
+0..position in one C++ call, `store_attend`, the eager step's numbers bit for bit; where an attention
+slot is not the C++ kernel's, index_copy_ and attention over every slot with the ones not yet
+written masked off: the same numbers as attending over the first start_pos + 1).  One record per (batch size, dtype, mask or not, positions or not, last_only).
 
 When the record would be stale it is dropped and the next step records again: a module's class
 method changed (e.g. monkeypatched), a child module or a slot (`RMSNorm.kernel`,
