@@ -278,11 +278,11 @@ class Attention(Lean):
       rope_kernel      `apply_rope`
       attention_kernel `fused_attention`
     A cache with an `attend(layer_id, start_pos, q, k, v, mask)` method stores the new keys and
-    values and attends in place (a paged cache); it returns [B, H, T, Dh], or None to let
-    `cache.update` and the attention here do it.
+    values and attends in place (a paged cache, a recorded step's), taking q, k, v tokens first as
+    projected, [B, T, H|Hkv, Dh]; it returns [B, T, H, Dh], or None to let `cache.update` and the attention here do it.
     Taps (identity modules to hook): q, k, v [B, T, H|Hkv, Dh] after projection, q_rotated,
     k_rotated after RoPE, keys, values [B, H, S, Dh] and scores, masked_scores [B, H, T, S]
-    (explicit path), heads [B, H, T, Dh] each head's output.
+    (explicit path), heads [B, T, H, Dh] each head's output.
     """
 
     def __init__(self, config: ModelConfig, layer_id: int):
@@ -317,16 +317,16 @@ class Attention(Lean):
         q, k, v = self.q(q), self.k(k), self.v(v)                           # [B, T, H|Hkv, Dh]
         q = self.q_rotated(self.rope_kernel(q, cos, sin))                  # position enters here only
         k = self.k_rotated(self.rope_kernel(k, cos, sin))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
         out = None
         if cache is not None and self.fused and hasattr(cache, "attend"):
             out = cache.attend(self.layer_id, start_pos, q, k, v, mask)     # stored and attended in place
         if out is None:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # heads first: [B, H|Hkv, T, Dh]
             if cache is not None:
                 k, v = cache.update(self.layer_id, start_pos, k, v)         # [B, Hkv, S, Dh]
             out = self.attention_kernel(q, k, v, mask) if self.fused else self.explicit_attention(q, k, v, mask)
-        out = self.heads(out).transpose(1, 2).flatten(2)                   # concat heads: [B, T, H*Dh]
-        return self.wo(out)                                                 # [B, T, D]
+            out = out.transpose(1, 2)                                       # tokens first again: [B, T, H, Dh]
+        return self.wo(self.heads(out).flatten(2))                          # heads joined [B, T, H*Dh] -> [B, T, D]
 
     def explicit_attention(self, q, k, v, mask=None):
         """What `fused_attention` computes, written out: q [B, H, T, Dh]; k, v [B, Hkv, S, Dh]."""

@@ -170,24 +170,27 @@ def test_recorded_engine_steps_equal_the_readable_forward():
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("new_dtype", [torch.float32, torch.bfloat16])
 def test_paged_store_attend_is_indexing_in_then_paged_attend(cache_dtype, new_dtype):
-    """The recorded step's one call writes k, v [1, Hkv, N, Dh] (a transposed view, as model.py hands
-    them) at their slots exactly as indexing them in does (cast to the cache's type), then attends;
-    a slot outside the pool is refused."""
+    """The recorded step's one call takes q [1, N, H, Dh], k, v [1, N, Hkv, Dh] tokens first, as
+    model.py hands them (k, v: views of the fused projection's output, strided), writes k, v at their
+    slots exactly as indexing them in does (cast to the cache's type), then attends -> [1, N, H, Dh];
+    a slot outside the pool, and heads first tensors, are refused."""
     gen = torch.Generator().manual_seed(3)
     n_blocks, kv_heads, size, dh, heads = 12, 2, 4, 8, 4
     keys = torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(cache_dtype)
     values = torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(cache_dtype)
-    k = torch.randn(1, 2, kv_heads, dh, generator=gen).to(new_dtype).transpose(1, 2)   # [1, Hkv, N, Dh] view
-    v = torch.randn(1, 2, kv_heads, dh, generator=gen).to(new_dtype).transpose(1, 2)
-    q = torch.randn(2, heads, dh, generator=gen).to(new_dtype)
+    qkv = torch.randn(1, 2, heads + 2 * kv_heads, dh, generator=gen).to(new_dtype)     # [1, N, H + 2 Hkv, Dh]
+    q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)                            # strided views
     write_block, write_offset = torch.tensor([5, 9]), torch.tensor([2, 0])
     tables, row, pos = torch.tensor([[1, 5, 0], [3, 7, 9]]), torch.tensor([0, 1]), torch.tensor([6, 8])
     want_k, want_v = keys.clone(), values.clone()
-    want_k[write_block, :, write_offset] = k[0].transpose(0, 1).to(cache_dtype)
-    want_v[write_block, :, write_offset] = v[0].transpose(0, 1).to(cache_dtype)
-    want = KERNEL.paged_attend(q, want_k, want_v, tables, row, pos, size)
+    want_k[write_block, :, write_offset] = k[0].to(cache_dtype)
+    want_v[write_block, :, write_offset] = v[0].to(cache_dtype)
+    want = KERNEL.paged_attend(q[0], want_k, want_v, tables, row, pos, size)            # [N, H, Dh]
     got = KERNEL.paged_store_attend(q, keys, values, k, v, write_block, write_offset, tables, row, pos, size)
     assert torch.equal(keys, want_k) and torch.equal(values, want_v)
-    assert torch.equal(got, want)
+    assert got.shape == (1, 2, heads, dh) and torch.equal(got[0], want)
     with pytest.raises(RuntimeError, match="outside the pool"):
         KERNEL.paged_store_attend(q, keys, values, k, v, torch.tensor([5, 12]), write_offset, tables, row, pos, size)
+    with pytest.raises(RuntimeError, match=r"k, v \[1, N, Hkv, Dh\]"):  # heads first (N != Hkv here)
+        three = torch.randn(1, kv_heads, 3, dh).to(new_dtype)
+        KERNEL.paged_store_attend(q, keys, values, three, three, write_block, write_offset, tables, row, pos, size)

@@ -158,3 +158,34 @@ def test_a_request_during_the_engine_warm_up_gets_the_eager_tokens():
         reference.close()
     assert got == want
     assert graph.graphs_of(fast).replays >= 10
+
+
+def recorded_ops(model) -> list[str]:
+    record = next(r for r in graph.graphs_of(model).records.values() if r is not False)
+    return [n.kind() for n in record.graph.nodes()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_record_stores_and_attends_in_one_call_a_layer(dtype):
+    """The record's cache writes each layer's new key/value and attends in one operator call
+    (store_attend), q, k, v taken tokens first: no index_copy_ or transpose is replayed.  With an
+    attention slot that is not the C++ kernel's (model.py's own SDPA), the record writes with
+    index_copy_ and runs that slot over every slot, the unwritten ones masked off (SDPA rounds a
+    longer row differently: the eager numbers within rounding)."""
+    from llama3 import model as readable
+
+    fast, eager = pair(dtype)
+    caches = [KVCache(fast.config, 2, 24, dtype=dtype) for _ in range(2)]
+    assert torch.equal(steps(fast, caches[0], batch=2), steps(eager, caches[1], batch=2))
+    ops = recorded_ops(fast)
+    assert ops.count("llama3::store_attend") == fast.config.n_layers
+    assert "aten::index_copy_" not in ops and "aten::transpose" not in ops and "llama3::attend" not in ops
+    for m in (fast, eager):
+        for layer in m.layers:
+            layer.attention.attention_kernel = readable.fused_attention
+    caches = [KVCache(fast.config, 2, 24, dtype=dtype) for _ in range(2)]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(steps(fast, caches[0], batch=2), steps(eager, caches[1], batch=2), rtol=tol, atol=tol)
+    assert graph.graphs_of(fast).replays == 20
+    ops = recorded_ops(fast)
+    assert "llama3::store_attend" not in ops and ops.count("aten::index_copy_") == 2 * fast.config.n_layers

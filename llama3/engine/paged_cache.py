@@ -11,8 +11,8 @@ tokens are written into them.
 
 One engine step runs ONE forward of the readable model over every running sequence's new
 tokens laid side by side (`tokens [1, N]`, each with its own position).  In each layer the
-model's `Attention.forward` calls `StepCache.attend(layer_id, start_pos, q, k, v, mask)`:
-the N new keys/values are written to their slots and each new token attends over the keys
+model's `Attention.forward` calls `StepCache.attend(layer_id, start_pos, q, k, v, mask)`
+(tokens first: q [1, N, H, Dh], k, v [1, N, Hkv, Dh]): the N new keys/values are written to their slots and each new token attends over the keys
 of its own sequence at positions up to its own, read from the blocks where they lie:
 
     C++   `torch.ops.llama3.paged_attend` (llama3/fast/paged_attention.cpp): every decoding
@@ -172,20 +172,20 @@ class StepCache:
                 self.kernel_pos = self.query_pos
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v [1, Hkv, N, Dh] into their slots; -> the layer's pool twice, [n_blocks, Hkv, block_size, Dh]."""
+        """Write k, v [1, N, Hkv, Dh] into their slots; -> the layer's pool twice, [n_blocks, Hkv, block_size, Dh]."""
         keys, values = self.pool.layers[layer]
-        keys[self.write_block, :, self.write_offset] = k[0].transpose(0, 1).to(keys.dtype)      # [N, Hkv, Dh]
-        values[self.write_block, :, self.write_offset] = v[0].transpose(0, 1).to(values.dtype)
+        keys[self.write_block, :, self.write_offset] = k[0].to(keys.dtype)                    # [N, Hkv, Dh]
+        values[self.write_block, :, self.write_offset] = v[0].to(values.dtype)
         return keys, values
 
     def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
-        """Store k, v [1, Hkv, N, Dh] and attend q [1, H, N, Dh] over each token's own sequence,
+        """Store k, v [1, N, Hkv, Dh] and attend q [1, N, H, Dh] over each token's own sequence,
         in the blocks (start_pos and mask are unused: every token has its own row and position)
-        -> [1, H, N, Dh]; None when the pool's attend_in_blocks is off (the model then calls update)."""
+        -> [1, N, H, Dh]; None when the pool's attend_in_blocks is off (the model then calls update)."""
         if not self.pool.attend_in_blocks:
             return None
         keys, values = self._store(layer, k, v)
-        queries = q[0].transpose(0, 1)                                                  # [N, H, Dh]
+        queries = q[0]                                                                  # [N, H, Dh]
         if not self.sdpa_rows:                                                          # decoding only
             out = self._kernel(queries, keys, values)
         else:
@@ -197,7 +197,7 @@ class StepCache:
                                         blocks=self.sdpa_blocks)
             if self.kernel_rows:
                 out[self.kernel_tokens] = self._kernel(queries[self.kernel_tokens], keys, values)
-        return out.transpose(0, 1)[None]                                                # [1, H, N, Dh]
+        return out[None]                                                                # [1, N, H, Dh]
 
     def graph_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """This step as tensors only, for a recorded decoding step (llama3/fast/graph.py replays the
@@ -245,7 +245,7 @@ class StepCache:
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v [1, Hkv, N, Dh] (start_pos is unused: every token has its own slot);
         return the keys and values of the step's sequences side by side, [1, Hkv, S, Dh]."""
-        keys, values = self._store(layer, k, v)
+        keys, values = self._store(layer, k.transpose(1, 2), v.transpose(1, 2))
         self.mask  # noqa: B018  (builds the read slots)
         blocks, offsets = self._read
         return (keys[blocks, :, offsets].transpose(0, 1)[None],                        # [1, Hkv, S, Dh]
@@ -264,10 +264,9 @@ class RecordedStep:
         self.tables, self.kernel_row, self.kernel_pos = tables, kernel_row, kernel_pos
 
     def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
+        """q [1, N, H, Dh]; k, v [1, N, Hkv, Dh] -> [1, N, H, Dh] (StepCache.attend's)."""
         keys, values = self.layers[layer]                                               # [n_blocks, Hkv, bs, Dh]
-        # k, v [1, Hkv, N, Dh] written at their slots by the kernel itself: one operator call, where
-        # indexing them in cost ~6 a block (selects, transposes, casts, two index_put_)
-        out = self.kernel.paged_store_attend(q[0].transpose(0, 1), keys, values, k, v, self.write_block,
-                                             self.write_offset, self.tables, self.kernel_row,
-                                             self.kernel_pos, self.block_size)          # [N, H, Dh]
-        return out.transpose(0, 1)[None]                                                # [1, H, N, Dh]
+        # k, v written at their slots by the kernel itself, q taken tokens first as model.py hands it:
+        # one operator call, where indexing them in and turning heads first and back cost ~13 a block
+        return self.kernel.paged_store_attend(q, keys, values, k, v, self.write_block, self.write_offset,
+                                              self.tables, self.kernel_row, self.kernel_pos, self.block_size)

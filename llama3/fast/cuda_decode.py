@@ -77,17 +77,17 @@ class PaddedStep:
         self.tables, self.visible = tables, visible
 
     def attend(self, layer: int, start_pos: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None):
-        """q [1, H, B, Dh]; k, v [1, Hkv, B, Dh] (row b's new key and value) -> [1, H, B, Dh]."""
+        """q [1, B, H, Dh]; k, v [1, B, Hkv, Dh] (row b's new key and value) -> [1, B, H, Dh]."""
         keys, values = self.k[layer], self.v[layer]                                   # [n_blocks, Hkv, bs, Dh]
-        keys[self.write_block, :, self.write_offset] = k[0].transpose(0, 1)[self.source].to(keys.dtype)
-        values[self.write_block, :, self.write_offset] = v[0].transpose(0, 1)[self.source].to(values.dtype)
-        rows, heads, kv_heads, dh = q.shape[2], q.shape[1], k.shape[1], q.shape[3]
+        keys[self.write_block, :, self.write_offset] = k[0][self.source].to(keys.dtype)
+        values[self.write_block, :, self.write_offset] = v[0][self.source].to(values.dtype)
+        rows, heads, kv_heads, dh = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
         held_k = keys[self.tables].transpose(1, 2).flatten(2, 3)                      # [B, Hkv, W*bs, Dh]
         held_v = values[self.tables].transpose(1, 2).flatten(2, 3)
         # query head h uses key/value head h // n_rep: the n_rep heads of a group are n_rep queries of it
-        grouped = q[0].transpose(0, 1).reshape(rows, kv_heads, heads // kv_heads, dh)  # [B, Hkv, n_rep, Dh]
+        grouped = q[0].reshape(rows, kv_heads, heads // kv_heads, dh)                 # [B, Hkv, n_rep, Dh]
         out = fused_attention(grouped, held_k.to(q.dtype), held_v.to(q.dtype), self.visible)
-        return out.reshape(rows, heads, dh).transpose(0, 1)[None]                     # [1, H, B, Dh]
+        return out.reshape(rows, heads, dh)[None]                                     # [1, B, H, Dh]
 
 
 class _Bucket:

@@ -8,9 +8,10 @@ model.py's forward once and records the operators it calls; replaying the record
 same operators, in the same order, on the same weights, from C++ (TorchScript's interpreter):
 the Python goes, the numbers stay (tests/test_fast_graph.py checks they are bit for bit the
 eager ones).  Nothing here says what a block computes; the record is whatever model.py's
-forward did: for a SmolLM2 block 23 operators (4 matvec, 2 rms_norm, 2 rope, attend, 2 index_copy_,
-4 transposes, 2 residual adds, unflatten, split, flatten, chunk, silu, mul), each ~0.2-3 us of
-interpreter and dispatch besides its work.
+forward did: for a SmolLM2 block 17 operators (4 matvec, 2 rms_norm, 2 rope, store_attend, 2 residual
+adds, unflatten, split, flatten, chunk, silu, mul), each ~0.2-3 us of interpreter and dispatch
+besides its work (23 before the cache stored and attended in one call, taking q, k, v tokens first:
+2 index_copy_ and 4 transposes a block; the engine's step 25 -> 17 alike).
 
     model.forward = DecodeGraphs(model)        # what apply_plan does with the C++ kernels
 
@@ -20,9 +21,10 @@ cache with `graph_inputs()`: its block pool, write slots and padded block tables
 inputs, `replayed(...)` the cache traced over; one record per number of sequences); anything else
 (prompts and prompt chunks, training, hooks, other devices) runs `Transformer.forward` itself.  A record is independent of the position and of the
 cache's length: the position, the cache's tensors and a mask over all its slots are inputs
-(`_Slots`: the new key/value written with index_copy_ at a tensor position, attention over every
-slot with the ones not yet written masked off: the same numbers as attending over the first
-start_pos + 1).  One record per (batch size, dtype, mask or not, positions or not, last_only).
+(`_Slots.attend`: the new key/value written at a tensor position and attended over slots
+0..position in one C++ call, `store_attend`, the eager step's numbers bit for bit; where an attention
+slot is not the C++ kernel's, index_copy_ and attention over every slot with the ones not yet
+written masked off: the same numbers as attending over the first start_pos + 1).  One record per (batch size, dtype, mask or not, positions or not, last_only).
 
 When the record would be stale it is dropped and the next step records again: a module's class
 method changed (e.g. monkeypatched), a child module or a slot (`RMSNorm.kernel`,
@@ -60,13 +62,26 @@ def enabled() -> bool:
 
 class _Slots:
     """A KVCache seen by a recorded step: key/value tensors that are inputs of the record, the new
-    token's key and value written at a tensor position, every slot returned (the mask hides the
-    ones not yet written).  layers: each layer's (keys, values) [B, Hkv, max_len, Dh], the views
-    `KVCache.layers` holds (inputs of the record one by one: no per-layer indexing replayed);
-    slot: long [1]."""
+    token's key and value written at a tensor position.  layers: each layer's (keys, values)
+    [B, Hkv, max_len, Dh], the views `KVCache.layers` holds (inputs of the record one by one: no
+    per-layer indexing replayed); slot: long [1].
 
-    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor):
-        self.layers, self.slot = layers, slot
+    Where every layer's attention slot is the C++ kernel's (`in_place`), `attend` is one operator
+    call a layer (`torch.ops.llama3.store_attend`, fast/cache_attend.cpp): it writes the new key and
+    value at the slot and runs that kernel over slots 0..slot, as the eager step's `update` and
+    attention slot do, taking q, k, v tokens first as model.py projects them (no transposes
+    replayed).  Otherwise `attend` declines and `update` writes them with index_copy_ and returns
+    every slot (the mask hides the ones not yet written)."""
+
+    def __init__(self, layers: list[tuple[torch.Tensor, torch.Tensor]], slot: torch.Tensor, in_place: bool = False):
+        self.layers, self.slot, self.in_place = layers, slot, in_place
+
+    def attend(self, layer: int, start_pos: int, q, k, v, mask):
+        """q [B, 1, H, Dh]; k, v [B, 1, Hkv, Dh]; mask [B or 1, 1, 1, max_len] -> [B, 1, H, Dh], or None."""
+        if not self.in_place:
+            return None
+        keys, values = self.layers[layer]
+        return torch.ops.llama3.store_attend(q, keys, values, k, v, self.slot, mask)
 
     def update(self, layer: int, start_pos: int, k: torch.Tensor, v: torch.Tensor):
         keys, values = self.layers[layer]                      # [B, Hkv, max_len, Dh]
@@ -120,9 +135,10 @@ class DecodeGraphs:
         args = (tokens, slot if positions is None else positions, visible, slot,
                 *(t for pair in cache.layers for t in pair))  # keys 0, values 0, keys 1, ...
 
-        def step(tokens, positions, visible, slot, *kv):
+        def step(tokens, positions, visible, slot, *kv):  # traced after _restamp: cpp_attention is current
             layers = list(zip(kv[0::2], kv[1::2]))
-            return self.eager(tokens, 0, _Slots(layers, slot), positions, visible, last_only)
+            in_place = self.cpp_attention and cache.k.dtype in (torch.float32, torch.bfloat16)
+            return self.eager(tokens, 0, _Slots(layers, slot, in_place), positions, visible, last_only)
 
         # TorchScript's optimizer off, as in _paged: its optimizing run on the second replay cost 110-400 ms
         # of CPU once per record, and optimized replays were no faster (SmolLM2 int4, 1 thread, alternating
@@ -225,6 +241,9 @@ class DecodeGraphs:
         self.pure = all(m.kernel in PURE_SLOTS for m in modules if isinstance(m, readable.RMSNorm)) and all(
             m.rope_kernel in PURE_SLOTS and m.attention_kernel in PURE_SLOTS
             for m in modules if isinstance(m, readable.Attention))
+        # every attention slot the C++ kernel's: a record's cache may store and attend in one call (_Slots)
+        self.cpp_attention = all(m.attention_kernel is kernels.attention
+                                 for m in modules if isinstance(m, readable.Attention))
 
     def _stamp(self) -> list:
         """What a record depends on besides the weights' values: each module class's forward and

@@ -12,6 +12,8 @@ kernels do each step in one call, reading weights and the KV cache where they li
     rms_norm         RMSNorm in one pass, rounded as model.py rounds
     rope             model.py's `apply_rope` in one pass
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
+    store_attend     a recorded step's layer over a KVCache: the new key/value written at the slot, then
+                     `attend` over slots 0..slot (cache_attend.cpp; graph.py's `_Slots.attend`)
     thread_stats     the thread pool's counters (threads.h: chunks claimed one at a time, so a busy
                      machine's pre-empted thread costs little; `thread_stats()` below)
     dpbf16           whether the build multiplies a bf16 x by bf16 weights as they are (AVX512_BF16)
@@ -44,7 +46,8 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 # Every C++ file of the extension (one library, one thread pool: threads.h/.cpp); kernels added
 # beside ours go in this list.
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
-           Path(__file__).with_name("paged_attention.cpp")]  # the engine's attention over its KV blocks
+           Path(__file__).with_name("paged_attention.cpp"),  # the engine's attention over its KV blocks
+           Path(__file__).with_name("cache_attend.cpp")]  # a recorded step's store + attend over a KVCache
 HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h")]
 # -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
 # answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),

@@ -3,7 +3,8 @@
  *
  *   paged_attend(q, k_cache, v_cache, tables, query_row, query_pos, block_size) -> [T, H, Dh]
  *   paged_store_attend(q, k_cache, v_cache, k, v, write_block, write_offset, tables, query_row,
- *                      query_pos, block_size)   the same after writing k, v [1, Hkv, N, Dh] at their slots
+ *                      query_pos, block_size)   the same after writing k, v [1, N, Hkv, Dh] at their
+ *                      slots, for q [1, N, H, Dh] -> [1, N, H, Dh] (tokens first, as model.py hands them)
  *
  *   q          [T, H, Dh]          the step's new queries, side by side (any float type)
  *   k_cache,   [n_blocks, Hkv, block_size, Dh]   one layer of the block pool, contiguous, float32
@@ -177,12 +178,12 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
-/* Writes new [1, Hkv, N, Dh] (any strides, float32 or bfloat16) into cache [n_blocks, Hkv,
+/* Writes new [1, N, Hkv, Dh] (any strides, float32 or bfloat16) into cache [n_blocks, Hkv,
  * block_size, Dh] at (write_block[n], write_offset[n]) for each token n, in the cache's type
  * (bfloat16 rounded to nearest even, as Tensor.to). */
 void store(at::Tensor &cache, const at::Tensor &fresh, const int64_t *blocks, const int64_t *offsets) {
-    const int64_t Hkv = cache.size(1), bs = cache.size(2), Dh = cache.size(3), N = fresh.size(2);
-    const int64_t sh = fresh.stride(1), sn = fresh.stride(2), sd = fresh.stride(3);
+    const int64_t Hkv = cache.size(1), bs = cache.size(2), Dh = cache.size(3), N = fresh.size(1);
+    const int64_t sn = fresh.stride(1), sh = fresh.stride(2), sd = fresh.stride(3);
     const bool to16 = cache.scalar_type() == at::kBFloat16, from16 = fresh.scalar_type() == at::kBFloat16;
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < Hkv; h++) {
@@ -196,9 +197,11 @@ void store(at::Tensor &cache, const at::Tensor &fresh, const int64_t *blocks, co
         }
 }
 
-/* One call for a recorded decoding step's layer: store the new keys and values k, v [1, Hkv, N, Dh]
- * at their slots, then paged_attend (the trace of a step held, for each layer, two index_put_
- * and the selects, transposes and casts feeding them: ~6 operator calls a block). */
+/* One call for a recorded decoding step's layer: store the new keys and values k, v [1, N, Hkv, Dh]
+ * at their slots, then paged_attend the queries q [1, N, H, Dh] -> [1, N, H, Dh] (the trace of a step
+ * held, for each layer, two index_put_ and the selects, transposes and casts feeding them: ~6
+ * operator calls a block; then the select, transposes and unsqueeze around the call and
+ * model.py's: 7 more). */
 at::Tensor paged_store_attend(const at::Tensor &q, at::Tensor &k_cache, at::Tensor &v_cache, const at::Tensor &k,
                               const at::Tensor &v, const at::Tensor &write_block, const at::Tensor &write_offset,
                               const at::Tensor &tables, const at::Tensor &query_row, const at::Tensor &query_pos,
@@ -207,11 +210,13 @@ at::Tensor paged_store_attend(const at::Tensor &q, at::Tensor &k_cache, at::Tens
                     v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
                     (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
                 "paged_store_attend: contiguous float32 or bfloat16 caches [n_blocks, Hkv, block_size, Dh]");
-    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(1) == k_cache.size(1) &&
+    TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(2) == k_cache.size(1) &&
                     k.size(3) == k_cache.size(3) && k.scalar_type() == v.scalar_type() &&
                     (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
-                "paged_store_attend: k, v [1, Hkv, N, Dh], float32 or bfloat16");
-    const int64_t N = k.size(2), n_blocks = k_cache.size(0);
+                "paged_store_attend: k, v [1, N, Hkv, Dh], float32 or bfloat16");
+    TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(1) == k.size(1),
+                "paged_store_attend: q [1, N, H, Dh], one query per new key");
+    const int64_t N = k.size(1), n_blocks = k_cache.size(0);
     TORCH_CHECK(write_block.scalar_type() == at::kLong && write_offset.scalar_type() == at::kLong &&
                     write_block.numel() == N && write_offset.numel() == N,
                 "paged_store_attend: int64 write_block [N], write_offset [N]");
@@ -222,7 +227,7 @@ at::Tensor paged_store_attend(const at::Tensor &q, at::Tensor &k_cache, at::Tens
                     "paged_store_attend: slot ", n, " is outside the pool");
     store(k_cache, k, b, o);
     store(v_cache, v, b, o);
-    return paged_attend(q, k_cache, v_cache, tables, query_row, query_pos, block_size);
+    return paged_attend(q[0], k_cache, v_cache, tables, query_row, query_pos, block_size).unsqueeze(0);
 }
 
 }  // namespace

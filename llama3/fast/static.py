@@ -38,12 +38,12 @@ class StaticCache(KVCache):
         self.visible: torch.Tensor | None = None
 
     def attend(self, layer_id, start_pos, q, k, v, mask):
-        """q [B, H, 1, Dh]; k, v [B, Hkv, 1, Dh] for slot `self.pos` -> [B, H, 1, Dh]."""
+        """q [B, 1, H, Dh]; k, v [B, 1, Hkv, Dh] for slot `self.pos` -> [B, 1, H, Dh]."""
         if self.pos is None:
             return None
-        self.k[layer_id].index_copy_(2, self.pos, k)
-        self.v[layer_id].index_copy_(2, self.pos, v)
-        return fused_attention(q, self.k[layer_id], self.v[layer_id], self.visible)
+        self.k[layer_id].index_copy_(2, self.pos, k.transpose(1, 2))
+        self.v[layer_id].index_copy_(2, self.pos, v.transpose(1, 2))
+        return fused_attention(q.transpose(1, 2), self.k[layer_id], self.v[layer_id], self.visible).transpose(1, 2)
 
 
 class StaticDecoder(nn.Module):

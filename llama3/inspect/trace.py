@@ -104,7 +104,7 @@ def block_steps(block: TransformerBlock, seen: dict[str, torch.Tensor], cos: tor
     repeat = Step(f"repeat KV heads ×{att.n_rep}", note=f"query head h reads kv head h // {att.n_rep}",
                   code="repeat_kv", children=[step("k", seen["keys"], ("B", "H", "S", "Dh")),
                                               step("v", seen["values"], ("B", "H", "S", "Dh"))])
-    masked, mixed = seen["masked_scores"], seen["heads"]                     # [B, H, T, S], [B, H, T, Dh]
+    masked, mixed = seen["masked_scores"], seen["heads"].transpose(1, 2)     # [B, H, T, S], [B, H, T, Dh]
     visible = int(torch.isfinite(masked[0, 0]).sum())
     concat = mixed.transpose(1, 2).reshape(batch, seqlen, -1)               # [B, T, H*Dh], as Attention.forward
     attention = Step("attention", code="Attention.forward", children=[
@@ -176,7 +176,7 @@ def trace(llm, prompt: str | list[int], layer: int | None = None, top_k: int = 5
             children, out = block_steps(block, mine, cos), mine["out"]
             mixed = mine["weights"].float() @ mine["values"].float()       # [B, H, T, Dh]
             checks[i] = {"block_output_max_abs_diff": (out - cap.block_outputs[i]).abs().max().item(),
-                         "weights_max_abs_diff": (mixed - mine["heads"].float()).abs().max().item(),
+                         "weights_max_abs_diff": (mixed - mine["heads"].transpose(1, 2).float()).abs().max().item(),
                          "unwatched_max_abs_diff": (out - unwatched[i]).abs().max().item()}
             children.append(Step("check", note="the traced block output vs the block's own: max |Δ| = "
                                  f"{checks[i]['block_output_max_abs_diff']:.3g}; weights · v vs the heads' output: "
