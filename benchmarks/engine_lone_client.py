@@ -23,6 +23,7 @@ than wall time.  Ratios are within one round.  Prints markdown tables at the end
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -136,13 +137,14 @@ class ServedClient:
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(self.url, self.process)
 
-    def decode_speed(self, prompt: list[int], new: int) -> float:
+    def decode_speed(self, prompt: list[int], new: int, temperature: float = 0.0, top_p: float = 1.0) -> float:
         import json
 
         import httpx
 
-        body = {"prompt": prompt, "max_tokens": new, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "logit_bias": {str(i): -100 for i in self.stop_ids}}
+        body = {"prompt": prompt, "max_tokens": new, "temperature": temperature, "top_p": top_p, "seed": 1,
+                "stream": True, "stream_options": {"include_usage": True},
+                "logit_bias": {str(i): -100 for i in self.stop_ids}}
         first = last = None
         tokens = 0
         cpu = cpu_seconds(self.process.pid)
@@ -172,6 +174,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="int4")
     parser.add_argument("--serve", action="store_true", help="also measure one streaming client of the server")
+    parser.add_argument("--sampled", default="", metavar="T,P",
+                        help="also a sampled request (temperature T, top_p P, seed 1) to the engine and, with "
+                             "--serve, the server: rows 'engine T,P' and 'served T,P' (e.g. 0.7,0.9)")
     parser.add_argument("--step-repeats", type=int, default=40, help="single steps timed per context (default 40)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -214,6 +219,14 @@ def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
             row["engine"], cpu["engine"] = engine_decode(engine, prompts[n], settings, True)
             if server is not None:
                 row["served"], cpu["served"] = server.decode_speed(prompts[n], args.new)
+            if args.sampled:
+                t, p = (float(x) for x in args.sampled.split(","))
+                sampled = dataclasses.replace(settings, temperature=t, top_p=p, seed=1)
+                row[f"engine {args.sampled}"], cpu[f"engine {args.sampled}"] = engine_decode(engine, prompts[n],
+                                                                                             sampled, True)
+                if server is not None:
+                    row[f"served {args.sampled}"], cpu[f"served {args.sampled}"] = server.decode_speed(
+                        prompts[n], args.new, t, p)
             for name, value in row.items():
                 results.setdefault((n, name), []).append(value)
             for name, value in cpu.items():
@@ -221,9 +234,12 @@ def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
             print(f"round {r}, prompt {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
                   + f" tok/s; engine/bench {row['engine'] / row['bench']:.2f}, engine/gather "
                   f"{row['engine'] / row['gather']:.2f}"
-                  + (f", served/engine {row['served'] / row['engine']:.2f}" if server else "")
+                  + (f", served/engine {row['served'] / row['engine']:.2f}, served/bench "
+                     f"{row['served'] / row['bench']:.2f}" if server else "")
                   + "; CPU ms per token: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()), flush=True)
     names = ["bench", "gather", "engine"] + (["served"] if server else [])
+    sampled = [f"engine {args.sampled}"] + ([f"served {args.sampled}"] if server else []) if args.sampled else []
+    names += sampled
     print(f"\n{args.quantize} SmolLM2-135M, {args.threads} threads, {args.new} new tokens, "
           f"median of {args.rounds} rounds (ratios per round, then median)\n")
     print("| prompt tokens | " + " | ".join(f"{n} tok/s" for n in names) + " | engine / bench | engine / gather |"
@@ -235,6 +251,13 @@ def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
         print(f"| {n} | " + " | ".join(f"{med[name]:.1f}" for name in names)
               + f" | {ratio('engine', 'bench'):.2f} | {ratio('engine', 'gather'):.2f} |"
               + (f" {ratio('served', 'engine'):.2f} |" if server else ""))
+    print("\nEach against bench, within a round (median):\n")
+    others = [name for name in names if name != "bench"]
+    print("| prompt tokens | " + " | ".join(f"{name} / bench" for name in others) + " |")
+    print("|---" * (len(others) + 1) + "|")
+    for n in lengths:
+        print(f"| {n} | " + " | ".join(f"{statistics.median(x / y for x, y in zip(results[(n, name)], results[(n, 'bench')])):.2f}"
+                                       for name in others) + " |")
     print("\nCPU ms per new token (the whole request, every thread of the process that runs it):\n")
     print("| prompt tokens | engine | " + ("served | served / engine |" if server else ""))
     print("|---|---|" + ("---|---|" if server else ""))

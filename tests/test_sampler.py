@@ -8,7 +8,7 @@ import torch
 
 from conftest import make_model
 from llama3.generate import GenerationSettings, generate_tokens, row_seeds
-from llama3.sampling import Sampler, SamplingError, pick_batch, sample, validate_sampling
+from llama3.sampling import Sampler, SamplingError, exponential_variates, pick_batch, sample, validate_sampling
 
 V = 50
 
@@ -145,3 +145,57 @@ def test_generation_records_logprobs_per_step(tiny_model):
         assert step.logprobs[0].token == step.tokens[0] == int(want.argmax())
         assert math.isclose(step.logprobs[0].logprob, want.max().item(), abs_tol=1e-5)
         assert len(step.logprobs[0].top) == 2
+
+
+@pytest.mark.parametrize("vocab, scale", [(V, 3.0), (49152, 0.5), (49152, 3.0), (49152, 12.0), (300, 0.01)])
+def test_top_p_nucleus_draw_picks_the_tokens_sample_picks(vocab, scale):
+    """Sampler's top-p (no top-k / min-p) reads the nucleus from a topk that doubles until it holds
+    it, not a sort of the row: the same ids as sample()'s apply_top_p + draw with the same seed,
+    whether the nucleus is a few tokens (peaked rows) or nearly all of them (flat: scale 0.01)."""
+    for trial in range(12):
+        logits = torch.randn(vocab, generator=torch.Generator().manual_seed(trial)) * scale
+        for temperature, top_p in [(0.7, 0.9), (1.0, 0.95), (1.3, 0.5), (0.2, 0.999), (1.0, 1.0), (0.6, 1.0)]:
+            sampler = Sampler(vocab, temperature=temperature, top_p=top_p, seed=trial)
+            gen = torch.Generator().manual_seed(trial)
+            for _ in range(3):
+                want = int(sample(logits[None], temperature=temperature, top_p=top_p, generator=gen)[0])
+                assert sampler.pick(logits) == want
+
+
+@pytest.mark.parametrize("size", [1, 7, 49152])
+def test_exponential_variates_are_exponential_s_own_and_leave_the_generator_alike(size):
+    """The race's variates without exponential_'s one-at-a-time loop: bit for bit the numbers
+    exponential_ draws from the same generator, and the generator's next numbers agree after."""
+    for seed in range(6):
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            assert torch.equal(exponential_variates(size, ours, "cpu"),
+                               torch.empty(size).exponential_(1.0, generator=theirs))
+        assert torch.equal(torch.rand(5, generator=ours), torch.rand(5, generator=theirs))
+
+
+def test_pick_runs_its_operators_on_one_thread_and_sets_the_count_back():
+    """A pick's whole-row operators must not open OpenMP regions (their workers spin on the cores
+    the decoding pool needs): inside pick PyTorch has one thread, after it the caller's count."""
+    import threading
+
+    counts = []
+
+    class Recorder:
+        def __call__(self, logits):
+            counts.append(torch.get_num_threads())
+            return logits
+
+        def accept(self, token):
+            counts.append(torch.get_num_threads())
+
+    def run():
+        torch.set_num_threads(2)
+        for settings in [dict(), dict(temperature=0.7, top_p=0.9, seed=0), dict(temperature=1.0, seed=0, logprobs=2)]:
+            Sampler(V, processor=Recorder(), **settings).pick(logits_row())
+            counts.append(("after", torch.get_num_threads()))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert counts == [1, 1, ("after", 2)] * 3
