@@ -39,8 +39,10 @@ def q4_1_groups(n, k, seed=0):
     return q, d, m
 
 
-# Odd shapes: rows not a multiple of 4, one row, groups of 32 and one group per row (K = 48, 16).
-SHAPES = [(37, 96), (5, 64), (1, 32), (130, 576), (70, 48), (3, 16)]
+# Odd shapes: rows not a multiple of 4 or 8 (the SIMD loop's blocks), one row, groups of 32 and one
+# group per row (K = 48, 16), and more than 256 groups a row (K = 8256: the loop's second slab of
+# columns, whose scales it widens apart).
+SHAPES = [(37, 96), (5, 64), (1, 32), (130, 576), (70, 48), (3, 16), (9, 8256)]
 
 
 @pytest.mark.parametrize("with_offsets", [False, True])
