@@ -337,8 +337,8 @@ inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
 #define LLAMA3_INT8_AHEAD 4
 #endif
 
-#ifndef LLAMA3_INT8_ROWS  // rows a block of the int8-groups loop (a multiple of 4)
-#define LLAMA3_INT8_ROWS 8
+#ifndef LLAMA3_INT8_ROWS  // rows a block of the int8-groups loop (a multiple of 4): 8 streamed a model
+#define LLAMA3_INT8_ROWS 4  // pass from memory 1.2-1.5x slower than 4 (prefetching 4 or 8 rows ahead)
 #endif
 
 #if SIMD
@@ -408,13 +408,15 @@ void matvec_int8_groups(const Matrix &m, int group, const uint16_t *offsets, con
     /* Columns in slabs of up to SLAB groups (one slab below K = 8192 at G = 32); the R rows' scales
      * of a slab widened to float32 at a fixed stride (row i at i * SLAB), so each group costs one
      * multiply-add with a broadcast memory operand per row, and one base pointer serves the R rows
-     * (4 row pointers and 4 scale pointers had spilled to the stack).  The offsets' part,
+     * (4 row pointers and 4 scale pointers had spilled to the stack).  R = 4: with 8 rows a block
+     * the loop was as fast with the rows in cache but 1.2-1.5x slower streaming them from memory
+     * (a model pass, 3 rounds alternating).  The offsets' part,
      * sum_g offset[n, g] xsum[g], goes into the same accumulators, 16 groups a multiply-add,
      * widened straight from the float16 offsets: read from a just-widened float32 copy (masked
      * loads of fresh stores, which do not forward) it cost ~7% more on 960 x 576 / 3072 x 576
      * with the rows in cache (26.9 vs 29.0 us, 86.3 vs 92.8 us, 1 thread, min of 30, alternating).
-     * Measured, and together within noise of the loop before them: 8 rows a block instead of 4,
-     * the 4-row shuffle reduction, masked (not scalar) widening of the scales' tail, no allocation
+     * Measured, and together within noise of the loop before them (rows in cache): the 4-row
+     * shuffle reduction, masked (not scalar) widening of the scales' tail, no allocation
      * per call, double-buffered scales, prefetching 8 or 16 rows ahead (streaming: noise).  What bounds this loop: 7 vector instructions per 32 weights a row (widen, convert,
      * multiply, twice, and the scale) against the per-row int8 kernel's 6; the group's scale costs
      * the same as an add in its place (measured), so it is not the multiplier ports. */
