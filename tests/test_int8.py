@@ -39,12 +39,16 @@ def q4_1_groups(n, k, seed=0):
     return q, d, m
 
 
-# Odd shapes: rows not a multiple of 4, one row, groups of 32 and one group per row (K = 48, 16).
+# Odd shapes: rows not a multiple of 4 (the SIMD loop's blocks), one row, groups of 32 and one
+# group per row (K = 48, 16).
 SHAPES = [(37, 96), (5, 64), (1, 32), (130, 576), (70, 48), (3, 16)]
+# ... and more than 256 groups a row (K = 8256: the SIMD loop's second slab of columns, whose scales
+# it widens apart), for the kernel against float64 (its tolerance grows with K)
+LONG_ROWS = [(9, 8256)]
 
 
 @pytest.mark.parametrize("with_offsets", [False, True])
-@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("n, k", SHAPES + LONG_ROWS)
 def test_group_matvec_equals_the_matrix_it_stores(ops, n, k, with_offsets):
     q, scales, offsets = q4_1_groups(n, k) if with_offsets else (*quantize_int8_groups(weights(n, k)), None)
     matrix = dequantize_int8(q, scales, offsets=offsets)

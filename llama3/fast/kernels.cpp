@@ -300,34 +300,99 @@ inline float half_scale(uint16_t h) { return _cvtsh_ss(h); }
 inline float half_scale(uint16_t h) { return f16_to_f32(h); }
 #endif
 
-/* xsum [B, K/G]: each row's sums of x over the groups (what the offsets multiply). */
-std::vector<float> group_sums(const float *xs, int batch, int k, int group) {
-    std::vector<float> sums((size_t)batch * (k / group));
+/* xsum [B, K/G]: each row's sums of x over the groups (what the offsets multiply), into `sums`. */
+void group_sums(const float *xs, int batch, int k, int group, float *sums) {
     for (int b = 0; b < batch; b++)
         for (int g = 0; g < k / group; g++) {
+            const float *x = xs + (size_t)b * k + (size_t)g * group;
             float total = 0.f;
-            for (int c = g * group; c < (g + 1) * group; c++) total += xs[(size_t)b * k + c];
+#pragma omp simd reduction(+ : total)
+            for (int c = 0; c < group; c++) total += x[c];
             sums[(size_t)b * (k / group) + g] = total;
         }
-    return sums;
 }
 
 #if SIMD
 inline void widen_halves(const uint16_t *s, float *f, int count) {  // float16 [count] -> float32
     int g = 0;
     for (; g + 16 <= count; g += 16) _mm512_storeu_ps(f + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g))));
-    for (; g < count; g++) f[g] = half_scale(s[g]);
+    if (g < count) {  // the tail masked (one at a time through _cvtsh_ss cost ~5% of a 576-column product)
+        const __mmask16 tail = (__mmask16)((1u << (count - g)) - 1);
+        _mm512_mask_storeu_ps(f + g, tail, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(tail, s + g)));
+    }
 }
 
-inline float dot(const float *a, const float *b, int count) {
-    __m512 acc = _mm512_setzero_ps();
-    int i = 0;
-    for (; i + 16 <= count; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < count) {
-        const __mmask16 tail = (__mmask16)((1u << (count - i)) - 1);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + i), _mm512_maskz_loadu_ps(tail, b + i), acc);
+/* The sums of 4 vectors, in lanes 0-3 (one shuffle tree for the 4 rows instead of 4 reductions). */
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    const __m256 b0 = _mm256_add_ps(_mm512_castps512_ps256(a0), _mm512_extractf32x8_ps(a0, 1));
+    const __m256 b1 = _mm256_add_ps(_mm512_castps512_ps256(a1), _mm512_extractf32x8_ps(a1, 1));
+    const __m256 b2 = _mm256_add_ps(_mm512_castps512_ps256(a2), _mm512_extractf32x8_ps(a2, 1));
+    const __m256 b3 = _mm256_add_ps(_mm512_castps512_ps256(a3), _mm512_extractf32x8_ps(a3, 1));
+    const __m256 d = _mm256_hadd_ps(_mm256_hadd_ps(b0, b1), _mm256_hadd_ps(b2, b3));
+    return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+#endif
+
+#ifndef LLAMA3_INT8_AHEAD  // rows ahead whose cache lines the int8-groups loop asks for
+#define LLAMA3_INT8_AHEAD 4
+#endif
+
+#ifndef LLAMA3_INT8_ROWS  // rows a block of the int8-groups loop (a multiple of 4): 8 streamed a model
+#define LLAMA3_INT8_ROWS 4  // pass from memory 1.2-1.5x slower than 4 (prefetching 4 or 8 rows ahead)
+#endif
+
+#if SIMD
+/* One group of G (16 | G) columns of R rows at column k0, summed in float32 and added times the
+ * rows' scales (sc[0], sc[SLAB], ...) into a[0..R).  The group's first 16 columns multiply (no
+ * zeroed accumulators: fewer instructions per group, which limits this loop when rows sit in the
+ * cache). */
+template <int R, int G, int SLAB>
+inline __attribute__((always_inline)) void int8_group(const int8_t *const *r, const float *x, int k0, int size,
+                                                      const float *sc, __m512 *a) {
+    __m512 p[R];
+    const __m512 x0 = _mm512_loadu_ps(x + k0);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) p[i] = _mm512_mul_ps(load16(r[i] + k0), x0);
+    for (int k = k0 + 16; k < k0 + (G ? G : size); k += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < R; i++) p[i] = _mm512_fmadd_ps(load16(r[i] + k), xv, p[i]);
     }
-    return _mm512_reduce_add_ps(acc);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) a[i] = _mm512_fmadd_ps(p[i], _mm512_set1_ps(sc[i * SLAB]), a[i]);
+}
+
+/* Groups [0, count) of a slab (columns from k_begin) of R rows into acc; with PF, the cache lines
+ * `ahead` bytes further on are asked for, one line of each row per 64 columns. */
+template <int R, int G, int SLAB, bool PF>
+__attribute__((noinline)) void int8_slab(const int8_t *const *rows, size_t ahead, const float *x, int k_begin,
+                                         int count, int size, const float *sc, __m512 *acc) {
+    const int8_t *r[R];
+    __m512 a[R];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) r[i] = rows[i], a[i] = acc[i];
+    const int step = G ? G : size;
+    int g = 0;
+    if (G && G < 64 && 64 % G == 0) {  // 64 / G groups a cache line: one prefetch per row per line
+        constexpr int per_line = G && G < 64 ? 64 / G : 1;
+        for (; g + per_line <= count; g += per_line) {
+            const int k0 = k_begin + g * step;
+            if (PF)
+#pragma GCC unroll 8
+                for (int i = 0; i < R; i++) _mm_prefetch((const char *)(r[i] + ahead + k0), _MM_HINT_T0);
+            for (int j = 0; j < per_line; j++) int8_group<R, G, SLAB>(r, x, k0 + j * step, size, sc + g + j, a);
+        }
+    }
+    for (; g < count; g++) {
+        const int k0 = k_begin + g * step;
+        if (PF)
+            for (int k = k0; k < k0 + step; k += 16)
+                if (k % 64 == 0)
+                    for (int i = 0; i < R; i++) _mm_prefetch((const char *)(r[i] + ahead + k), _MM_HINT_T0);
+        int8_group<R, G, SLAB>(r, x, k0, size, sc + g, a);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i++) acc[i] = a[i];
 }
 #endif
 
@@ -340,55 +405,59 @@ void matvec_int8_groups(const Matrix &m, int group, const uint16_t *offsets, con
     const uint16_t *scales = (const uint16_t *)m.scales;  // [N, K/G] float16 bits
     const int K = m.k, N = m.n, size = G ? G : group, groups = K / size;
 #if SIMD
-    /* the 4 rows' scales (and offsets) widened to float32 once per block of rows, so each group costs
-     * one broadcast load and one multiply-add per row (converting per group made it ~1.7x slower);
-     * the offsets' part is one dot product of a row's offsets with xsum after the groups */
-    std::vector<float> widened(4 * (size_t)groups), widened_offsets(offsets ? 4 * (size_t)groups : 0);
-    for (int64_t n0 = n_begin; n0 < n_end; n0 += 4) {
-        const int rows = N - n0 < 4 ? N - n0 : 4;
-        const int8_t *r[4];
-        const float *sf[4];
-        for (int i = 0; i < 4; i++) {
-            const int64_t row = n0 + (i < rows ? i : 0);  // missing rows repeat the first; never stored
-            r[i] = w + (size_t)row * K;
-            widen_halves(scales + (size_t)row * groups, widened.data() + (size_t)i * groups, groups);
-            if (offsets)
-                widen_halves(offsets + (size_t)row * groups, widened_offsets.data() + (size_t)i * groups, groups);
-            sf[i] = widened.data() + (size_t)i * groups;
-        }
+    /* Columns in slabs of up to SLAB groups (one slab below K = 8192 at G = 32); the R rows' scales
+     * of a slab widened to float32 at a fixed stride (row i at i * SLAB), so each group costs one
+     * multiply-add with a broadcast memory operand per row, and one base pointer serves the R rows
+     * (4 row pointers and 4 scale pointers had spilled to the stack).  R = 4: with 8 rows a block
+     * the loop was as fast with the rows in cache but 1.2-1.5x slower streaming them from memory
+     * (a model pass, 3 rounds alternating).  The offsets' part,
+     * sum_g offset[n, g] xsum[g], goes into the same accumulators, 16 groups a multiply-add,
+     * widened straight from the float16 offsets: read from a just-widened float32 copy (masked
+     * loads of fresh stores, which do not forward) it cost ~7% more on 960 x 576 / 3072 x 576
+     * with the rows in cache (26.9 vs 29.0 us, 86.3 vs 92.8 us, 1 thread, min of 30, alternating).
+     * Measured, and together within noise of the loop before them (rows in cache): the 4-row
+     * shuffle reduction, masked (not scalar) widening of the scales' tail, no allocation
+     * per call, double-buffered scales, prefetching 8 or 16 rows ahead (streaming: noise).  What bounds this loop: 7 vector instructions per 32 weights a row (widen, convert,
+     * multiply, twice, and the scale) against the per-row int8 kernel's 6; the group's scale costs
+     * the same as an add in its place (measured), so it is not the multiplier ports. */
+    constexpr int SLAB = 256, R = LLAMA3_INT8_ROWS;
+    thread_local float widened[R * SLAB];
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+        const int rows = N - n0 < R ? N - n0 : R;
+        const int8_t *r[R];
+        for (int i = 0; i < R; i++) r[i] = w + (size_t)(n0 + (i < rows ? i : 0)) * K;  // missing rows repeat the first; never stored
+        const size_t ahead = (size_t)LLAMA3_INT8_AHEAD * K;
+        auto widen_slab = [&](int g0, int slab) {
+            for (int i = 0; i < R; i++) {
+                const int64_t row = n0 + (i < rows ? i : 0);
+                widen_halves(scales + (size_t)row * groups + g0, widened + i * SLAB, slab);
+            }
+        };
+        if (groups <= SLAB) widen_slab(0, groups);  // once for every row of x
         for (int b = 0; b < batch; b++) {
             const float *x = xs + (size_t)b * K;
-            float *y = ys + (size_t)b * N;
-            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int g = 0; g < groups; g++) {
-                /* the group's first 16 columns multiply (no zeroed accumulators: fewer instructions
-                 * per group, which is what limits this loop when the rows sit in the cache) */
-                const int k0 = g * size;
-                const __m512 x0 = _mm512_loadu_ps(x + k0);
-                if (b == 0 && k0 % 64 == 0)
-                    for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(r[i] + 4 * (size_t)K + k0), _MM_HINT_T0);
-                __m512 p0 = _mm512_mul_ps(load16(r[0] + k0), x0), p1 = _mm512_mul_ps(load16(r[1] + k0), x0),
-                       p2 = _mm512_mul_ps(load16(r[2] + k0), x0), p3 = _mm512_mul_ps(load16(r[3] + k0), x0);
-                for (int k = k0 + 16; k < k0 + size; k += 16) {
-                    const __m512 xv = _mm512_loadu_ps(x + k);
-                    if (b == 0 && k % 64 == 0)
-                        for (int i = 0; i < 4; i++) _mm_prefetch((const char *)(r[i] + 4 * (size_t)K + k), _MM_HINT_T0);
-                    p0 = _mm512_fmadd_ps(load16(r[0] + k), xv, p0);
-                    p1 = _mm512_fmadd_ps(load16(r[1] + k), xv, p1);
-                    p2 = _mm512_fmadd_ps(load16(r[2] + k), xv, p2);
-                    p3 = _mm512_fmadd_ps(load16(r[3] + k), xv, p3);
+            __m512 acc[R];
+            for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+            for (int g0 = 0; g0 < groups; g0 += SLAB) {
+                const int slab = groups - g0 < SLAB ? groups - g0 : SLAB;
+                if (groups > SLAB) widen_slab(g0, slab);
+                if (b == 0) int8_slab<R, G, SLAB, true>(r, ahead, x, g0 * size, slab, size, widened, acc);
+                else int8_slab<R, G, SLAB, false>(r, ahead, x, g0 * size, slab, size, widened, acc);
+                if (offsets) {  // + offset . xsum over the slab's groups, into the same lanes
+                    const float *xsum = xsums + (size_t)b * groups + g0;
+                    for (int g = 0; g < slab; g += 16) {
+                        const __mmask16 mask = slab - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (slab - g)) - 1);
+                        const __m512 xv = _mm512_maskz_loadu_ps(mask, xsum + g);
+                        for (int i = 0; i < R; i++)
+                            acc[i] = _mm512_fmadd_ps(
+                                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offsets + (size_t)(n0 + (i < rows ? i : 0)) * groups + g0 + g)),
+                                xv, acc[i]);
+                    }
                 }
-                a0 = _mm512_fmadd_ps(p0, _mm512_set1_ps(sf[0][g]), a0);
-                a1 = _mm512_fmadd_ps(p1, _mm512_set1_ps(sf[1][g]), a1);
-                a2 = _mm512_fmadd_ps(p2, _mm512_set1_ps(sf[2][g]), a2);
-                a3 = _mm512_fmadd_ps(p3, _mm512_set1_ps(sf[3][g]), a3);
             }
-            float sums[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                             _mm512_reduce_add_ps(a3)};
-            if (offsets) {
-                const float *xsum = xsums + (size_t)b * groups;
-                for (int i = 0; i < rows; i++) sums[i] += dot(widened_offsets.data() + (size_t)i * groups, xsum, groups);
-            }
+            float sums[R];
+            for (int i = 0; i < R; i += 4) _mm_storeu_ps(sums + i, reduce4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+            float *y = ys + (size_t)b * N;
             for (int i = 0; i < rows; i++) y[n0 + i] = sums[i];
         }
     }
@@ -482,11 +551,14 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
                                              offsets->sizes() == scales->sizes()),
                     "matvec: int8 group offsets are float16, shaped as the scales");
         const uint16_t *offs = offsets.has_value() ? (const uint16_t *)offsets->data_ptr() : nullptr;
-        const std::vector<float> xsums = offs ? group_sums(xs, batch, (int)k, group) : std::vector<float>();
-        llama3_threads::parallel_for(0, (n + 3) / 4, 1, [&](int64_t b, int64_t e) {
-            const int64_t lo = 4 * b, hi = 4 * e < n ? 4 * e : n;
-            if (group == 32) matvec_int8_groups<32>(m, group, offs, xsums.data(), xs, ys, batch, lo, hi);
-            else matvec_int8_groups<0>(m, group, offs, xsums.data(), xs, ys, batch, lo, hi);
+        thread_local std::vector<float> xsum_buffer;
+        float *xsums = offs ? scratch(xsum_buffer, (size_t)batch * (k / group)) : nullptr;
+        if (offs) group_sums(xs, batch, (int)k, group, xsums);
+        constexpr int R = LLAMA3_INT8_ROWS;  // rows a block (matvec_int8_groups)
+        llama3_threads::parallel_for(0, (n + R - 1) / R, 1, [&](int64_t b, int64_t e) {
+            const int64_t lo = R * b, hi = R * e < n ? R * e : n;
+            if (group == 32) matvec_int8_groups<32>(m, group, offs, xsums, xs, ys, batch, lo, hi);
+            else matvec_int8_groups<0>(m, group, offs, xsums, xs, ys, batch, lo, hi);
             narrow(lo, hi);
         });
     } else {
