@@ -110,3 +110,30 @@ def test_import_llama3_shortens_openmps_spinning_unless_told_otherwise():
     assert run("pass", GOMP_SPINCOUNT="5") == "5"
     assert run("pass", OMP_WAIT_POLICY="active") == "None"
     assert run("import torch") == "None"
+
+@pytest.mark.parametrize("threads", range(1, 9))
+def test_every_item_of_a_job_runs_exactly_once_however_shares_are_taken(lib, threads):
+    """Each thread takes its own share of a job's chunks, then what is left of the others': on odd
+    sizes and grains, with items slow enough that threads take from each other's shares, every item
+    runs once."""
+    for n, grain, spin_ns in ((1, 1, 0), (7, 1, 2000), (37, 3, 1000), (1000, 1, 200), (4099, 16, 0)):
+        counts = lib.pool_cover(n, grain, threads, 0, spin_ns)
+        assert counts.shape == (n,) and bool((counts == 1).all()), (n, grain, threads)
+
+
+def test_a_worker_that_never_runs_does_not_stall_a_job(lib):
+    """Workers that claim nothing (as ones the OS does not run) leave their shares to the caller:
+    the job still finishes, every item once, and no worker chunk is counted."""
+    done = []
+
+    def job():
+        kernels.thread_stats(reset=True)
+        done.append(lib.pool_cover(999, 1, 4, 3, 100))
+        done.append(kernels.thread_stats())
+
+    thread = threading.Thread(target=job, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    assert len(done) == 2, "the job waited for workers that never ran"
+    assert bool((done[0] == 1).all())
+    assert done[1]["worker_chunks"] == 0

@@ -1,15 +1,23 @@
 /* The kernels' thread pool: see threads.h for why and how it is used.
  *
- * One job at a time.  Its state is one 64-bit word, `ticket`: (generation: 24 bits, chunks: 20
- * bits, next chunk: 20 bits).  A thread claims chunk i by moving the word from (g, c, i) to
- * (g, c, i + 1) with a compare-and-swap, so a claim that succeeds is a claim in the job that is
- * running, whatever the claimer saw before; the job's function and range, written before the
- * word was published, cannot change while a chunk of it is unfinished.  `done` counts finished
- * chunks; the caller returns when it equals c.
+ * One job at a time, announced by one 64-bit word, `ticket`: (generation: 24 bits, chunks: 20 bits,
+ * 0).  Its chunks are dealt out in contiguous shares, one a thread (the caller's is share 0, worker
+ * w's share w + 1), each share one word of its own cache line: (generation, end, next chunk).  A
+ * thread claims chunk i of a share by moving its word from (g, e, i) to (g, e, i + 1) with a
+ * compare-and-swap, so a claim that succeeds is a claim in the job that is running, whatever the
+ * claimer saw before; the job's function and range, written before the ticket was published,
+ * cannot change while a chunk of it is unfinished.  A thread claims from its own share first (a
+ * word no other thread touches while that thread keeps up: no cache line moves between cores a
+ * chunk), then takes what is left of the others' shares, chunk by chunk: a worker the OS does not
+ * run claims nothing, and the others do its share.  `done` counts the workers' finished chunks,
+ * each worker adding its count once, when it finds nothing left to claim (not once a chunk); the
+ * caller returns when it equals the chunks it did not run itself.
  */
 #include "threads.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 #include <pthread.h>
 
 #include <atomic>
@@ -78,8 +86,14 @@ struct JobTime {
     int64_t shared = 0, solo = 0;  // 0: not seen that way yet
 };
 
+struct alignas(64) Share {
+    std::atomic<uint64_t> word{0};  // (generation, end, next chunk), as make_ticket packs them
+};
+
 struct Pool {
     alignas(64) std::atomic<uint64_t> ticket{0};
+    Share shares[MAX_WORKERS + 1];
+    std::atomic<int> absent{0};  // testing: this many of the highest workers claim nothing (absent_workers)
     alignas(64) std::atomic<int64_t> done{0};
     alignas(64) std::atomic<ChunkFn> fn{nullptr};
     std::atomic<void *> context{nullptr};
@@ -99,27 +113,41 @@ struct Pool {
     int64_t compared = 0, shared_sum = 0, solo_sum = 0;  // a probe's or a trial's jobs, timed both ways
     int restore_threads = 0;  // while jobs run on the caller alone: the thread count to set again after
     JobTime times[TIMES];
+    /* counters: written by the caller under `caller` only (a relaxed load and store, no locked
+     * instruction), but `jobs_busy`, jobs whose caller found another job running */
     std::atomic<int64_t> jobs{0}, shared_jobs{0}, worker_chunks{0}, losses{0}, solo_jobs{0}, lost_ns{0};
+    std::atomic<int64_t> jobs_busy{0};
 };
+
+void bump(std::atomic<int64_t> &counter, int64_t by = 1) {  // the caller's counters (under `caller`)
+    counter.store(counter.load(std::memory_order_relaxed) + by, std::memory_order_relaxed);
+}
 
 Pool *pool = new Pool;  // never destroyed: workers may still be spinning when the process exits
 
-void run_chunk(Pool *p, uint64_t chunks, uint64_t i) {
-    const int64_t items = p->items.load(std::memory_order_relaxed);
-    const int64_t begin = items * (int64_t)i / (int64_t)chunks, end = items * (int64_t)(i + 1) / (int64_t)chunks;
-    p->fn.load(std::memory_order_relaxed)(p->context.load(std::memory_order_relaxed), begin, end);
-    p->done.fetch_add(1, std::memory_order_acq_rel);
+/* Claim one chunk of share `s` of job `generation`: its index, or -1 if none is left there. */
+int64_t claim(Pool *p, int s, uint64_t generation) {
+    std::atomic<uint64_t> &word = p->shares[s].word;
+    uint64_t t = word.load(std::memory_order_acquire);
+    while (generation_of(t) == generation && next_of(t) < chunks_of(t)) {
+        if (word.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire))
+            return (int64_t)next_of(t);
+    }
+    return -1;
 }
 
-/* Claim and run chunks of the current job until none is left; returns how many this thread ran. */
-int64_t work(Pool *p) {
+/* Run chunks of job `generation` (`chunks` of them, `shares` shares) until none is left, own share
+ * `self` first, then the others' from the next one on; returns how many this thread ran. */
+int64_t work(Pool *p, uint64_t generation, uint64_t chunks, int shares, int self) {
+    const int64_t items = p->items.load(std::memory_order_relaxed);
+    ChunkFn fn = nullptr;
+    void *context = nullptr;
     int64_t ran = 0;
-    uint64_t t = p->ticket.load(std::memory_order_acquire);
-    while (next_of(t) < chunks_of(t)) {
-        if (p->ticket.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
-            run_chunk(p, chunks_of(t), next_of(t));
-            ran++;
-            t = p->ticket.load(std::memory_order_acquire);
+    for (int k = 0; k < shares; k++) {
+        const int s = self + k < shares ? self + k : self + k - shares;
+        for (int64_t i; (i = claim(p, s, generation)) >= 0; ran++) {
+            if (!fn) fn = p->fn.load(std::memory_order_relaxed), context = p->context.load(std::memory_order_relaxed);
+            fn(context, items * i / (int64_t)chunks, items * (i + 1) / (int64_t)chunks);
         }
     }
     return ran;
@@ -133,9 +161,10 @@ void worker_loop(Pool *p, int index) {
             const uint64_t t = p->ticket.load(std::memory_order_acquire);
             if (generation_of(t) != seen) {
                 seen = generation_of(t);
-                if (index < p->helpers.load(std::memory_order_relaxed)) {
-                    const int64_t ran = work(p);
-                    if (ran) p->worker_chunks.fetch_add(ran, std::memory_order_relaxed);
+                const int helpers = p->helpers.load(std::memory_order_relaxed);
+                if (index < helpers - p->absent.load(std::memory_order_relaxed)) {
+                    const int64_t ran = work(p, seen, chunks_of(t), helpers + 1, index + 1);
+                    if (ran) p->done.fetch_add(ran, std::memory_order_release);
                 }
                 spun_since = now_ns();
                 spins = 0;
@@ -212,7 +241,7 @@ void decide(Pool *p, int64_t now) {
 }
 
 void run_alone(Pool *p, int64_t n, ChunkFn fn, void *context, int64_t start) {
-    p->solo_jobs.fetch_add(1, std::memory_order_relaxed);
+    bump(p->solo_jobs);
     fn(context, 0, n);
     const int64_t end = now_ns();
     JobTime &t = time_of(p, fn, n);
@@ -230,12 +259,13 @@ void run_alone(Pool *p, int64_t n, ChunkFn fn, void *context, int64_t start) {
 
 void run(int64_t n, int64_t grain, ChunkFn fn, void *context) {
     Pool *p = pool;
-    p->jobs.fetch_add(1, std::memory_order_relaxed);
     if (!p->caller.try_lock()) {  // another thread's job is running: this one runs on its caller
+        p->jobs_busy.fetch_add(1, std::memory_order_relaxed);
         fn(context, 0, n);
         return;
     }
     std::lock_guard<std::mutex> held(p->caller, std::adopt_lock);
+    bump(p->jobs);
     const int64_t start = now_ns();
     if (p->mode == Mode::probe || p->mode == Mode::solo) {
         if (n > grain) return run_alone(p, n, fn, context, start);
@@ -250,26 +280,36 @@ void run(int64_t n, int64_t grain, ChunkFn fn, void *context) {
         return;
     }
     start_workers(p, threads - 1);
+    const int shares = chunks < threads ? (int)chunks : threads;  // a share holds one chunk at least
     p->fn.store(fn, std::memory_order_relaxed);
     p->context.store(context, std::memory_order_relaxed);
     p->items.store(n, std::memory_order_relaxed);
-    p->helpers.store(threads - 1, std::memory_order_relaxed);
+    p->helpers.store(shares - 1, std::memory_order_relaxed);
     p->done.store(0, std::memory_order_relaxed);
-    const uint64_t generation = generation_of(p->ticket.load(std::memory_order_relaxed)) + 1;
+    const uint64_t generation = (generation_of(p->ticket.load(std::memory_order_relaxed)) + 1) & 0xFFFFFF;
+    for (int s = 0; s < shares; s++)
+        p->shares[s].word.store(make_ticket(generation, chunks * (s + 1) / shares, chunks * s / shares),
+                                std::memory_order_relaxed);
     p->ticket.store(make_ticket(generation, chunks, 0), std::memory_order_seq_cst);
     if (p->sleepers.load(std::memory_order_seq_cst) > 0) {
         std::lock_guard<std::mutex> lock(p->sleep_mutex);
         p->wake.notify_all();
     }
-    p->shared_jobs.fetch_add(1, std::memory_order_relaxed);
-    work(p);
-    const int64_t mine_done = now_ns();
-    while (p->done.load(std::memory_order_acquire) < chunks) LLAMA3_PAUSE();
-    const int64_t end = now_ns(), waited = end - mine_done;
+    bump(p->shared_jobs);
+    const int64_t theirs = chunks - work(p, generation, chunks, shares, 0);
+    bump(p->worker_chunks, theirs);
+    int64_t end, waited = 0;
+    if (p->done.load(std::memory_order_acquire) < theirs) {  // wait for workers' chunks (clocked)
+        const int64_t mine_done = now_ns();
+        while (p->done.load(std::memory_order_acquire) < theirs) LLAMA3_PAUSE();
+        end = now_ns(), waited = end - mine_done;
+    } else {
+        end = now_ns();
+    }
     const bool lost = waited > LOSS_NS && 2 * waited > end - start;  // a worker held a chunk while it was not running
     if (lost) {
-        p->losses.fetch_add(1, std::memory_order_relaxed);
-        p->lost_ns.fetch_add(waited, std::memory_order_relaxed);
+        bump(p->losses);
+        bump(p->lost_ns, waited);
     }
     if (!p->adapts) return;
     JobTime &t = time_of(p, fn, n);
@@ -287,17 +327,55 @@ void run(int64_t n, int64_t grain, ChunkFn fn, void *context) {
     }
 }
 
+void absent_workers(int count) { pool->absent.store(count < 0 ? 0 : count, std::memory_order_relaxed); }
+
 Stats stats() {
     Pool *p = pool;
-    return Stats{p->jobs.load(), p->shared_jobs.load(), p->worker_chunks.load(), p->losses.load(),
+    return Stats{p->jobs.load() + p->jobs_busy.load(), p->shared_jobs.load(), p->worker_chunks.load(), p->losses.load(),
                  p->solo_jobs.load(), p->lost_ns.load() * 1e-9};
 }
 
 void reset_stats() {
     Pool *p = pool;
-    for (auto *counter : {&p->jobs, &p->shared_jobs, &p->worker_chunks, &p->losses, &p->solo_jobs, &p->lost_ns})
+    for (auto *counter : {&p->jobs, &p->jobs_busy, &p->shared_jobs, &p->worker_chunks, &p->losses, &p->solo_jobs,
+                          &p->lost_ns})
         counter->store(0);
 }
 
 }  // namespace threads
 }  // namespace LLAMA3_NS
+
+namespace {
+
+/* Testing (tests/test_fast_threads.py): run a job of n items in chunks of `grain` on `threads`
+ * threads, `absent` of its workers claiming nothing, each item spinning `spin_ns`; returns how many
+ * times each item was run (all ones when every item is covered exactly once). */
+int64_t clock_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+
+at::Tensor pool_cover(int64_t n, int64_t grain, int64_t threads, int64_t absent, int64_t spin_ns) {
+    TORCH_CHECK(n >= 0 && grain >= 1 && threads >= 1 && absent >= 0, "pool_cover: bad arguments");
+    at::Tensor counts = at::zeros({n}, at::kInt);
+    int32_t *data = counts.data_ptr<int32_t>();
+    const int before = at::get_num_threads();
+    at::set_num_threads((int)threads);
+    LLAMA3_NS::threads::absent_workers((int)absent);
+    LLAMA3_NS::threads::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; i++) {
+            const int64_t until = clock_ns() + spin_ns;
+            while (spin_ns && clock_ns() < until) LLAMA3_PAUSE();
+            __atomic_fetch_add(data + i, 1, __ATOMIC_RELAXED);
+        }
+    });
+    LLAMA3_NS::threads::absent_workers(0);
+    at::set_num_threads(before);
+    return counts;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(LLAMA3_NS, m) {
+    m.def("pool_cover(int n, int grain, int threads, int absent=0, int spin_ns=0) -> Tensor", TORCH_FN(pool_cover));
+}

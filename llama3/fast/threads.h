@@ -55,6 +55,10 @@ struct Stats {
 Stats stats();
 void reset_stats();
 
+/* Testing: the `count` highest-numbered workers claim nothing from now on (as workers the OS never
+ * runs), so their shares are left to the others to take; 0 (the default) undoes it. */
+void absent_workers(int count);
+
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F &f) {
     if (end <= begin) return;
