@@ -174,7 +174,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="int4")
     parser.add_argument("--serve", action="store_true", help="also measure one streaming client of the server")
-    parser.add_argument("--sampled", default="", metavar="T,P",
+    def temperature_and_top_p(text: str) -> str:
+        try:
+            t, p = (float(x) for x in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected T,P (two numbers, e.g. 0.7,0.9), got {text!r}") from None
+        if t <= 0 or not 0 < p <= 1:
+            raise argparse.ArgumentTypeError(f"temperature must be > 0 and top_p in (0, 1], got {text!r}")
+        return text
+
+    parser.add_argument("--sampled", default="", metavar="T,P", type=temperature_and_top_p,
                         help="also a sampled request (temperature T, top_p P, seed 1) to the engine and, with "
                              "--serve, the server: rows 'engine T,P' and 'served T,P' (e.g. 0.7,0.9)")
     parser.add_argument("--step-repeats", type=int, default=40, help="single steps timed per context (default 40)")

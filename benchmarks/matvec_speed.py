@@ -24,9 +24,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import time
 
 import torch
+
+from llama3.fast.measure import best_seconds
 
 SHAPES = {"wqkv": (960, 576), "wo": (576, 576), "w13": (3072, 576), "w2": (576, 1536), "head": (49152, 576)}
 LAYERS = 30
@@ -64,15 +65,6 @@ def caller(kind: str, m: dict, old):
     return lambda x, threads: ops.matvec(x, w, s, code, n, o)
 
 
-def best_of(reps: int, fn) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", default="int8o,int8g,int8row,f32")
@@ -102,7 +94,7 @@ def main() -> None:
                 total = sum(m["bytes"] for m in mats)
                 for t in threads:
                     torch.set_num_threads(t)
-                    best = best_of(args.reps, lambda: [run(x, t) for run, x in runs])
+                    best = best_seconds(lambda: [run(x, t) for run, x in runs], args.reps)
                     print(f"{kind:8s} model      t={t}  {best * 1e3:8.2f} ms  {total / best / 1e9:6.2f} GB/s"
                           f"  ({total / 1e6:.0f} MB)", flush=True)
                 del runs, mats
@@ -113,7 +105,7 @@ def main() -> None:
                     inner = max(3, int(4e6 / m["bytes"]))
                     for t in threads:
                         torch.set_num_threads(t)
-                        best = best_of(args.reps, lambda: [run(x, t) for _ in range(inner)]) / inner
+                        best = best_seconds(lambda: [run(x, t) for _ in range(inner)], args.reps) / inner
                         print(f"{kind:8s} hot {name:5s}  t={t}  {best * 1e6:8.1f} us  {m['bytes'] / best / 1e9:6.2f} GB/s",
                               flush=True)
     print(f"load {os.getloadavg()[0]:.2f}")

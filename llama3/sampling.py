@@ -160,7 +160,7 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor
     argmax(p_i / E_i) with E_i ~ Exponential(1) picks token i with probability p_i
     (the "exponential race"); unlike torch.multinomial it needs no host sync.
     """
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = exponential_variates(probs.shape, generator, probs.device)
     return (probs / race).argmax(dim=-1)
 
 
@@ -181,7 +181,7 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, to
     return draw(logits.softmax(dim=-1), generator)
 
 
-def exponential_variates(size: int, generator: torch.Generator | None, device) -> torch.Tensor:
+def exponential_variates(size, generator: torch.Generator | None, device) -> torch.Tensor:
     """The Exponential(1) variates `torch.empty(size).exponential_(1.0, generator=generator)` draws,
     bit for bit, in a third of the time on the CPU: PyTorch's CPU kernel takes a float64 uniform u
     per element and returns -log1p(-u) cast to float32, one element at a time (~18 ns each, 0.9 ms
@@ -208,8 +208,7 @@ def nucleus_draw(logits: torch.Tensor, top_p: float, generator: torch.Generator 
     topk(64) ~0.09 ms."""
     size = logits.shape[-1]
     if top_p >= 1.0:
-        race = exponential_variates(size, generator, logits.device)
-        return int((logits.softmax(dim=-1) / race).argmax())
+        return int(draw(logits.softmax(dim=-1), generator))
     probs = logits.softmax(dim=-1)
     k = min(NUCLEUS_FIRST, size)
     while True:
@@ -371,7 +370,7 @@ class Sampler:
             raw = logits.float()
             adjusted = self.adjust(raw)
             if self.temperature > 0 and self.top_k == 0 and self.min_p == 0:
-                token = nucleus_draw(adjusted.float() / self.temperature, self.top_p, self.generator)
+                token = nucleus_draw(adjusted / self.temperature, self.top_p, self.generator)
             else:
                 token = int(sample(adjusted[None], temperature=self.temperature, top_k=self.top_k,
                                    top_p=self.top_p, min_p=self.min_p, generator=self.generator)[0])

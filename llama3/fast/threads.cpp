@@ -350,11 +350,6 @@ namespace {
 /* Testing (tests/test_fast_threads.py): run a job of n items in chunks of `grain` on `threads`
  * threads, `absent` of its workers claiming nothing, each item spinning `spin_ns`; returns how many
  * times each item was run (all ones when every item is covered exactly once). */
-int64_t clock_ns() {
-    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-}
-
 at::Tensor pool_cover(int64_t n, int64_t grain, int64_t threads, int64_t absent, int64_t spin_ns) {
     TORCH_CHECK(n >= 0 && grain >= 1 && threads >= 1 && absent >= 0, "pool_cover: bad arguments");
     at::Tensor counts = at::zeros({n}, at::kInt);
@@ -364,8 +359,8 @@ at::Tensor pool_cover(int64_t n, int64_t grain, int64_t threads, int64_t absent,
     LLAMA3_NS::threads::absent_workers((int)absent);
     LLAMA3_NS::threads::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
         for (int64_t i = b; i < e; i++) {
-            const int64_t until = clock_ns() + spin_ns;
-            while (spin_ns && clock_ns() < until) LLAMA3_PAUSE();
+            const int64_t until = LLAMA3_NS::threads::now_ns() + spin_ns;
+            while (spin_ns && LLAMA3_NS::threads::now_ns() < until) LLAMA3_PAUSE();
             __atomic_fetch_add(data + i, 1, __ATOMIC_RELAXED);
         }
     });

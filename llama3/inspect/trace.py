@@ -106,7 +106,7 @@ def block_steps(block: TransformerBlock, seen: dict[str, torch.Tensor], cos: tor
                                               step("v", seen["values"], ("B", "H", "S", "Dh"))])
     masked, mixed = seen["masked_scores"], seen["heads"].transpose(1, 2)     # [B, H, T, S], [B, H, T, Dh]
     visible = int(torch.isfinite(masked[0, 0]).sum())
-    concat = mixed.transpose(1, 2).reshape(batch, seqlen, -1)               # [B, T, H*Dh], as Attention.forward
+    concat = seen["heads"].reshape(batch, seqlen, -1)                       # [B, T, H*Dh], as Attention.forward
     attention = Step("attention", code="Attention.forward", children=[
         step("x̂ = attention_norm(x)", seen["xn"], BTD, "x / rms(x) · g", "RMSNorm.forward"),
         projections, heads, rope, repeat,
