@@ -345,7 +345,10 @@ class Attention(Lean):
 class FeedForward(Lean):
     """SwiGLU: w2( silu(w1 x) * w3 x ).  w1 is the gate, w3 the up projection, w2 the down one.
     `w13`, when set (llama3.fast.fuse), is w1 and w3 stacked into one matmul.  Taps: gate, up
-    [B, T, F]; `act` (the SiLU module) and hidden = act(gate) * up [B, T, F]."""
+    [B, T, F]; `act` (the SiLU module) and hidden = act(gate) * up [B, T, F].
+    `kernel` computes silu(gate) * up: `silu_mul` below, or one kernel call with the same numbers
+    (llama3.fast.plan).  It runs only while `act` is nn.SiLU and no tap here is hooked; otherwise
+    (another activation, inspection) the step by step line, so every tap sees its tensor."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -355,13 +358,26 @@ class FeedForward(Lean):
         self.w13 = None
         self.act = nn.SiLU()
         self.gate, self.up, self.hidden = Tap(), Tap(), Tap()
+        self.kernel = silu_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         if self.w13 is None:
             gate, up = self.w1(x), self.w3(x)                # [B, T, F] each
         else:
             gate, up = self.w13(x).chunk(2, dim=-1)
+        if type(self.act) is nn.SiLU and not _hooked(self.act, self.gate, self.up, self.hidden):
+            return self.w2(self.kernel(gate, up))
         return self.w2(self.hidden(self.act(self.gate(gate)) * self.up(up)))
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU's middle: silu(gate) * up, silu(g) = g * sigmoid(g)."""
+    return F.silu(gate) * up
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of `modules` has a hook (or a global hook is registered)."""
+    return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 # ----------------------------------------------------------------------- block

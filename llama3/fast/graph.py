@@ -27,7 +27,7 @@ slot is not the C++ kernel's, index_copy_ and attention over every slot with the
 written masked off: the same numbers as attending over the first start_pos + 1).  One record per (batch size, dtype, mask or not, positions or not, last_only).
 
 When the record would be stale it is dropped and the next step records again: a module's class
-method changed (e.g. monkeypatched), a child module or a slot (`RMSNorm.kernel`,
+method changed (e.g. monkeypatched), a child module or a slot (`RMSNorm.kernel`, `FeedForward.kernel`,
 `Attention.rope_kernel`/`attention_kernel`/`fused`) refilled, RoPE's tables regrown.  A slot
 holding a function the plan did not put there, or any hook, runs eagerly every time (it may
 count calls or read tensors).  LLAMA3_GRAPH=0 turns replay off.
@@ -47,8 +47,8 @@ from llama3 import model as readable
 from llama3.fast import kernels
 
 # The slot functions a record may stand for: pure functions of their tensors (no side effects)
-PURE_SLOTS = {readable.rms_norm, readable.apply_rope, readable.fused_attention,
-              kernels.rms_norm, kernels.rms_norm_torch, kernels.rope, kernels.attention}
+PURE_SLOTS = {readable.rms_norm, readable.apply_rope, readable.fused_attention, readable.silu_mul,
+              kernels.rms_norm, kernels.rms_norm_torch, kernels.rope, kernels.attention, kernels.silu_mul}
 
 
 # Eager engine steps of one shape before it is recorded (DecodeGraphs.paged_record_after): a few, so a
@@ -235,10 +235,10 @@ class DecodeGraphs:
         modules = list(self.model.modules())
         self.classes = sorted({type(m) for m in modules}, key=lambda c: c.__qualname__)
         self.parents = [m for m in modules if m._modules]
-        self.holders = [m for m in modules if isinstance(m, (readable.RMSNorm, readable.Attention))]
+        self.holders = [m for m in modules if isinstance(m, (readable.RMSNorm, readable.Attention, readable.FeedForward))]
         self.tables = (self.model.rope.cos, self.model.rope.sin)
         self.stamp = self._stamp()
-        self.pure = all(m.kernel in PURE_SLOTS for m in modules if isinstance(m, readable.RMSNorm)) and all(
+        self.pure = all(m.kernel in PURE_SLOTS for m in modules if isinstance(m, (readable.RMSNorm, readable.FeedForward))) and all(
             m.rope_kernel in PURE_SLOTS and m.attention_kernel in PURE_SLOTS
             for m in modules if isinstance(m, readable.Attention))
         # every attention slot the C++ kernel's: a record's cache may store and attend in one call (_Slots)

@@ -16,6 +16,7 @@
  *   dequantize_int4(packed, scales_and_zeros, n)  the INT4 matrix as bfloat16 [N, K] (for prompts)
  *   dequantize_int8(weight, scales, offsets)      the INT8_GROUP matrix as bfloat16 [N, K] (for prompts)
  *   rms_norm(x, weight, eps)            weight * (x / sqrt(mean(x²) + eps)), rounded as model.py rounds
+ *   silu_mul(gate, up)                  silu(gate) * up in one pass (FeedForward.kernel)
  *   rope(x, cos, sin)                   model.py's apply_rope: pairs (x[2i], x[2i+1]) rotated
  *   attend(q, k, v, visible)            softmax(q kᵀ / √Dh) v for one query row per sequence, over a
  *                                       KV cache read in place (strided views), each key/value head
@@ -695,6 +696,61 @@ at::Tensor rms_norm(const at::Tensor &x, const at::Tensor &weight, double eps) {
     return out;
 }
 
+/* silu(gate) * up, each row of F values read where it lies (w13's output split in two: a row
+ * stride of 2F), the answer contiguous in gate's dtype.  float32: silu(g) = g / (1 + exp(-g)),
+ * then times up; bfloat16: silu rounded to bf16, then the product rounded, as F.silu(gate) * up
+ * rounds.  Rows: B*T of [B, T, F] (or [N, F]) whose leading dimensions are evenly strided. */
+at::Tensor silu_mul(const at::Tensor &gate, const at::Tensor &up) {
+    TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type() && gate.dim() >= 1 &&
+                    (gate.scalar_type() == at::kFloat || gate.scalar_type() == at::kBFloat16),
+                "silu_mul: gate and up of one shape, float32 or bfloat16");
+    const int64_t F = gate.size(-1), rows = F ? gate.numel() / F : 0;
+    auto evenly = [&](const at::Tensor &t) {  // rows at one stride, values contiguous
+        if (t.stride(-1) != 1 && F > 1) return false;
+        for (int64_t d = 0; d + 2 < t.dim(); d++)
+            if (t.size(d) > 1 && t.stride(d) != t.stride(d + 1) * t.size(d + 1)) return false;
+        return true;
+    };
+    const at::Tensor g = evenly(gate) ? gate : gate.contiguous(), u = evenly(up) ? up : up.contiguous();
+    const int64_t gs = g.dim() >= 2 ? g.stride(-2) : F, us = u.dim() >= 2 ? u.stride(-2) : F;
+    at::Tensor out = at::empty(gate.sizes(), gate.options().memory_format(at::MemoryFormat::Contiguous));
+    const bool b16 = g.scalar_type() == at::kBFloat16;
+    const char *gp = (const char *)g.data_ptr(), *upp = (const char *)u.data_ptr();
+    char *op = (char *)out.data_ptr();
+    const size_t elem = b16 ? 2 : 4;
+    llama3_threads::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        thread_local std::vector<float> gb, ub, yb;
+        for (int64_t r = begin; r < end; r++) {
+            const float *gr = as_float(gp + r * gs * elem, b16, F, gb), *ur = as_float(upp + r * us * elem, b16, F, ub);
+            float *y = b16 ? scratch(yb, (size_t)F) : (float *)(op + r * F * elem);
+            int64_t i = 0;
+#if defined(__AVX512F__) && !defined(LLAMA3_PLAIN_C)
+            const __m512 one = _mm512_set1_ps(1.f), zero = _mm512_setzero_ps();
+            for (; i < F; i += 16) {
+                const __mmask16 lanes = F - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (F - i)) - 1);
+                const __m512 x = _mm512_maskz_loadu_ps(lanes, gr + i);
+                __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, llama3_softmax::exp16(_mm512_sub_ps(zero, x), lanes)));
+                if (b16) {  // silu rounded to bf16 (to nearest even; silu of a finite bf16 is finite)
+                    const __m512i bits = _mm512_castps_si512(s);
+                    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+                    s = _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))),
+                                                             _mm512_set1_epi32((int)0xFFFF0000u)));
+                }
+                _mm512_mask_storeu_ps(y + i, lanes, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(lanes, ur + i)));
+            }
+#else
+            for (; i < F; i++) {
+                float s = gr[i] / (1.f + std::exp(-gr[i]));
+                if (b16) s = bf16_to_f32(f32_to_bf16(s));
+                y[i] = s * ur[i];
+            }
+#endif
+            if (b16) narrow_bf16(y, (uint16_t *)(op + r * F * elem), F);
+        }
+    });
+    return out;
+}
+
 /* x [B, T, H, Dh] (float32 or bfloat16, each head's Dh values contiguous); cos, sin float32
  * [T, Dh/2] or [B, T, Dh/2].  The answer is contiguous, in x's dtype (rotated in float32, rounded
  * once, as apply_rope's float32 arithmetic on a bf16 x is). */
@@ -838,6 +894,7 @@ TORCH_LIBRARY(LLAMA3_NS, m) {
     m.def("dequantize_int8(Tensor weight, Tensor scales, Tensor? offsets=None) -> Tensor");
     m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
     m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+    m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
     m.def("attend(Tensor q, Tensor k, Tensor v, Tensor? visible) -> Tensor");
     m.def("thread_stats(bool reset=False) -> float[]");
     m.def("dpbf16() -> bool");
@@ -849,6 +906,7 @@ TORCH_LIBRARY_IMPL(LLAMA3_NS, CPU, m) {
     m.impl("dequantize_int8", TORCH_FN(dequantize_int8));
     m.impl("rms_norm", TORCH_FN(rms_norm));
     m.impl("rope", TORCH_FN(rope));
+    m.impl("silu_mul", TORCH_FN(silu_mul));
     m.impl("attend", TORCH_FN(attend));
 }
 

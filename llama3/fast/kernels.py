@@ -11,6 +11,7 @@ kernels do each step in one call, reading weights and the KV cache where they li
     dequantize_int8  an int8-groups matrix (with or without offsets) widened to bf16 in one pass, for prompts
     rms_norm         RMSNorm in one pass, rounded as model.py rounds
     rope             model.py's `apply_rope` in one pass
+    silu_mul         SwiGLU's silu(gate) * up in one pass (FeedForward.kernel)
     attend           one query row per sequence over the cache in place, key/value heads shared without copies
     store_attend     a recorded step's layer over a KVCache: the new key/value written at the slot, then
                      `attend` over slots 0..slot (cache_attend.cpp; graph.py's `_Slots.attend`)
@@ -19,7 +20,7 @@ kernels do each step in one call, reading weights and the KV cache where they li
     dpbf16           whether the build multiplies a bf16 x by bf16 weights as they are (AVX512_BF16)
 
 They know nothing of a Llama block: model.py calls them through the slots `plan.py`
-fills (`RMSNorm.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
+fills (`RMSNorm.kernel`, `FeedForward.kernel`, `Attention.rope_kernel`, `Attention.attention_kernel`) and through
 the linear modules (`llama3.fast.linear`).  Each slot function below hands shapes it does
 not cover (prompts, gradients, other devices) to model.py's own function, so a missing
 kernel is never a wrong answer.
@@ -143,6 +144,17 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
     """`RMSNorm.kernel` without our C++: PyTorch's `F.rms_norm` (float32 inside, rounded once to
     x's dtype, as model.py does: the same numbers, bit for bit on bf16) times the weight."""
     return weight * torch.nn.functional.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """`FeedForward.kernel`: silu(gate) * up in one C++ pass for decoding's few rows on the CPU
+    (one operator instead of two, no [B, T, F] temporary); prompts and gradients through
+    model.py's `silu_mul`."""
+    if (gate.device.type == "cpu" and gate.numel() <= FEW_ROWS * gate.shape[-1] and gate.dtype == up.dtype
+            and gate.dtype in (torch.float32, torch.bfloat16) and gate.shape == up.shape
+            and not ((gate.requires_grad or up.requires_grad) and torch.is_grad_enabled())):
+        return torch.ops.llama3.silu_mul(gate, up)
+    return readable.silu_mul(gate, up)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

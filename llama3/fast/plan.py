@@ -9,6 +9,7 @@ What a plan swaps (every module keeps its class from model.py or a linear's clas
                      matvec), or Int8Linear / Int4Linear / Bf16Head with their C++ matvec on
     wqkv, w13        q/k/v and gate/up stacked (fuse.py), where `fuse`
     RMSNorm.kernel   one C++ pass (or PyTorch's F.rms_norm)      instead of model.py's `rms_norm`
+    FeedForward.kernel one C++ pass of silu(gate) * up            instead of model.py's `silu_mul`
     rope_kernel      one C++ pass                                instead of `apply_rope`
     attention_kernel one query row per sequence over the cache in place (C++), else SDPA
     forward          with the C++ kernels, `DecodeGraphs` (graph.py): one-token steps over a KVCache
@@ -174,11 +175,13 @@ def apply_plan(model: nn.Module, plan: DecodingPlan, namespace: str = "llama3") 
         from llama3.fast.packed import pack_linears
 
         pack_linears(model)
-    from llama3.model import Attention, RMSNorm
+    from llama3.model import Attention, FeedForward, RMSNorm
 
     for module in model.modules():
         if isinstance(module, RMSNorm):
             module.kernel = kernels.rms_norm if cpp else kernels.rms_norm_torch
+        elif isinstance(module, FeedForward) and cpp:
+            module.kernel = kernels.silu_mul  # model.py runs it only while act is nn.SiLU and no tap is hooked
         elif isinstance(module, Attention) and cpp:
             module.rope_kernel, module.attention_kernel = kernels.rope, kernels.attention
     if plan.graph:
