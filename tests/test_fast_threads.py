@@ -123,17 +123,18 @@ def test_every_item_of_a_job_runs_exactly_once_however_shares_are_taken(lib, thr
 
 def test_a_worker_that_never_runs_does_not_stall_a_job(lib):
     """Workers that claim nothing (as ones the OS does not run) leave their shares to the caller:
-    the job still finishes, every item once, and no worker chunk is counted."""
-    done = []
+    the job still finishes, every item once, and no worker chunk is counted.  In a child process
+    with a time limit: the call holds the GIL, so a job that stalls would hang this process
+    (a thread's join(timeout) never gets to run), not fail."""
+    import subprocess
+    import sys
 
-    def job():
-        kernels.thread_stats(reset=True)
-        done.append(lib.pool_cover(999, 1, 4, 3, 100))
-        done.append(kernels.thread_stats())
-
-    thread = threading.Thread(target=job, daemon=True)
-    thread.start()
-    thread.join(timeout=60)
-    assert len(done) == 2, "the job waited for workers that never ran"
-    assert bool((done[0] == 1).all())
-    assert done[1]["worker_chunks"] == 0
+    code = ("import llama3, torch; from llama3.fast import kernels; lib = kernels.library(); "
+            "kernels.thread_stats(reset=True); counts = lib.pool_cover(999, 1, 4, 3, 100); "
+            "print(bool((counts == 1).all()), int(kernels.thread_stats()['worker_chunks']))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the job waited for workers that never ran")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "0"]
