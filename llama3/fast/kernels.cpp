@@ -39,7 +39,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #ifndef LLAMA3_NS
@@ -481,6 +483,90 @@ void matvec_int8_groups(const Matrix &m, int group, const uint16_t *offsets, con
 #endif
 }
 
+
+#if SIMD && defined(__AVX512BW__)
+/* x as int16 per group of 32 (issue 15): scale = max|x_g| / 32767, q = round(x / scale), so a
+ * group's product is one widen (int8 -> int16), one vpmaddwd, one convert and one multiply-add with
+ * the weight scale x activation scale, ~4 instructions per 32 weights instead of ~7.  The int16 step
+ * errs by at most scale/2 per element (~1/65536 of the group's largest |x|).  A group holding a
+ * non-finite value gets a NaN scale (its products are NaN, as float products with a NaN or an inf
+ * would mostly be); an all-zero group gets scale 0 and q 0. */
+inline void quantize_x16(const float *x, int k, int16_t *q, float *xscale) {
+    for (int g = 0; g < k / 32; g++) {
+        const __m512 a = _mm512_loadu_ps(x + 32 * g), b = _mm512_loadu_ps(x + 32 * g + 16);
+        const float mx = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+        const bool finite = std::isfinite(mx) && _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) == 0 &&
+                            _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q) == 0;
+        const float inv = finite && mx > 0.f ? 32767.f / mx : 0.f;
+        xscale[g] = finite ? mx / 32767.f : std::numeric_limits<float>::quiet_NaN();
+        const __m512 iv = _mm512_set1_ps(inv);
+        _mm256_storeu_si256((__m256i *)(q + 32 * g), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(a, iv))));
+        _mm256_storeu_si256((__m256i *)(q + 32 * g + 16), _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(b, iv))));
+    }
+}
+
+/* INT8_GROUP with G = 32 over int16 x (quantize_x16): rows [n_begin, n_end), R at a time, groups <= 256. */
+template <int R>
+void matvec_int8_x16(const Matrix &m, const uint16_t *offsets, const float *xsums, const int16_t *xq,
+                     const float *xscales, float *ys, int batch, int64_t n_begin, int64_t n_end) {
+    const int8_t *w = (const int8_t *)m.w;
+    const uint16_t *scales = (const uint16_t *)m.scales;
+    const int K = m.k, N = m.n, groups = K / 32;
+    constexpr int SLAB = 256;
+    thread_local float widened[R * SLAB], combined[R * SLAB];
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += R) {
+        const int rows = N - n0 < R ? N - n0 : R;
+        const int8_t *r[R];
+        for (int i = 0; i < R; i++) {
+            const int64_t row = n0 + (i < rows ? i : 0);
+            r[i] = w + (size_t)row * K;
+            widen_halves(scales + (size_t)row * groups, widened + i * SLAB, groups);
+        }
+        const size_t ahead = (size_t)LLAMA3_INT8_AHEAD * K;
+        for (int b = 0; b < batch; b++) {
+            const int16_t *x = xq + (size_t)b * K;
+            const float *xs = xscales + (size_t)b * groups;
+            for (int i = 0; i < R; i++)
+#pragma omp simd
+                for (int g = 0; g < groups; g++) combined[i * SLAB + g] = widened[i * SLAB + g] * xs[g];
+            __m512 acc[R];
+            for (int i = 0; i < R; i++) acc[i] = _mm512_setzero_ps();
+            for (int g = 0; g < groups; g++) {
+                const int k0 = 32 * g;
+                if (b == 0 && (k0 & 63) == 0)
+#pragma GCC unroll 8
+                    for (int i = 0; i < R; i++) _mm_prefetch((const char *)(r[i] + ahead + k0), _MM_HINT_T0);
+                const __m512i xv = _mm512_loadu_si512((const void *)(x + k0));
+#pragma GCC unroll 8
+                for (int i = 0; i < R; i++) {
+                    const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(r[i] + k0)));
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_madd_epi16(wv, xv)),
+                                             _mm512_set1_ps(combined[i * SLAB + g]), acc[i]);
+                }
+            }
+            if (offsets) {
+                const float *xsum = xsums + (size_t)b * groups;
+                for (int g = 0; g < groups; g += 16) {
+                    const __mmask16 mask = groups - g >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (groups - g)) - 1);
+                    const __m512 xv = _mm512_maskz_loadu_ps(mask, xsum + g);
+                    for (int i = 0; i < R; i++)
+                        acc[i] = _mm512_fmadd_ps(
+                            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, offsets + (size_t)(n0 + (i < rows ? i : 0)) * groups + g)),
+                            xv, acc[i]);
+                }
+            }
+            float sums[R];
+            for (int i = 0; i < R; i += 4) _mm_storeu_ps(sums + i, reduce4(acc[i], acc[i + 1], acc[i + 2], acc[i + 3]));
+            float *y = ys + (size_t)b * N;
+            for (int i = 0; i < rows; i++) y[n0 + i] = sums[i];
+        }
+    }
+}
+#define LLAMA3_X16 1
+#else
+#define LLAMA3_X16 0
+#endif
+
 /* bfloat16 <-> float32 for a run of values (the compiler vectorises both loops). */
 void widen_bf16(const uint16_t *from, float *to, int64_t count) {
 #pragma omp simd
@@ -556,6 +642,23 @@ at::Tensor matvec(const at::Tensor &x, const at::Tensor &weight, const c10::opti
         float *xsums = offs ? scratch(xsum_buffer, (size_t)batch * (k / group)) : nullptr;
         if (offs) group_sums(xs, batch, (int)k, group, xsums);
         constexpr int R = LLAMA3_INT8_ROWS;  // rows a block (matvec_int8_groups)
+#if LLAMA3_X16
+        static const bool x16_on = [] { const char *e = std::getenv("LLAMA3_INT8_X16"); return !e || e[0] != '0'; }();
+        if (x16_on && group == 32 && k / 32 <= 256) {  // x as int16 groups (quantize_x16)
+            thread_local std::vector<int16_t> xq_buffer;
+            thread_local std::vector<float> xscale_buffer;
+            if (xq_buffer.size() < (size_t)batch * k) xq_buffer.resize((size_t)batch * k);
+            float *xsc = scratch(xscale_buffer, (size_t)batch * (k / 32));
+            for (int b = 0; b < batch; b++) quantize_x16(xs + (size_t)b * k, (int)k, xq_buffer.data() + (size_t)b * k, xsc + (size_t)b * (k / 32));
+            const int16_t *xq = xq_buffer.data();
+            llama3_threads::parallel_for(0, (n + R - 1) / R, 1, [&](int64_t b, int64_t e) {
+                const int64_t lo = R * b, hi = R * e < n ? R * e : n;
+                matvec_int8_x16<R>(m, offs, xsums, xq, xsc, ys, batch, lo, hi);
+                narrow(lo, hi);
+            });
+            return native_type ? y : y.to(x.scalar_type());
+        }
+#endif
         llama3_threads::parallel_for(0, (n + R - 1) / R, 1, [&](int64_t b, int64_t e) {
             const int64_t lo = R * b, hi = R * e < n ? R * e : n;
             if (group == 32) matvec_int8_groups<32>(m, group, offs, xsums, xs, ys, batch, lo, hi);
