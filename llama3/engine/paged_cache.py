@@ -141,8 +141,9 @@ class StepCache:
             query_row += [row] * (end - begin)
             query_pos += range(begin, end)
         self.n_tokens = len(write)
-        write = torch.tensor(write, dtype=torch.long, device=device)                    # [N] slots
-        self.write_block, self.write_offset = write // size, write % size              # [N] each
+        # [N] each: the slots' blocks and offsets, split here (two small tensors, no ATen ops)
+        self.write_block = torch.tensor([slot // size for slot in write], dtype=torch.long, device=device)
+        self.write_offset = torch.tensor([slot % size for slot in write], dtype=torch.long, device=device)
         self.query_pos = torch.tensor(query_pos, dtype=torch.long, device=device)       # [N]
         self.positions = self.query_pos[None, :]                                        # [1, N]
         self._query_row, self._mask, self._read = query_row, None, None
@@ -160,7 +161,8 @@ class StepCache:
         if self.kernel_rows:
             kernel = [rows[i] for i in self.kernel_rows]
             width = max(-(-end // size) for _, _, end in kernel)
-            self.tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table, _, _ in kernel],
+            self._table_lists = [table[:width] for table, _, _ in kernel]              # graph_inputs pads these
+            self.tables = torch.tensor([table + [0] * (width - len(table)) for table in self._table_lists],
                                        dtype=torch.long)                                # [R', M]
             self.kernel_row = torch.tensor([j for j, (_, b, e) in enumerate(kernel) for _ in range(b, e)],
                                            dtype=torch.long)                           # [N']
@@ -210,8 +212,8 @@ class StepCache:
         if self.sdpa_rows or not self.kernel_rows or not self.pool.attend_in_blocks:
             return None
         width = max(TABLE_WIDTH, 1 << (self.tables.shape[1] - 1).bit_length())
-        tables = self.tables.new_zeros(self.tables.shape[0], width)                    # [R, width]
-        tables[:, :self.tables.shape[1]] = self.tables
+        tables = torch.tensor([table + [0] * (width - len(table)) for table in self._table_lists],
+                              dtype=self.tables.dtype, device=self.tables.device)      # [R, width]
         return (self.write_block, self.write_offset, tables, self.kernel_row, self.kernel_pos,
                 *(t for pair in self.pool.layers for t in pair))
 
