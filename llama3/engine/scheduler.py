@@ -310,9 +310,9 @@ class Engine:
         # hooks, `Attention.fused = False`) reads keys side by side and needs the step's mask
         explicit = not self.cache.attend_in_blocks or any(not layer.attention.fused for layer in self.model.layers)
         if not explicit and want == list(range(tokens.shape[1])) and graphs_of(self.model) is not None:
-            # every token is sampled (a decoding step): the
-            # instance's forward, which replays a recorded step where it can (llama3/fast/graph.py),
-            # else runs Transformer.forward -- no head hook, so no index tensor to build
+            # every token is sampled (a decoding step): the instance's forward, which replays a
+            # recorded step where it can (llama3/fast/graph.py), else runs Transformer.forward --
+            # no head hook, so no index tensor to build
             return self.model(tokens, 0, step, positions=step.positions)[0]
         picked = torch.tensor(want, dtype=torch.long, device=self.device)
         caller = threading.get_ident()
