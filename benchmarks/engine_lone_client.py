@@ -183,7 +183,7 @@ def main() -> None:
             raise argparse.ArgumentTypeError(f"temperature must be > 0 and top_p in (0, 1], got {text!r}")
         return text
 
-    parser.add_argument("--sampled", default="", metavar="T,P", type=temperature_and_top_p,
+    parser.add_argument("--sampled", default=None, metavar="T,P", type=temperature_and_top_p,
                         help="also a sampled request (temperature T, top_p P, seed 1) to the engine and, with "
                              "--serve, the server: rows 'engine T,P' and 'served T,P' (e.g. 0.7,0.9)")
     parser.add_argument("--step-repeats", type=int, default=40, help="single steps timed per context (default 40)")

@@ -141,8 +141,9 @@ class StepCache:
             query_row += [row] * (end - begin)
             query_pos += range(begin, end)
         self.n_tokens = len(write)
-        write = torch.tensor(write, dtype=torch.long, device=device)                    # [N] slots
-        self.write_block, self.write_offset = write // size, write % size              # [N] each
+        # [N] each: the slots' blocks and offsets, split here (two small tensors, no ATen ops)
+        self.write_block = torch.tensor([slot // size for slot in write], dtype=torch.long, device=device)
+        self.write_offset = torch.tensor([slot % size for slot in write], dtype=torch.long, device=device)
         self.query_pos = torch.tensor(query_pos, dtype=torch.long, device=device)       # [N]
         self.positions = self.query_pos[None, :]                                        # [1, N]
         self._query_row, self._mask, self._read = query_row, None, None
@@ -160,8 +161,8 @@ class StepCache:
         if self.kernel_rows:
             kernel = [rows[i] for i in self.kernel_rows]
             width = max(-(-end // size) for _, _, end in kernel)
-            self.tables = torch.tensor([table[:width] + [0] * (width - len(table[:width])) for table, _, _ in kernel],
-                                       dtype=torch.long)                                # [R', M]
+            self._table_lists = [table[:width] for table, _, _ in kernel]              # graph_inputs pads these too
+            self.tables = self._padded_tables(width)                                   # [R', M]
             self.kernel_row = torch.tensor([j for j, (_, b, e) in enumerate(kernel) for _ in range(b, e)],
                                            dtype=torch.long)                           # [N']
             if self.sdpa_rows:
@@ -199,6 +200,10 @@ class StepCache:
                 out[self.kernel_tokens] = self._kernel(queries[self.kernel_tokens], keys, values)
         return out[None]                                                                # [1, N, H, Dh]
 
+    def _padded_tables(self, width: int) -> torch.Tensor:
+        """The kernel rows' block tables, each padded with block 0 to `width` -> [R', width] (CPU)."""
+        return torch.tensor([table + [0] * (width - len(table)) for table in self._table_lists], dtype=torch.long)
+
     def graph_inputs(self) -> tuple[torch.Tensor, ...] | None:
         """This step as tensors only, for a recorded decoding step (llama3/fast/graph.py replays the
         model's forward with these as inputs): (write_block, write_offset, tables, kernel_row,
@@ -210,8 +215,7 @@ class StepCache:
         if self.sdpa_rows or not self.kernel_rows or not self.pool.attend_in_blocks:
             return None
         width = max(TABLE_WIDTH, 1 << (self.tables.shape[1] - 1).bit_length())
-        tables = self.tables.new_zeros(self.tables.shape[0], width)                    # [R, width]
-        tables[:, :self.tables.shape[1]] = self.tables
+        tables = self._padded_tables(width)                                            # [R, width]
         return (self.write_block, self.write_offset, tables, self.kernel_row, self.kernel_pos,
                 *(t for pair in self.pool.layers for t in pair))
 

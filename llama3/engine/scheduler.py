@@ -306,8 +306,15 @@ class Engine:
         """tokens [1, N] of the sequences `rows` (block table, first position, end) side by side ->
         logits [len(want), V] (float32) at the token indices `want`."""
         step = self.cache.step(rows)
+        # attention attends in the blocks (`StepCache.attend`); only the explicit path (inspection
+        # hooks, `Attention.fused = False`) reads keys side by side and needs the step's mask
+        explicit = not self.cache.attend_in_blocks or any(not layer.attention.fused for layer in self.model.layers)
+        if not explicit and want == list(range(tokens.shape[1])) and graphs_of(self.model) is not None:
+            # every token is sampled (a decoding step): the instance's forward, which replays a
+            # recorded step where it can (llama3/fast/graph.py), else runs Transformer.forward --
+            # no head hook, so no index tensor to build
+            return self.model(tokens, 0, step, positions=step.positions)[0]
         picked = torch.tensor(want, dtype=torch.long, device=self.device)
-
         caller = threading.get_ident()
 
         def only_wanted(module, args):  # the head runs on the tokens whose next token is sampled
@@ -315,13 +322,6 @@ class Engine:
                 return None
             return (args[0][:, picked],)
 
-        # attention attends in the blocks (`StepCache.attend`); only the explicit path (inspection
-        # hooks, `Attention.fused = False`) reads keys side by side and needs the step's mask
-        explicit = not self.cache.attend_in_blocks or any(not layer.attention.fused for layer in self.model.layers)
-        if not explicit and want == list(range(tokens.shape[1])) and graphs_of(self.model) is not None:
-            # every token is sampled (a decoding step): the instance's forward, which replays a
-            # recorded step where it can (llama3/fast/graph.py), else runs Transformer.forward
-            return self.model(tokens, 0, step, positions=step.positions)[0]
         hook = self.model.norm.register_forward_pre_hook(only_wanted)
         try:
             with prompt_threads(tokens.numel()):  # prompt chunks: fewer PyTorch threads on a busy machine

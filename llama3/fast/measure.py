@@ -107,8 +107,10 @@ def decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128,
 def engine_decode_speed(model, prompt_tokens: int = 16, new_tokens: int = 128, repeats: int = 2) -> float:
     """Decode tokens/s of one greedy request through the engine (`llama3.engine`: the paged cache
     and scheduler that `llama3 generate`, `chat`, `serve` and `LLM.generate` run), best of repeats.
-    `decode_speed` measures the one-batch generator over a contiguous KVCache, whose steps are
-    recorded and replayed (fast/graph.py); the engine's are not yet, so the two differ."""
+    `decode_speed` measures the one-batch generator over a contiguous KVCache; the engine's
+    decoding steps are recorded and replayed too (fast/graph.py, over the paged cache's
+    `graph_inputs`), but each step still does the scheduler's Python work (block tables, sampling)
+    and attends through the paged kernel, so the two differ."""
     from llama3.engine import Engine
     from llama3.generate import GenerationSettings
 
