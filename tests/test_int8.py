@@ -138,6 +138,55 @@ def x16_step_bound(x, linear=None, q=None, scales=None, offsets=None):
     return (0.501 * step.repeat_interleave(32, -1).double() @ w.t()).float()
 
 
+def x16_groups(x):
+    """x [B, K] as the int16-x kernel rounds it (float64): per group of 32, scale = max|x_g| / 32767
+    and q = x * (32767 / max|x_g|) rounded to the nearest even integer, both in float32 as in C++."""
+    g = x.float().view(x.shape[0], -1, 32)
+    top = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(top > 0, torch.tensor(32767.0) / top, torch.zeros(()))
+    q = torch.round(g * inv).clamp(-32767, 32767)
+    return (q.double() * (top / 32767).double()).view(x.shape)
+
+
+def x16_expected(ops):
+    """Whether `ops` should run INT8_GROUP at G = 32 over int16 x: the AVX-512 build (-march=native)
+    on a CPU with AVX-512BW, unless LLAMA3_INT8_X16=0."""
+    import os
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return None  # unknown: the test then takes whichever reference the answer is near
+    return ops is kernels.library() and " avx512bw" in flags and os.environ.get("LLAMA3_INT8_X16", "1") != "0"
+
+
+@pytest.mark.parametrize("with_offsets", [False, True])
+@pytest.mark.parametrize("n, k", [(130, 576), (37, 1536), (5, 64)])
+def test_int16_x_kernel_is_its_rounding_exactly(ops, n, k, with_offsets):
+    """Tighter than the step bound: the AVX-512 kernel's answers are float64 products of the
+    matrix and x rounded as x16_groups rounds it, to float32 summation error (its integer dot
+    products are exact), 20x nearer to that than to float x; other builds are near float x.  A
+    rounding changed (truncation, another scale) fails here though it may stay within the bound.
+    Measured: 2e-8 to 9e-8 of the sum of |terms| from the rounding, 2e-6 to 1.5e-5 from float x."""
+    q, scales, offsets = q4_1_groups(n, k, seed=9) if with_offsets else (*quantize_int8_groups(weights(n, k, seed=9)), None)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(10))
+    x[1, :32] *= 50  # a group far larger than the rest
+    got = ops.matvec(x, q, scales, kernels.INT8_GROUP, n, offsets).double()
+    w = dequantize_int8(q, scales).double()
+    m = 0 if offsets is None else dequantize_int8(torch.zeros_like(q), scales, offsets=offsets).double()
+    # the offsets multiply float sums of x (group_sums), not int16 x
+    rounded = x16_groups(x) @ w.t() + (x.double() @ m.t() if offsets is not None else 0)
+    exact = x.double() @ (w + m).t()
+    terms = x.double().abs() @ (w.abs() + (m.abs() if offsets is not None else 0)).t()
+    near_rounded, near_exact = [float(((got - want).abs() / terms).max()) for want in (rounded, exact)]
+    expected = x16_expected(ops)
+    if expected is None:
+        expected = near_rounded < near_exact
+    if expected:
+        assert near_rounded < 5e-7 and near_rounded < near_exact / 20, (near_rounded, near_exact)
+    else:
+        assert near_exact < 5e-7, near_exact
+
+
 @pytest.mark.parametrize("with_offsets", [False, True])
 def test_int16_x_groups_bound_outliers_zeros_and_non_finite(ops, with_offsets):
     """The int16-x kernel against float64: an outlier in a group (its step grows, the bound with it),
