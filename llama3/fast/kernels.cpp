@@ -514,7 +514,7 @@ inline void quantize_x16(const float *x, int k, int16_t *q, float *xscale) {
  * 32 MB), and there the hint decides the speed, not the arithmetic.  With the float kernel's
  * _MM_HINT_T0 one block (4 rows) ahead this loop streamed a model pass (30 layers' wqkv, wo, w13,
  * w2 and the head, 149 MB) at ~9 GB/s on one Zen 4 core, 5% slower than the float kernel; asking
- * L2 instead (_MM_HINT_T1: the L1 misses no longer wait for the prefetches' line fill buffers)
+ * L2 instead (_MM_HINT_T1; presumably T0's prefetches held L1 miss buffers the loads then waited for)
  * ~12 KB ahead it streamed ~17-21 GB/s (a standalone copy of both loops, one thread, min of 20,
  * variants interleaved; 2 KB ahead ~10, 4 KB ~14, 8-16 KB ~17-21, 24-32 KB no better). */
 template <int R>
