@@ -36,6 +36,7 @@
 
 #include "softmax.h"
 #include "threads.h"
+#include "attend_core.h"  // attend's loop, shared with paged_attention.cpp
 
 #include <cmath>
 #include <cstdint>
@@ -792,6 +793,20 @@ at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &si
     return x16 || x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+/* A KVCache's rows for attend_core.h: row b's positions 0..S-1 of kv head g, `st` elements apart. */
+template <typename T>
+struct CacheKeys {
+    const T *k, *v;
+    const bool *mask;  // nullptr, or bool [B or 1, S] (mask_stride 0: one row for all)
+    int64_t mask_stride, S, sb, sh, st;
+    int64_t seen(int64_t) const { return S; }
+    const bool *visible(int64_t b) const { return mask ? mask + b * mask_stride : nullptr; }
+    llama3_attend::Run<T> run(int64_t b, int64_t g, int64_t p) const {
+        const int64_t at = b * sb + g * sh + p * st;
+        return {k + at, v + at, S - p, st};
+    }
+};
+
 /* q [B, H, 1, Dh]; k, v [B, Hkv, S, Dh] views (the last dimension contiguous, float32 or bfloat16);
  * visible: None or bool [B or 1, S], or [B or 1, 1, 1, S] (the same bytes: a model's mask as it comes)
  * (False: that key is hidden from the row).  -> [B, H, 1, Dh] in q's dtype (a bf16 q is read, and its
@@ -800,8 +815,8 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                   const c10::optional<at::Tensor> &visible) {
     const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
     TORCH_CHECK(q.size(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type() &&
-                    k.strides() == v.strides() && H % Hkv == 0,
-                "attend: one query row, key/value rows contiguous");
+                    k.strides() == v.strides() && H % Hkv == 0 && H / Hkv <= 64,
+                "attend: one query row, key/value rows contiguous, at most 64 query heads a kv head");
     const bool bf16 = k.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || k.scalar_type() == at::kFloat, "attend: a float32 or bfloat16 cache");
     const bool q16 = q.scalar_type() == at::kBFloat16;
@@ -819,59 +834,16 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
         seen = mask.data_ptr<bool>();
         mask_stride = mask.size(0) == 1 ? 0 : S;
     }
-    const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2), n_rep = H / Hkv;
-    const char *kp = (const char *)k.data_ptr(), *vp = (const char *)v.data_ptr();
-    const size_t elem = bf16 ? 2 : 4;
-    const float scale = 1.f / std::sqrt((float)Dh);
-    const void *qp = qs.data_ptr();
-    void *op = out.data_ptr();
-    llama3_threads::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        thread_local std::vector<float> score_buffer, q_buffer, out_buffer;
-        float *scores = scratch(score_buffer, (size_t)S);
-        for (int64_t bh = begin; bh < end; bh++) {
-            const int64_t b = bh / H, g = (bh % H) / n_rep;
-            const float *qr = as_float(q16 ? (const void *)((const uint16_t *)qp + bh * Dh)
-                                           : (const void *)((const float *)qp + bh * Dh),
-                                       q16, Dh, q_buffer);
-            const bool *row_seen = seen ? seen + b * mask_stride : nullptr;
-            const size_t base = (size_t)(b * sb + g * sh);
-            float top = -INFINITY;
-            for (int64_t t = 0; t < S; t++) {
-                if (row_seen && !row_seen[t]) { scores[t] = -INFINITY; continue; }
-                const size_t at = (base + (size_t)t * st) * elem;
-                float dot = 0.f;
-                if (bf16) {
-                    const uint16_t *kr = (const uint16_t *)(kp + at);
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < Dh; i++) dot += qr[i] * bf16_to_f32(kr[i]);
-                } else {
-                    const float *kr = (const float *)(kp + at);
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < Dh; i++) dot += qr[i] * kr[i];
-                }
-                scores[t] = dot * scale;
-                top = scores[t] > top ? scores[t] : top;
-            }
-            const float inverse = 1.f / llama3_softmax::exp_and_sum(scores, S, top);
-            float *o = q16 ? scratch(out_buffer, (size_t)Dh) : (float *)op + bh * Dh;
-            for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
-            for (int64_t t = 0; t < S; t++) {
-                const float p = scores[t] * inverse;
-                if (p == 0.f) continue;
-                const size_t at = (base + (size_t)t * st) * elem;
-                if (bf16) {
-                    const uint16_t *vr = (const uint16_t *)(vp + at);
-#pragma omp simd
-                    for (int64_t i = 0; i < Dh; i++) o[i] += p * bf16_to_f32(vr[i]);
-                } else {
-                    const float *vr = (const float *)(vp + at);
-#pragma omp simd
-                    for (int64_t i = 0; i < Dh; i++) o[i] += p * vr[i];
-                }
-            }
-            if (q16) narrow_bf16(o, (uint16_t *)op + bh * Dh, Dh);
-        }
-    });
+    const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2);
+    if (bf16)
+        llama3_attend::attend_queries<uint16_t>(qs.data_ptr(), q16, out.data_ptr(), B, H, Hkv, Dh,
+                                                CacheKeys<uint16_t>{(const uint16_t *)k.data_ptr(),
+                                                                    (const uint16_t *)v.data_ptr(), seen, mask_stride,
+                                                                    S, sb, sh, st});
+    else
+        llama3_attend::attend_queries<float>(qs.data_ptr(), q16, out.data_ptr(), B, H, Hkv, Dh,
+                                             CacheKeys<float>{k.data_ptr<float>(), v.data_ptr<float>(), seen,
+                                                              mask_stride, S, sb, sh, st});
     return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
