@@ -91,6 +91,14 @@ inline __m512 load16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
+/* Asks for weight bytes a few rows ahead of the ones being multiplied, into L2 (prefetcht1), not
+ * L1 (prefetcht0).  A decoding step streams every weight from memory once; one pass over
+ * SmolLM2-135M's 30 layers and head (benchmarks/matvec_speed.py --mode model, one thread, load ~5,
+ * two rounds): float32 51.6-53.9 ms with T0, 29.5-33.3 with T1, 31.0-35.2 with T2, 53-58 without
+ * prefetching; bfloat16 26.4-32.0 / 20.1-25.0 / 23.1-25.1.  (Presumably T0's lines, pulled into
+ * the small L1 early, push out what the loop is still reading.) */
+inline void prefetch_weights(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T1); }
+
 /* 4 rows at a time, 16 columns per step (K % 16 == 0, checked in kernels.py).  While working on 4
  * rows it asks for the next 4 rows' cache lines: the hardware prefetcher alone left bf16 and int8
  * at about half the bandwidth float32 reached (measured on 3072 x 576). */
@@ -110,10 +118,10 @@ void matvec_rows(const Matrix &m, const float *xs, float *ys, int batch, int64_t
             for (int k = 0; k < K; k += 16) {
                 const __m512 xv = _mm512_loadu_ps(x + k);
                 if (b == 0 && (k * sizeof(W)) % 64 == 0) {
-                    _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    prefetch_weights(r0 + 4 * (size_t)K + k);
+                    prefetch_weights(r1 + 4 * (size_t)K + k);
+                    prefetch_weights(r2 + 4 * (size_t)K + k);
+                    prefetch_weights(r3 + 4 * (size_t)K + k);
                 }
                 a0 = _mm512_fmadd_ps(load16(r0 + k), xv, a0);
                 a1 = _mm512_fmadd_ps(load16(r1 + k), xv, a1);
@@ -190,10 +198,10 @@ void matvec_bf16_pairs(const Matrix &m, const uint16_t *xh, float *ys, int batch
             };
             for (int k = 0; k < full; k += 32) {
                 if (b == 0) {
-                    _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    prefetch_weights(r0 + 4 * (size_t)K + k);
+                    prefetch_weights(r1 + 4 * (size_t)K + k);
+                    prefetch_weights(r2 + 4 * (size_t)K + k);
+                    prefetch_weights(r3 + 4 * (size_t)K + k);
                 }
                 step(k, 0xFFFFFFFFu);
             }
@@ -227,7 +235,7 @@ void matvec_int4(const Matrix &m, const float *xs, float *ys, int batch, int64_t
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // bytes 0-15, 16-31; hi 0-15, 16-31
                 float xsum = 0.f;
                 for (int k = g * 32; k < g * 32 + 32; k++) {
-                    if (b == 0 && k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);
+                    if (b == 0 && k % 2 == 0) prefetch_weights(block + (size_t)(k + 16) * 32);
                     const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32)));
                     const __m512i b1 =
                         _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32 + 16)));
