@@ -36,6 +36,7 @@
 
 #include "softmax.h"
 #include "threads.h"
+#include "attend_core.h"  // attend's loop, shared with paged_attention.cpp
 
 #include <cmath>
 #include <cstdint>
@@ -92,6 +93,14 @@ inline __m512 load16(const int8_t *p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
 
+/* Asks for weight bytes a few rows ahead of the ones being multiplied, into L2 (prefetcht1), not
+ * L1 (prefetcht0).  A decoding step streams every weight from memory once; one pass over
+ * SmolLM2-135M's 30 layers and head (benchmarks/matvec_speed.py --mode model, one thread, load ~5,
+ * two rounds): float32 51.6-53.9 ms with T0, 29.5-33.3 with T1, 31.0-35.2 with T2, 53-58 without
+ * prefetching; bfloat16 26.4-32.0 / 20.1-25.0 / 23.1-25.1.  (Presumably T0's lines, pulled into
+ * the small L1 early, push out what the loop is still reading.) */
+inline void prefetch_weights(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T1); }
+
 /* 4 rows at a time, 16 columns per step (K % 16 == 0, checked in kernels.py).  While working on 4
  * rows it asks for the next 4 rows' cache lines: the hardware prefetcher alone left bf16 and int8
  * at about half the bandwidth float32 reached (measured on 3072 x 576). */
@@ -111,10 +120,10 @@ void matvec_rows(const Matrix &m, const float *xs, float *ys, int batch, int64_t
             for (int k = 0; k < K; k += 16) {
                 const __m512 xv = _mm512_loadu_ps(x + k);
                 if (b == 0 && (k * sizeof(W)) % 64 == 0) {
-                    _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    prefetch_weights(r0 + 4 * (size_t)K + k);
+                    prefetch_weights(r1 + 4 * (size_t)K + k);
+                    prefetch_weights(r2 + 4 * (size_t)K + k);
+                    prefetch_weights(r3 + 4 * (size_t)K + k);
                 }
                 a0 = _mm512_fmadd_ps(load16(r0 + k), xv, a0);
                 a1 = _mm512_fmadd_ps(load16(r1 + k), xv, a1);
@@ -191,10 +200,10 @@ void matvec_bf16_pairs(const Matrix &m, const uint16_t *xh, float *ys, int batch
             };
             for (int k = 0; k < full; k += 32) {
                 if (b == 0) {
-                    _mm_prefetch((const char *)(r0 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r1 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r2 + 4 * (size_t)K + k), _MM_HINT_T0);
-                    _mm_prefetch((const char *)(r3 + 4 * (size_t)K + k), _MM_HINT_T0);
+                    prefetch_weights(r0 + 4 * (size_t)K + k);
+                    prefetch_weights(r1 + 4 * (size_t)K + k);
+                    prefetch_weights(r2 + 4 * (size_t)K + k);
+                    prefetch_weights(r3 + 4 * (size_t)K + k);
                 }
                 step(k, 0xFFFFFFFFu);
             }
@@ -228,7 +237,7 @@ void matvec_int4(const Matrix &m, const float *xs, float *ys, int batch, int64_t
                 __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;  // bytes 0-15, 16-31; hi 0-15, 16-31
                 float xsum = 0.f;
                 for (int k = g * 32; k < g * 32 + 32; k++) {
-                    if (b == 0 && k % 2 == 0) _mm_prefetch((const char *)(block + (size_t)(k + 16) * 32), _MM_HINT_T0);
+                    if (b == 0 && k % 2 == 0) prefetch_weights(block + (size_t)(k + 16) * 32);
                     const __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32)));
                     const __m512i b1 =
                         _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(block + (size_t)k * 32 + 16)));
@@ -906,6 +915,20 @@ at::Tensor rope(const at::Tensor &x, const at::Tensor &cos, const at::Tensor &si
     return x16 || x.scalar_type() == at::kFloat ? out : out.to(x.scalar_type());
 }
 
+/* A KVCache's rows for attend_core.h: row b's positions 0..S-1 of kv head g, `st` elements apart. */
+template <typename T>
+struct CacheKeys {
+    const T *k, *v;
+    const bool *mask;  // nullptr, or bool [B or 1, S] (mask_stride 0: one row for all)
+    int64_t mask_stride, S, sb, sh, st;
+    int64_t seen(int64_t) const { return S; }
+    const bool *visible(int64_t b) const { return mask ? mask + b * mask_stride : nullptr; }
+    llama3_attend::Run<T> run(int64_t b, int64_t g, int64_t p) const {
+        const int64_t at = b * sb + g * sh + p * st;
+        return {k + at, v + at, S - p, st};
+    }
+};
+
 /* q [B, H, 1, Dh]; k, v [B, Hkv, S, Dh] views (the last dimension contiguous, float32 or bfloat16);
  * visible: None or bool [B or 1, S], or [B or 1, 1, 1, S] (the same bytes: a model's mask as it comes)
  * (False: that key is hidden from the row).  -> [B, H, 1, Dh] in q's dtype (a bf16 q is read, and its
@@ -914,8 +937,8 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                   const c10::optional<at::Tensor> &visible) {
     const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
     TORCH_CHECK(q.size(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type() &&
-                    k.strides() == v.strides() && H % Hkv == 0,
-                "attend: one query row, key/value rows contiguous");
+                    k.strides() == v.strides() && H % Hkv == 0 && H / Hkv <= 64,
+                "attend: one query row, key/value rows contiguous, at most 64 query heads a kv head");
     const bool bf16 = k.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || k.scalar_type() == at::kFloat, "attend: a float32 or bfloat16 cache");
     const bool q16 = q.scalar_type() == at::kBFloat16;
@@ -933,59 +956,16 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
         seen = mask.data_ptr<bool>();
         mask_stride = mask.size(0) == 1 ? 0 : S;
     }
-    const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2), n_rep = H / Hkv;
-    const char *kp = (const char *)k.data_ptr(), *vp = (const char *)v.data_ptr();
-    const size_t elem = bf16 ? 2 : 4;
-    const float scale = 1.f / std::sqrt((float)Dh);
-    const void *qp = qs.data_ptr();
-    void *op = out.data_ptr();
-    llama3_threads::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-        thread_local std::vector<float> score_buffer, q_buffer, out_buffer;
-        float *scores = scratch(score_buffer, (size_t)S);
-        for (int64_t bh = begin; bh < end; bh++) {
-            const int64_t b = bh / H, g = (bh % H) / n_rep;
-            const float *qr = as_float(q16 ? (const void *)((const uint16_t *)qp + bh * Dh)
-                                           : (const void *)((const float *)qp + bh * Dh),
-                                       q16, Dh, q_buffer);
-            const bool *row_seen = seen ? seen + b * mask_stride : nullptr;
-            const size_t base = (size_t)(b * sb + g * sh);
-            float top = -INFINITY;
-            for (int64_t t = 0; t < S; t++) {
-                if (row_seen && !row_seen[t]) { scores[t] = -INFINITY; continue; }
-                const size_t at = (base + (size_t)t * st) * elem;
-                float dot = 0.f;
-                if (bf16) {
-                    const uint16_t *kr = (const uint16_t *)(kp + at);
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < Dh; i++) dot += qr[i] * bf16_to_f32(kr[i]);
-                } else {
-                    const float *kr = (const float *)(kp + at);
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < Dh; i++) dot += qr[i] * kr[i];
-                }
-                scores[t] = dot * scale;
-                top = scores[t] > top ? scores[t] : top;
-            }
-            const float inverse = 1.f / llama3_softmax::exp_and_sum(scores, S, top);
-            float *o = q16 ? scratch(out_buffer, (size_t)Dh) : (float *)op + bh * Dh;
-            for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
-            for (int64_t t = 0; t < S; t++) {
-                const float p = scores[t] * inverse;
-                if (p == 0.f) continue;
-                const size_t at = (base + (size_t)t * st) * elem;
-                if (bf16) {
-                    const uint16_t *vr = (const uint16_t *)(vp + at);
-#pragma omp simd
-                    for (int64_t i = 0; i < Dh; i++) o[i] += p * bf16_to_f32(vr[i]);
-                } else {
-                    const float *vr = (const float *)(vp + at);
-#pragma omp simd
-                    for (int64_t i = 0; i < Dh; i++) o[i] += p * vr[i];
-                }
-            }
-            if (q16) narrow_bf16(o, (uint16_t *)op + bh * Dh, Dh);
-        }
-    });
+    const int64_t sb = k.stride(0), sh = k.stride(1), st = k.stride(2);
+    if (bf16)
+        llama3_attend::attend_queries<uint16_t>(qs.data_ptr(), q16, out.data_ptr(), B, H, Hkv, Dh,
+                                                CacheKeys<uint16_t>{(const uint16_t *)k.data_ptr(),
+                                                                    (const uint16_t *)v.data_ptr(), seen, mask_stride,
+                                                                    S, sb, sh, st});
+    else
+        llama3_attend::attend_queries<float>(qs.data_ptr(), q16, out.data_ptr(), B, H, Hkv, Dh,
+                                             CacheKeys<float>{k.data_ptr<float>(), v.data_ptr<float>(), seen,
+                                                              mask_stride, S, sb, sh, st});
     return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 

@@ -49,7 +49,8 @@ SOURCE = Path(__file__).with_name("kernels.cpp")
 SOURCES = [SOURCE, Path(__file__).with_name("threads.cpp"),
            Path(__file__).with_name("paged_attention.cpp"),  # the engine's attention over its KV blocks
            Path(__file__).with_name("cache_attend.cpp")]  # a recorded step's store + attend over a KVCache
-HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h")]
+HEADERS = [Path(__file__).with_name("threads.h"), Path(__file__).with_name("softmax.h"),
+           Path(__file__).with_name("attend_core.h")]  # attend and paged_attend's one loop
 # -fopenmp: `#pragma omp simd` loops, and at::get_num_threads (the pool's thread count, threads.h)
 # answers what torch.set_num_threads set.  The kernels split work with their own pool (threads.cpp),
 # not at::parallel_for: an OpenMP region waits for every thread it starts, a pre-empted one too.

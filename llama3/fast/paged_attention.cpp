@@ -16,8 +16,8 @@
  * Query t, head h reads key/value head h / (H / Hkv) (grouped-query heads share it, no copies),
  * block by block through its row's table: softmax(q kᵀ / √Dh) v over the keys it may see.  So
  * rows of different lengths, prompt chunks and single decoding tokens all go in one call, and
- * no key is gathered or copied.  Float32 inside; threads over (query, head) pairs (the kernels' pool, threads.h),
- * only where each thread gets enough work to be worth waking.
+ * no key is gathered or copied.  Float32 inside; the loop itself (kv-head groups, spans of a long
+ * context over the kernels' threads) is attend_core.h's, as kernels.cpp's attend runs it.
  */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,54 +33,28 @@
 #define LLAMA3_NS llama3
 #endif
 
-#include "softmax.h"  // exp(s - top) 16 at a time
-#include "threads.h"  // the kernels' own pool: a pre-empted worker costs nothing (threads.cpp)
+#include "attend_core.h"  // the attention loop itself, shared with kernels.cpp's attend
 
 namespace {
 
-inline float widen(uint16_t b) {  // bfloat16 -> float32
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
+using llama3_attend::narrow;
+using llama3_attend::widen;
 
+/* Queries over their rows' blocks: position p of row r is at offset p % block_size of block
+ * tables[r, p / block_size]; there each kv head's block_size rows are contiguous. */
 template <typename T>
-inline float dot_row(const float *q, const T *k, int64_t n);
-template <>
-inline float dot_row<float>(const float *q, const float *k, int64_t n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += q[i] * k[i];
-    return s;
-}
-template <>
-inline float dot_row<uint16_t>(const float *q, const uint16_t *k, int64_t n) {
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; i++) s += q[i] * widen(k[i]);
-    return s;
-}
-
-template <typename T>
-inline void add_row(float *o, float p, const T *v, int64_t n);
-template <>
-inline void add_row<float>(float *o, float p, const float *v, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) o[i] += p * v[i];
-}
-template <>
-inline void add_row<uint16_t>(float *o, float p, const uint16_t *v, int64_t n) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; i++) o[i] += p * widen(v[i]);
-}
-
-inline uint16_t narrow(float f) {  // float32 -> bfloat16, round to nearest even as PyTorch does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+struct PagedKeys {
+    const T *k, *v;
+    const int64_t *tables, *rows, *positions;
+    int64_t table_width, block_size, block_stride, head_stride, Dh;
+    int64_t seen(int64_t t) const { return positions[t] + 1; }  // keys 0..position
+    const bool *visible(int64_t) const { return nullptr; }
+    llama3_attend::Run<T> run(int64_t t, int64_t g, int64_t p) const {
+        const int64_t block = tables[rows[t] * table_width + p / block_size], offset = p % block_size;
+        const int64_t at = block * block_stride + g * head_stride + offset * Dh;
+        return {k + at, v + at, block_size - offset, Dh};
+    }
+};
 
 /* q and the answer float32, or both bfloat16 (q16): a bf16 model's queries are read, and its
  * answer written, here (converting through ATen cost two operator calls a layer). */
@@ -88,51 +62,9 @@ template <typename T>
 void attend_all(const void *qp, bool q16, const T *kp, const T *vp, const int64_t *tables, int64_t table_width,
                 const int64_t *rows, const int64_t *positions, void *op, int64_t T_, int64_t H, int64_t Hkv,
                 int64_t Dh, int64_t block_size) {
-    const int64_t n_rep = H / Hkv, block_stride = Hkv * block_size * Dh, head_stride = block_size * Dh;
-    const float scale = 1.f / std::sqrt((float)Dh);
-    // Each thread gets at least MIN_WORK multiply-adds: a decoding step over a short context is a
-    // few microseconds of work, less than waking the pool's threads (and on a busy machine a
-    // descheduled worker would stall the whole call).
-    int64_t work = 0;
-    for (int64_t t = 0; t < T_; t++) work += (positions[t] + 1) * 2 * Dh;
-    const int64_t MIN_WORK = 1 << 16, per_unit = work / T_ + 1;
-    const int64_t grain = std::max<int64_t>(1, MIN_WORK / per_unit);
-    llama3_threads::parallel_for(0, T_ * H, grain, [&](int64_t begin, int64_t end) {
-        thread_local std::vector<float> scores, q_wide, o_wide;  // kept between calls: no allocation per chunk
-        if (q16) q_wide.resize(Dh), o_wide.resize(Dh);
-        for (int64_t th = begin; th < end; th++) {
-            const int64_t t = th / H, h = th % H, g = h / n_rep;
-            const int64_t seen = positions[t] + 1;  // keys 0..position
-            const int64_t *table = tables + rows[t] * table_width;
-            const float *q = (const float *)qp + th * Dh;
-            if (q16) {
-                for (int64_t i = 0; i < Dh; i++) q_wide[i] = widen(((const uint16_t *)qp)[th * Dh + i]);
-                q = q_wide.data();
-            }
-            scores.resize(seen);
-            float top = -INFINITY;
-            for (int64_t b = 0, p = 0; p < seen; b++) {  // block by block: its 16 rows of head g are contiguous
-                const T *k = kp + table[b] * block_stride + g * head_stride;
-                for (int64_t i = 0; i < block_size && p < seen; i++, p++) {
-                    const float s = dot_row<T>(q, k + i * Dh, Dh) * scale;
-                    scores[p] = s;
-                    top = s > top ? s : top;
-                }
-            }
-            const float inverse = 1.f / llama3_softmax::exp_and_sum(scores.data(), seen, top);
-            float *o = q16 ? o_wide.data() : (float *)op + th * Dh;
-            for (int64_t i = 0; i < Dh; i++) o[i] = 0.f;
-            for (int64_t b = 0, p = 0; p < seen; b++) {
-                const T *v = vp + table[b] * block_stride + g * head_stride;
-                for (int64_t i = 0; i < block_size && p < seen; i++, p++) {
-                    const float w = scores[p] * inverse;
-                    if (w != 0.f) add_row<T>(o, w, v + i * Dh, Dh);
-                }
-            }
-            if (q16)
-                for (int64_t i = 0; i < Dh; i++) ((uint16_t *)op)[th * Dh + i] = narrow(o[i]);
-        }
-    });
+    const PagedKeys<T> keys{kp, vp, tables, rows, positions, table_width, block_size,
+                            Hkv * block_size * Dh, block_size * Dh, Dh};
+    llama3_attend::attend_queries<T>(qp, q16, op, T_, H, Hkv, Dh, keys);
 }
 
 at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at::Tensor &v_cache,
@@ -141,8 +73,8 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
                 "paged_attend: q [T, H, Dh], k_cache and v_cache [n_blocks, Hkv, block_size, Dh]");
     const int64_t T_ = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && block_size > 0,
-                "paged_attend: head or block sizes do not match");
+    TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && H / Hkv <= 64 && block_size > 0,
+                "paged_attend: head or block sizes do not match (at most 64 query heads a kv head)");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
                 "paged_attend: a contiguous cache layer, keys and values of one type");
     const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
