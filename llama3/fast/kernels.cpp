@@ -391,7 +391,7 @@ __attribute__((noinline)) void int8_slab(const int8_t *const *rows, size_t ahead
             const int k0 = k_begin + g * step;
             if (PF)
 #pragma GCC unroll 8
-                for (int i = 0; i < R; i++) _mm_prefetch((const char *)(r[i] + ahead + k0), _MM_HINT_T0);
+                for (int i = 0; i < R; i++) prefetch_weights(r[i] + ahead + k0);
             for (int j = 0; j < per_line; j++) int8_group<R, G, SLAB>(r, x, k0 + j * step, size, sc + g + j, a);
         }
     }
@@ -400,7 +400,7 @@ __attribute__((noinline)) void int8_slab(const int8_t *const *rows, size_t ahead
         if (PF)
             for (int k = k0; k < k0 + step; k += 16)
                 if (k % 64 == 0)
-                    for (int i = 0; i < R; i++) _mm_prefetch((const char *)(r[i] + ahead + k), _MM_HINT_T0);
+                    for (int i = 0; i < R; i++) prefetch_weights(r[i] + ahead + k);
         int8_group<R, G, SLAB>(r, x, k0, size, sc + g, a);
     }
 #pragma GCC unroll 8
@@ -555,7 +555,7 @@ void matvec_int8_x16(const Matrix &m, const uint16_t *offsets, const float *xsum
                 const int k0 = 32 * g;
                 if (b == 0 && (k0 & 63) == 0)
 #pragma GCC unroll 8
-                    for (int i = 0; i < R; i++) _mm_prefetch((const char *)(r[i] + ahead + k0), _MM_HINT_T1);
+                    for (int i = 0; i < R; i++) prefetch_weights(r[i] + ahead + k0);  // T1 (into L2)
                 const __m512i xv = _mm512_loadu_si512((const void *)(x + k0));
 #pragma GCC unroll 8
                 for (int i = 0; i < R; i++) {
