@@ -38,8 +38,12 @@ from llama3.model import fused_attention
 # SDPA over its gathered blocks: its blocked kernel beats one dot product per (query, key) on many
 # queries (measured: 25 new tokens over 1,500 cached ones took seconds through the C++ loop).
 KERNEL_MAX_QUERIES = 4
-# Block tables of a recorded decoding step are padded to at least this many blocks (1,024 tokens)
-TABLE_WIDTH = 64
+# Block tables of a recorded decoding step are padded to at least this many blocks (2,048 tokens of
+# 16): a request that crosses the width records its step again (4 eager steps and a ~250 ms trace,
+# once per width); at 64 a 1,000-token prompt did so 24 tokens into its answer (SmolLM2 int4: 67.5
+# tok/s that request, 78-80 the next ones).  The padding costs a longer table tensor a step, nothing
+# in the kernel (it reads a row's blocks only up to its position).
+TABLE_WIDTH = 128
 
 
 def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -209,8 +213,8 @@ class StepCache:
         model's forward with these as inputs): (write_block, write_offset, tables, kernel_row,
         kernel_pos, keys 0, values 0, keys 1, ...), each layer's pool a view of its own.  The tables
         are padded to TABLE_WIDTH blocks or the next power of two (the kernel reads a row's blocks
-        only up to its position), so one record serves every length up to 1,024 tokens, and a longer
-        one records again only at 2,048, 4,096, ... tokens.  None unless every token is a decoding
+        only up to its position), so one record serves every length up to 2,048 tokens, and a longer
+        one records again only at 4,096, 8,192, ... tokens.  None unless every token is a decoding
         row attended by the C++ kernel."""
         if self.sdpa_rows or not self.kernel_rows or not self.pool.attend_in_blocks:
             return None
