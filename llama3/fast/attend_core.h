@@ -5,7 +5,7 @@
  *
  * How it is cut, and why (a decoding step of SmolLM2 at 1000 cached positions: 30 layers x 9 query
  * heads x 1000 keys; one thread spent ~19 ns per (head, key) pair in the loops this replaced, ~70
- * cycles for 128 multiply-adds, and the paged kernel 1.5x that; /tmp-style microbenchmark in
+ * cycles for 128 multiply-adds, and the paged kernel 1.5x that; measured as
  * benchmarks/attention_kernel.py):
  *   - one job is a kv head's group of n_rep query heads (grouped-query attention) over a span of
  *     at most SPAN positions: each key and value row is read from memory once for the group,
