@@ -71,12 +71,12 @@ def decode_logits_fn(model: torch.nn.Module, prompt_rows: int):
     prompt's GEMM)."""
     from llama3.model import KVCache
 
-    device = model.norm.weight.device
+    device = model.device
 
     @torch.inference_mode()
     def logits_fn(tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(device).unsqueeze(0)
-        cache = KVCache(model.config, 1, tokens.shape[1], dtype=model.norm.weight.dtype, device=device)
+        cache = KVCache(model.config, 1, tokens.shape[1], dtype=model.dtype, device=device)
         split = max(1, min(prompt_rows, tokens.shape[1]))
         rows = [model(tokens[:, :split], 0, cache)[0]]
         rows += [model(tokens[:, t:t + 1], t, cache)[0] for t in range(split, tokens.shape[1])]

@@ -59,19 +59,9 @@ struct Matrix {
     const void *scales;
 };
 
-inline float bf16_to_f32(uint16_t b) {
-    uint32_t u = (uint32_t)b << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-}
-
-inline uint16_t f32_to_bf16(float f) {  // round to nearest even, as PyTorch does
-    uint32_t u;
-    std::memcpy(&u, &f, 4);
-    u += 0x7FFF + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
+// bfloat16 <-> float32 (round to nearest even, as PyTorch does): attend_core.h's, one definition
+inline float bf16_to_f32(uint16_t b) { return llama3_attend::widen(b); }
+inline uint16_t f32_to_bf16(float f) { return llama3_attend::narrow(f); }
 
 /* ---------------------------------------------------------------- matrix-vector products */
 /* Each computes rows [n_begin, n_end) of y [B, N] = x [B, K] Wᵀ; every block of weight rows is read
