@@ -38,7 +38,7 @@ def paged(keys_seq, values_seq, size, n_blocks, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, dh", [(9, 3, 64), (8, 2, 40), (4, 4, 128), (6, 1, 8)])
+@pytest.mark.parametrize("heads, kv_heads, dh", [(9, 3, 64), (8, 2, 40), (4, 4, 128), (6, 1, 8), (72, 1, 16)])
 def test_long_contexts_in_spans_are_softmax_attention(ops, dtype, heads, kv_heads, dh):
     """Queries seeing 1, 255, 256, 257, 700 and 1029 keys (one span, exactly one, one and a bit,
     several with a partial last) in one paged call; the same keys through attend as a KVCache."""

@@ -263,11 +263,13 @@ void attend_queries(const void *qp, bool q16, void *op, int64_t T_, int64_t H, i
     const Job *job_p = jobs.data();
     llama3_threads::parallel_for(0, (int64_t)jobs.size(), std::max<int64_t>(1, MIN_WORK / per_job),
                                  [&](int64_t first, int64_t last) {
-        thread_local std::vector<float> q_buffer, o_buffer, scores;
+        thread_local std::vector<float> q_buffer, o_buffer, scores, tops, totals;
         q_buffer.resize(n_rep * W);
         o_buffer.resize(n_rep * W);
+        tops.resize(n_rep);
+        totals.resize(n_rep);
         if ((int64_t)scores.size() < n_rep * SPAN) scores.resize(n_rep * SPAN);
-        float top[64], total[64];  // n_rep <= 64 (checked by the callers)
+        float *top = tops.data(), *total = totals.data();
         for (int64_t j = first; j < last; j++) {
             const Job &job = job_p[j];
             const int64_t head0 = job.t * H + job.g * n_rep;  // the group's first (t, h) row

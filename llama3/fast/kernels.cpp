@@ -927,8 +927,8 @@ at::Tensor attend(const at::Tensor &q, const at::Tensor &k, const at::Tensor &v,
                   const c10::optional<at::Tensor> &visible) {
     const int64_t B = q.size(0), H = q.size(1), Dh = q.size(3), Hkv = k.size(1), S = k.size(2);
     TORCH_CHECK(q.size(2) == 1 && k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == v.scalar_type() &&
-                    k.strides() == v.strides() && H % Hkv == 0 && H / Hkv <= 64,
-                "attend: one query row, key/value rows contiguous, at most 64 query heads a kv head");
+                    k.strides() == v.strides() && H % Hkv == 0,
+                "attend: one query row, key/value rows contiguous");
     const bool bf16 = k.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || k.scalar_type() == at::kFloat, "attend: a float32 or bfloat16 cache");
     const bool q16 = q.scalar_type() == at::kBFloat16;

@@ -73,8 +73,8 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
                 "paged_attend: q [T, H, Dh], k_cache and v_cache [n_blocks, Hkv, block_size, Dh]");
     const int64_t T_ = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = k_cache.size(1);
-    TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && H / Hkv <= 64 && block_size > 0,
-                "paged_attend: head or block sizes do not match (at most 64 query heads a kv head)");
+    TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && block_size > 0,
+                "paged_attend: head or block sizes do not match");
     TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
                 "paged_attend: a contiguous cache layer, keys and values of one type");
     const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
