@@ -123,7 +123,7 @@ def step_milliseconds(llm, engine: Engine, prompt, repeats: int) -> dict:
 class ServedClient:
     """`llama3 serve` in a subprocess and one streaming client of it."""
 
-    def __init__(self, quantize: str, threads: int, stop_ids):
+    def __init__(self, quantize: str, threads: int, stop_ids, stream_interval_ms: float | None = None):
         self.stop_ids = stop_ids
         import subprocess
         import sys
@@ -133,7 +133,9 @@ class ServedClient:
         self.url = f"http://127.0.0.1:{free_port()}"
         env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": str(threads)}
         self.process = subprocess.Popen([sys.executable, "-m", "llama3", "serve", "--port", self.url.rsplit(":", 1)[1],
-                                         "--quantize", quantize, "--kv-memory", "1GB", "--no-prefix-cache"],
+                                         "--quantize", quantize, "--kv-memory", "1GB", "--no-prefix-cache"]
+                                        + ([] if stream_interval_ms is None else
+                                           ["--stream-interval", str(stream_interval_ms)]),
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_healthy(self.url, self.process)
 
@@ -186,12 +188,18 @@ def main() -> None:
     parser.add_argument("--sampled", default=None, metavar="T,P", type=temperature_and_top_p,
                         help="also a sampled request (temperature T, top_p P, seed 1) to the engine and, with "
                              "--serve, the server: rows 'engine T,P' and 'served T,P' (e.g. 0.7,0.9)")
+    parser.add_argument("--compare-interval", type=float, default=None, metavar="MS",
+                        help="also rows 'engine MSms' and 'served MSms': the engine and a second server handing "
+                             "a stream's events over at most every MS ms (0: every event at once) instead of the "
+                             "default --stream-interval")
     parser.add_argument("--step-repeats", type=int, default=40, help="single steps timed per context (default 40)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     llm = load_fast(None, quantize=args.quantize)
     engine = Engine(llm.model, llm.tokenizer, EngineConfig(kv_memory="1GB", prefix_cache=False))
     server = ServedClient(args.quantize, args.threads, llm.tokenizer.stop_ids) if args.serve else None
+    other = (ServedClient(args.quantize, args.threads, llm.tokenizer.stop_ids, args.compare_interval)
+             if args.serve and args.compare_interval is not None else None)
     try:
         # the same work everywhere: no stop before --new tokens (the stop ids banned, as the server is asked)
         settings = GenerationSettings(max_new_tokens=args.new, logit_bias={i: -100.0 for i in llm.tokenizer.stop_ids})
@@ -199,8 +207,9 @@ def main() -> None:
         prompts = {n: prompt_of(n, llm.model.config.vocab_size, seed=1) for n in lengths}
         bench_decode(llm.model, prompts[lengths[0]], 4)                                 # warm-up
         engine_decode(engine, prompts[lengths[0]], GenerationSettings(max_new_tokens=4), True)
-        if server is not None:
-            server.decode_speed(prompts[lengths[0]], 4)
+        for client in (server, other):
+            if client is not None:
+                client.decode_speed(prompts[lengths[0]], 4)
         steps = in_a_thread(lambda: {n: step_milliseconds(llm, engine, prompts[n], args.step_repeats)
                                      for n in lengths})
         print(f"\nOne decoding step, fastest of {args.step_repeats}: wall ms (CPU ms of all threads):\n")
@@ -212,13 +221,23 @@ def main() -> None:
             print(f"| {n} | {cell('bench')} | {cell('gather')} | {cell('engine')} | {ratio('engine', 'bench')} "
                   f"| {ratio('engine', 'gather')} |", flush=True)
         print()
-        measure(args, llm, engine, server, settings, lengths, prompts)
+        measure(args, llm, engine, server, settings, lengths, prompts, other)
     finally:
-        if server is not None:
-            server.close()
+        for client in (server, other):
+            if client is not None:
+                client.close()
 
 
-def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
+def engine_decode_at(engine: Engine, interval_s: float, *args) -> tuple[float, float]:
+    """engine_decode with the engine handing events over at most every interval_s seconds."""
+    default, engine.config.stream_interval = engine.config.stream_interval, interval_s
+    try:
+        return engine_decode(engine, *args)
+    finally:
+        engine.config.stream_interval = default
+
+
+def measure(args, llm, engine, server, settings, lengths, prompts, other=None) -> None:
     results: dict[tuple[int, str], list[float]] = {}
     cpu: dict[str, float] = {}
     for r in range(args.rounds):
@@ -228,6 +247,12 @@ def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
             row["engine"], cpu["engine"] = engine_decode(engine, prompts[n], settings, True)
             if server is not None:
                 row["served"], cpu["served"] = server.decode_speed(prompts[n], args.new)
+            if args.compare_interval is not None:
+                name = f"{args.compare_interval:g}ms"
+                row["engine " + name], cpu["engine " + name] = engine_decode_at(
+                    engine, args.compare_interval / 1000, prompts[n], settings, True)
+                if other is not None:
+                    row["served " + name], cpu["served " + name] = other.decode_speed(prompts[n], args.new)
             if args.sampled:
                 t, p = (float(x) for x in args.sampled.split(","))
                 sampled = dataclasses.replace(settings, temperature=t, top_p=p, seed=1)
@@ -249,6 +274,8 @@ def measure(args, llm, engine, server, settings, lengths, prompts) -> None:
     names = ["bench", "gather", "engine"] + (["served"] if server else [])
     sampled = [f"engine {args.sampled}"] + ([f"served {args.sampled}"] if server else []) if args.sampled else []
     names += sampled
+    if args.compare_interval is not None:
+        names += [f"engine {args.compare_interval:g}ms"] + ([f"served {args.compare_interval:g}ms"] if other else [])
     print(f"\n{args.quantize} SmolLM2-135M, {args.threads} threads, {args.new} new tokens, "
           f"median of {args.rounds} rounds (ratios per round, then median)\n")
     print("| prompt tokens | " + " | ".join(f"{n} tok/s" for n in names) + " | engine / bench | engine / gather |"

@@ -386,10 +386,10 @@ async def _stream(job: Job, reply: Reply, include_usage: bool,
         if reply.chat:
             yield _sse(reply.chunk(0, role=True))
         try:
-            async for event in job.events():
-                chunk = reply.add(event)
-                if chunk is not None:
-                    yield _sse(chunk)
+            async for batch in job.batches():  # the events the engine handed over together: one write
+                chunks = [chunk for chunk in map(reply.add, batch) if chunk is not None]
+                if chunks:
+                    yield "".join(map(_sse, chunks))
         except Cancelled as error:
             yield _sse(APIError(503, str(error), type="server_error", code="cancelled").body())
             return

@@ -34,10 +34,10 @@ class Job:
         self._events: asyncio.Queue = asyncio.Queue()
         self.request: Request | None = None
 
-    def send(self, event) -> None:
-        """Called by the engine's thread: hand one event to the waiting handler."""
+    def send(self, events: list) -> None:
+        """Called by the engine's thread: hand a list of events (see Request) to the waiting handler."""
         try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._events.put_nowait, events)
         except RuntimeError:  # the event loop has closed: nobody is listening
             pass
 
@@ -46,12 +46,25 @@ class Job:
         if self.request is not None:
             self.request.cancel()
 
+    async def batches(self) -> AsyncIterator[list[tuple]]:
+        """The job's events, in order, a delivery at a time (the engine hands several over at once),
+        until it ends; raises the engine's error if it failed."""
+        while True:
+            events = await self._events.get()
+            last = events[-1]
+            if last is None or isinstance(last, BaseException):
+                if events[:-1]:
+                    yield events[:-1]
+                if last is not None:
+                    raise last
+                return
+            yield events
+
     async def events(self) -> AsyncIterator[tuple]:
-        """The job's events, in order, until it ends; raises the engine's error if it failed."""
-        while (event := await self._events.get()) is not None:
-            if isinstance(event, BaseException):
-                raise event
-            yield event
+        """The job's events one by one (see `batches`)."""
+        async for batch in self.batches():
+            for event in batch:
+                yield event
 
 
 class FinishedJob:
@@ -64,6 +77,9 @@ class FinishedJob:
 
     def cancel(self) -> None:
         pass
+
+    async def batches(self) -> AsyncIterator[list[tuple]]:
+        yield [("end", index, "length", 0, 0) for index in range(self.choices)]
 
     async def events(self) -> AsyncIterator[tuple]:
         for index in range(self.choices):

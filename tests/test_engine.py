@@ -30,7 +30,7 @@ def prompts_of(lengths, vocab=101):
 
 
 def collect(events):
-    return lambda event: events.append(event)
+    return lambda delivered: events.extend(delivered)   # the engine hands over a list at a time
 
 
 @pytest.fixture
@@ -180,3 +180,33 @@ def test_block_pool_refcounts_and_lru():
     pool.release(b)
     pool.release(c)
     assert pool.available == 2 and pool.stats()["prefix_cache_blocks"] == 1
+
+
+def test_a_streams_events_are_handed_over_together_within_the_interval(model):
+    """The first event goes at once, later ones wait up to stream_interval and go together (one
+    wake-up of the reader for several tokens), the end flushes what waits; the events are the
+    same, in the same order, as when every one is handed over alone (interval 0)."""
+    import time
+
+    def deliveries(interval, pause_after_step=None):
+        engine = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=8, stream_interval=interval))
+        got = []
+        request = engine.submit(prompts_of([5]), GREEDY, got.append)
+        step = 0
+        while engine.step():
+            step += 1
+            if step == pause_after_step:
+                time.sleep(interval + 0.01)   # the interval is up: the next step hands the waiting over
+        assert not engine._undelivered and request.closed
+        return got
+
+    each = deliveries(0.0)
+    assert [len(d) for d in each] == [1] * len(each) and len(each) == 10 + 2   # 10 tokens, the end, None
+    held = deliveries(1.0)   # the tiny model's 10 steps take far less than a second
+    assert [len(d) for d in held] == [1, 11]
+    assert sum(held, []) == sum(each, []) and each[-1] == [None]
+    assert each[-2][0][:3] == ("end", 0, "length")
+    due = deliveries(0.05, pause_after_step=3)   # tokens 2-3 wait; after the pause step 4 hands over 2-4
+    assert [len(d) for d in due][:2] == [1, 3] and sum(due, []) == sum(each, [])
+    with pytest.raises(Llama3Error, match="stream_interval"):
+        EngineConfig(stream_interval=-1)

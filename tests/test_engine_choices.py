@@ -38,7 +38,7 @@ def test_n_choices_equal_separate_requests_and_share_the_prompt(settings, length
     prompt = prompt_of(length)
     seeds = row_seeds(settings.seed, 4)
     engine = Engine(model, None, EngineConfig(kv_memory="1MB", block_size=8, prefix_cache=False))
-    request = engine.submit([prompt] * 4, settings, lambda event: None, samplers=samplers(settings, prompt, seeds))
+    request = engine.submit([prompt] * 4, settings, lambda events: None, samplers=samplers(settings, prompt, seeds))
     computed, peak = [], 0
     forward = engine.forward
     engine.forward = lambda tokens, rows, want: computed.append(tokens.shape[1]) or forward(tokens, rows, want)

@@ -60,6 +60,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for a place; beyond it the server answers 429 (default 256)")
     engine.add_argument("--no-prefix-cache", action="store_true",
                         help="recompute every prompt instead of reusing the KV blocks of a prefix seen before")
+    engine.add_argument("--stream-interval", type=_milliseconds, default=20, metavar="MS",
+                        help="a stream's tokens are sent together at most every MS milliseconds (the first at "
+                             "once): each send wakes the server's event loop, which on a small machine slows "
+                             "the decoding threads; 0 sends every token as it comes (default 20)")
+
+
+def _milliseconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds from 0 to 1000")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -137,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     from llama3.server_queue import GenerationQueue
 
     engine_config = EngineConfig(kv_memory=args.kv_memory, parallel=args.parallel, max_queued=args.max_queued,
-                                 prefix_cache=not args.no_prefix_cache)  # bad values: an error before loading
+                                 prefix_cache=not args.no_prefix_cache,
+                                 stream_interval=args.stream_interval / 1000)  # bad values: an error before loading
     parse_memory(args.kv_memory, device or torch.device("cpu"))
     sock = listen(args.host, args.port) if args.tp is None or os.environ.get("RANK", "0") == "0" else None  # rank 0's
     name = args.name or model_name(args.model)

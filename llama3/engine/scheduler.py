@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import threading
+import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from llama3.model import Transformer
 
 
 IDLE_SECONDS = 5.0
+STREAM_INTERVAL = 0.02  # seconds a request's events may wait to be handed over together (Request)
 
 
 class QueueFull(Llama3Error):
@@ -54,7 +56,8 @@ class QueueFull(Llama3Error):
 class EngineConfig:
     """kv_memory: a size or share ("2GB", "25%"; None: memory.py's default).  parallel: running
     sequences at most (None: from the budget).  max_queued: waiting sequences before submit
-    refuses.  step_tokens: tokens one forward computes at most (prompt chunks share them)."""
+    refuses.  step_tokens: tokens one forward computes at most (prompt chunks share them).
+    stream_interval: seconds a request's events may wait to be handed over together (see Request)."""
 
     kv_memory: str | int | None = None
     parallel: int | None = None
@@ -62,12 +65,15 @@ class EngineConfig:
     block_size: int = 16
     step_tokens: int = 256
     prefix_cache: bool = True
+    stream_interval: float = STREAM_INTERVAL
 
     def __post_init__(self):
         for name in ("parallel", "max_queued", "block_size", "step_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise Llama3Error(f"{name}={value!r} is invalid: it must be a positive whole number")
+        if not (isinstance(self.stream_interval, (int, float)) and 0 <= self.stream_interval <= 1):
+            raise Llama3Error(f"stream_interval={self.stream_interval!r} is invalid: give seconds from 0 to 1")
 
 
 def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
@@ -97,6 +103,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.lock = threading.Condition()
         self.requests = self.completion_tokens = self.cancelled = self.preemptions = self.steps = 0
+        self._undelivered: set[Request] = set()   # requests holding events back (Request.interval)
         self.thread: threading.Thread | None = None
         self.closed = self._exit_hook = self._warm_pending = False
 
@@ -135,7 +142,7 @@ class Engine:
         if not prompt_ids:
             raise Llama3Error("no prompts given; pass at least one")
         stop_ids = self.stop_ids if stop_ids is None else frozenset(int(i) for i in stop_ids)
-        request = Request(sink, config.vocab_size)
+        request = Request(sink, config.vocab_size, self.config.stream_interval)
         if samplers is not None and len(samplers) != len(prompt_ids):
             raise Llama3Error(f"{len(samplers)} samplers for {len(prompt_ids)} prompts; give one per prompt")
         capacity = self.pool.n_blocks * self.pool.block_size
@@ -298,8 +305,19 @@ class Engine:
             seq.accept(picked[index] if picked is not None else seq.pick(row_logits))
             if seq.finished:
                 self._finish(seq, seq.result.finish_reason)
+        self._deliver({seq.request for seq in sampling})
         self.steps += 1
         return True
+
+    def _deliver(self, stepped: set[Request]) -> None:
+        """Hand over the events whose interval is up (a request's first and last went at once)."""
+        self._undelivered |= stepped
+        now = time.perf_counter()
+        for request in list(self._undelivered):
+            if request.due(now):
+                request.deliver()
+            if not request.undelivered:
+                self._undelivered.discard(request)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, rows: list[tuple[list[int], int, int]], want: list[int]) -> torch.Tensor:
@@ -463,6 +481,14 @@ class Engine:
         if seq.result.finish_reason is None:
             seq.result.finish_reason = reason or "cancelled"
         self.completion_tokens += seq.result.completion_tokens
+        try:
+            self._tell(seq, request, error)
+        finally:
+            if request.closed:  # its last events went at once
+                self._undelivered.discard(request)
+
+    def _tell(self, seq: Sequence, request: Request, error: BaseException | None) -> None:
+        """Send seq's end (and the request's, when it was the last) or the error that ended it."""
         if error is not None:
             request.send(error)
             for other in request.sequences:  # the whole request fails
