@@ -4,6 +4,7 @@ process, rounds alternating so a busy machine slows them alike.
 
     python benchmarks/engine_lone_client.py [--rounds 3] [--new 128] [--context 16,1000] [--threads 2]
     python benchmarks/engine_lone_client.py --serve      # also one streaming client of `llama3 serve`
+    python benchmarks/engine_lone_client.py --serve --compare-interval 0   # and events handed over one by one
 
 Per prompt length (--context: random token ids, as `llama3 bench` uses) and round, decode
 tokens/s (from the first new token to the last, so prefill is not in it) of:
