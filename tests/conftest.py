@@ -58,3 +58,24 @@ def ops(request):
     if built is None:
         pytest.skip(f"no C++ kernels here: {kernels.build_error(request.param)}")
     return built
+
+
+@pytest.fixture(scope="session")
+def transformers_gguf():
+    """transformers' own GGUF loader and tokenizer on the embedded default model's file: the
+    independent reference of the parity tests (test_eval, test_generate, test_gguf, test_logprobs),
+    loaded once per session (~15 s each time).  Read-only: a test that needs other generation
+    settings passes its own GenerationConfig; one that hands the tokenizer to code that may change
+    it (lm-eval sets a pad token) hands over a copy."""
+    from pathlib import Path
+
+    import accelerate  # noqa: F401  (transformers needs it for gguf_file=)
+    import transformers  # the reference: a dev dependency, never skipped
+
+    from llama3.llm import _smollm2_path
+
+    path = Path(_smollm2_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    return model, tokenizer

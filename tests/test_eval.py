@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from llama3.evaluation import evaluate, task_config
-from llama3.llm import resolve_source
 
 EVALS = Path(__file__).resolve().parent.parent / "evals"
 MC, GENERATION = str(EVALS / "llama3_facts.yaml"), str(EVALS / "llama3_capitals.yaml")
@@ -32,17 +31,15 @@ def transformers_greedy(model, tokenizer, prompt: str, new_tokens: int, until: l
     return min((text.split(stop)[0] for stop in until), key=len)
 
 
-def test_lm_eval_through_our_server_equals_transformers(default_llm):
-    import accelerate  # noqa: F401  (transformers needs it for gguf_file=)
+def test_lm_eval_through_our_server_equals_transformers(default_llm, transformers_gguf):
+    import copy
+
     import lm_eval
-    import transformers
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    path = Path(resolve_source(None))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+    model, shared_tokenizer = transformers_gguf
+    tokenizer = copy.deepcopy(shared_tokenizer)  # HFLM may set its pad token: the session's stays as loaded
 
     ours = evaluate(default_llm, NAME, [MC, GENERATION], log_samples=True)
     theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),

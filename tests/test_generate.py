@@ -292,24 +292,19 @@ CHATS = [[{"role": "user", "content": "What is the tallest mountain in the world
 
 
 @pytest.fixture(scope="module")
-def transformers_reference():
-    """transformers' own GGUF loader and tokenizer on the same file: the independent reference."""
-    import transformers  # the reference: a dev dependency, never skipped
-    import accelerate  # noqa: F401  (transformers needs it for gguf_file=)
-    from pathlib import Path
+def transformers_reference(transformers_gguf):
+    """transformers' own GGUF loader and tokenizer on the same file (conftest's, shared): the
+    independent reference, with a generation config of its own that never stops early."""
+    import copy
 
-    from llama3.llm import resolve_source
-
-    path = Path(resolve_source(None))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
-    model.generation_config.eos_token_id = None  # no early stop: compare every token
-    return model, tokenizer
+    model, tokenizer = transformers_gguf
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id = None  # no early stop: compare every token
+    return model, tokenizer, config
 
 
 def test_greedy_matches_transformers_token_for_token(default_llm, transformers_reference):
-    hf_model, hf_tokenizer = transformers_reference
+    hf_model, hf_tokenizer, hf_config = transformers_reference
     ours = default_llm.tokenizer
     prompts = [ours.encode(p) for p in RAW_PROMPTS] + [ours.encode_chat(c) for c in CHATS]
     theirs = [hf_tokenizer(p).input_ids for p in RAW_PROMPTS] + [
@@ -321,7 +316,8 @@ def test_greedy_matches_transformers_token_for_token(default_llm, transformers_r
     gen = run_ids(default_llm.model, prompts, stop_ids=(), max_new_tokens=n)   # all five as one batch
     for row, ids in enumerate(prompts):
         with torch.no_grad():
-            out = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=0)
+            out = hf_model.generate(torch.tensor([ids]), generation_config=hf_config, max_new_tokens=n, do_sample=False,
+                                     pad_token_id=0)
         assert gen.tokens[row] == out[0, len(ids):].tolist(), f"prompt {row}"
 
 

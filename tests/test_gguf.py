@@ -36,8 +36,9 @@ def transformers_from_gguf(path):
 
 
 @pytest.fixture(scope="module")
-def reference():
-    return transformers_from_gguf(_smollm2_path())
+def reference(transformers_gguf):
+    """transformers_from_gguf(_smollm2_path()), loaded once per session by conftest."""
+    return transformers_gguf[0]
 
 
 # ------------------------------------------------------------- the default model

@@ -4,13 +4,11 @@ the chosen and the top-K tokens of /v1/completions and /v1/chat/completions, and
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from llama3.llm import resolve_source
 from llama3.server import create_app
 from test_server import LiveServer
 
@@ -26,14 +24,9 @@ def server(default_llm):
 
 
 @pytest.fixture(scope="module")
-def reference_logprobs():
-    """ids -> log_softmax [T, V] of transformers' own model, loaded from the same GGUF file."""
-    import accelerate  # noqa: F401  (transformers needs it for gguf_file=)
-    import transformers
-
-    path = Path(resolve_source(None))
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+def reference_logprobs(transformers_gguf):
+    """ids -> log_softmax [T, V] of transformers' own model, loaded from the same GGUF file (conftest's)."""
+    model = transformers_gguf[0]
 
     def logprobs(ids: list[int]) -> torch.Tensor:
         with torch.no_grad():

@@ -34,10 +34,8 @@ SCHEMAS = [PERSON, VERDICT, TAGS]
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    import llama3
-
-    return llama3.load()
+def smollm2(default_llm):
+    return default_llm  # llama3.load(): conftest's, loaded once per session
 
 
 def test_embedded_model_answers_validate_at_temperature_one(smollm2):

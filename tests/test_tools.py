@@ -380,10 +380,8 @@ def validate(message, allowed):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    import llama3
-
-    return llama3.load()
+def smollm2(default_llm):
+    return default_llm  # llama3.load(): conftest's, loaded once per session
 
 
 def test_llm_chat_forced_calls_validate_at_temperature_one(smollm2):
