@@ -111,6 +111,45 @@ def test_import_llama3_shortens_openmps_spinning_unless_told_otherwise():
     assert run("pass", OMP_WAIT_POLICY="active") == "None"
     assert run("import torch") == "None"
 
+
+def test_import_llama3_puts_big_tensors_in_huge_pages_unless_told_otherwise():
+    """`import llama3` before torch sets THP_MEM_ALLOC_ENABLE=1: a 64 MiB tensor then lies (mostly) in
+    2 MiB pages (/proc/self/smaps' AnonHugePages of its mapping); with the user's =0 it does not."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        mode = ""
+    if "[never]" in mode or not mode:
+        pytest.skip("this kernel gives no transparent huge pages")
+    code = """if True:
+        import os, llama3, torch
+        x = torch.empty(64 << 20, dtype=torch.uint8); x.fill_(1)
+        start = x.data_ptr()
+        huge, inside = 0, False
+        for line in open("/proc/self/smaps"):
+            if "-" in line.split()[0] and not line.startswith(("Anon", "Size")):
+                lo, hi = (int(v, 16) for v in line.split()[0].split("-"))
+                inside = lo <= start < hi
+            elif inside and line.startswith("AnonHugePages:"):
+                huge = int(line.split()[1])
+        print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)"""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def run(**extra):
+        flag, huge_kib = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
+                                        text=True, check=True).stdout.split()
+        return flag, int(huge_kib)
+
+    flag, huge = run()
+    assert flag == "1" and huge >= 32 << 10, huge      # at least half of the 64 MiB in huge pages
+    flag, huge = run(THP_MEM_ALLOC_ENABLE="0")
+    assert flag == "0" and huge < 32 << 10, huge
+
 @pytest.mark.parametrize("threads", range(1, 9))
 def test_every_item_of_a_job_runs_exactly_once_however_shares_are_taken(lib, threads):
     """Each thread takes its own share of a job's chunks, then what is left of the others': on odd
