@@ -9,13 +9,25 @@ import torch
 
 from conftest import make_config, make_model
 from llama3.engine import Engine, EngineConfig
-from llama3.engine.paged_cache import paged_attention_torch, paged_kernel
+from llama3.engine.paged_cache import PagedKVCache, paged_attention_torch, paged_kernel
 from llama3.generate import GenerationSettings
 from llama3.model import Attention
 
 KERNEL = paged_kernel(torch.device("cpu"), torch.float32)
 PATHS = [pytest.param(True, id="C++", marks=pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")),
          pytest.param(False, id="PyTorch")]
+
+
+# Pool layouts the kernel reads: the engine's (each head's blocks one after the other, indexed
+# block-first through a transposed view) and a contiguous [n_blocks, Hkv, block_size, Dh]
+LAYOUTS = ["head-major", "by-block"]
+
+
+def pool_of(layout, n_blocks, kv_heads, size, dh, gen, dtype):
+    """Random keys [n_blocks, Hkv, block_size, Dh] stored in `layout`."""
+    if layout == "head-major":
+        return torch.randn(kv_heads, n_blocks, size, dh, generator=gen).to(dtype).transpose(0, 1)
+    return torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(dtype)
 
 
 def prompts_of(lengths, vocab=101, seed=1):
@@ -46,17 +58,18 @@ def reference(attention: Attention, q, k, v):
                                         v.transpose(0, 1)[None])[0].transpose(0, 1)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("use_kernel", PATHS)
-def test_paged_attend_equals_model_attention_per_sequence(use_kernel, dtype):
+def test_paged_attend_equals_model_attention_per_sequence(use_kernel, dtype, layout):
     """Three sequences in scattered blocks of 4: one decoding token, a prompt chunk mid-way, a
-    first chunk; grouped-query heads (H 6, Hkv 2)."""
+    first chunk; grouped-query heads (H 6, Hkv 2); the pool in either layout."""
     config = make_config(dim=48, n_heads=6, n_kv_heads=2)
     attention = Attention(config, 0)
     size, heads, kv_heads, dh = 4, 6, 2, 8
     gen = torch.Generator().manual_seed(0)
-    keys = torch.randn(40, kv_heads, size, dh, generator=gen).to(dtype)     # [n_blocks, Hkv, block_size, Dh]
-    values = torch.randn(40, kv_heads, size, dh, generator=gen).to(dtype)
+    keys = pool_of(layout, 40, kv_heads, size, dh, gen, dtype)              # [n_blocks, Hkv, block_size, Dh]
+    values = pool_of(layout, 40, kv_heads, size, dh, gen, dtype)
     rows = [([7, 3, 33, 12, 20], 17, 18), ([0, 25, 9], 5, 11), ([38, 14], 0, 6)]  # (table, begin, end)
     n = sum(end - begin for _, begin, end in rows)
     q = torch.randn(n, heads, dh, generator=gen).to(dtype)
@@ -169,15 +182,16 @@ def test_recorded_engine_steps_equal_the_readable_forward():
 @pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("new_dtype", [torch.float32, torch.bfloat16])
-def test_paged_store_attend_is_indexing_in_then_paged_attend(cache_dtype, new_dtype):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_paged_store_attend_is_indexing_in_then_paged_attend(cache_dtype, new_dtype, layout):
     """The recorded step's one call takes q [1, N, H, Dh], k, v [1, N, Hkv, Dh] tokens first, as
     model.py hands them (k, v: views of the fused projection's output, strided), writes k, v at their
     slots exactly as indexing them in does (cast to the cache's type), then attends -> [1, N, H, Dh];
     a slot outside the pool, and heads first tensors, are refused."""
     gen = torch.Generator().manual_seed(3)
     n_blocks, kv_heads, size, dh, heads = 12, 2, 4, 8, 4
-    keys = torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(cache_dtype)
-    values = torch.randn(n_blocks, kv_heads, size, dh, generator=gen).to(cache_dtype)
+    keys = pool_of(layout, n_blocks, kv_heads, size, dh, gen, cache_dtype)
+    values = pool_of(layout, n_blocks, kv_heads, size, dh, gen, cache_dtype)
     qkv = torch.randn(1, 2, heads + 2 * kv_heads, dh, generator=gen).to(new_dtype)     # [1, N, H + 2 Hkv, Dh]
     q, k, v = qkv.split((heads, kv_heads, kv_heads), dim=2)                            # strided views
     write_block, write_offset = torch.tensor([5, 9]), torch.tensor([2, 0])
@@ -194,3 +208,31 @@ def test_paged_store_attend_is_indexing_in_then_paged_attend(cache_dtype, new_dt
     with pytest.raises(RuntimeError, match=r"k, v \[1, N, Hkv, Dh\]"):  # heads first (N != Hkv here)
         three = torch.randn(1, kv_heads, 3, dh).to(new_dtype)
         KERNEL.paged_store_attend(q, keys, values, three, three, write_block, write_offset, tables, row, pos, size)
+
+
+def test_the_pool_keeps_each_heads_blocks_one_after_the_other():
+    """The engine's pool is head-major: kv head g's positions of block b + 1 follow its positions of
+    block b in memory, so a sequence holding blocks in order is one stream per head (what the
+    kernel reads fastest); indexed [n_layers, n_blocks, Hkv, block_size, Dh] all the same."""
+    config = make_config(n_layers=2, n_kv_heads=2)
+    pool = PagedKVCache(config, n_blocks=6, block_size=4, dtype=torch.float32)
+    row = 4 * config.head_dim * pool.k.element_size()                     # one head's block, in bytes
+    for cache in (pool.k, pool.v):
+        assert cache.shape == (2, 6, 2, 4, config.head_dim)
+        for g in range(2):
+            assert cache[1, 3, g].data_ptr() + row == cache[1, 4, g].data_ptr()
+    assert pool.layers[1][0].shape == (6, 2, 4, config.head_dim)
+
+
+@pytest.mark.skipif(KERNEL is None, reason="C++ kernels not built")
+def test_paged_attend_refuses_a_pool_whose_rows_are_not_contiguous():
+    """A block's positions for a head must be rows Dh apart (e.g. not a Dh-major transpose), and
+    keys and values must share one layout: else a one-line RuntimeError, not wrong reads."""
+    gen = torch.Generator().manual_seed(5)
+    q, tables, row, pos = torch.randn(1, 4, 8, generator=gen), torch.tensor([[0, 1]]), torch.tensor([0]), torch.tensor([5])
+    keys = torch.randn(3, 2, 4, 8, generator=gen)
+    transposed = torch.randn(3, 2, 8, 4, generator=gen).transpose(2, 3)     # [n_blocks, Hkv, 4, 8], rows strided
+    with pytest.raises(RuntimeError, match="contiguous"):
+        KERNEL.paged_attend(q, transposed, transposed, tables, row, pos, 4)
+    with pytest.raises(RuntimeError, match="one type and layout"):
+        KERNEL.paged_attend(q, keys, keys.transpose(0, 1).contiguous().transpose(0, 1), tables, row, pos, 4)

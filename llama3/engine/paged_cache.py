@@ -1,12 +1,17 @@
 """The paged KV cache: every sequence's keys and values in one pool of fixed-size blocks.
 
-    k, v: [n_layers, n_blocks, Hkv, block_size, Dh]
+    k, v: [n_layers, n_blocks, Hkv, block_size, Dh]    (indexed so; stored [n_layers, Hkv, n_blocks, block_size, Dh])
 
 A sequence owns a list of blocks (its block table); position p of it sits in block
 table[p // block_size] at offset p % block_size (its "slot" is block * block_size + offset).
-Within a block each key/value head's positions are contiguous (head-major, as in KVCache): a
-head reading its keys streams 16 rows at a time instead of striding over the other heads.
-The pool is allocated once, with `torch.empty`, so on the CPU its pages cost memory only once
+In memory each key/value head has its own run of every block, one after the other (head-major,
+as in KVCache): a head's block_size positions of block b are followed by its positions of block
+b + 1.  So a sequence whose blocks were handed out in order (the pool hands out free blocks in
+order) has each head's keys in one stream, read as a KVCache's are; with each block holding all
+heads side by side instead, a head read 4 KB and skipped the others' 8 KB, and the attention of a
+step at 1,000 positions took 1.2-1.4x the contiguous cache's (benchmarks/attention_kernel.py).
+`k`, `v` are views in block-first order, so indexing them reads the same as if they were stored
+so.  The pool is allocated once, with `torch.empty`, so on the CPU its pages cost memory only once
 tokens are written into them.
 
 One engine step runs ONE forward of the readable model over every running sequence's new
@@ -69,12 +74,12 @@ class PagedKVCache:
 
     def __init__(self, config: ModelConfig, n_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str | None = None, use_kernel: bool = True):
-        shape = (config.n_layers, n_blocks, config.n_kv_heads, block_size, config.head_dim)
+        stored = (config.n_layers, config.n_kv_heads, n_blocks, block_size, config.head_dim)
         # on a GPU zeros: a CUDA graph's padded step (llama3/fast/cuda_decode.py) reads whole blocks, and a
         # slot never written must hold a finite number (its attention weight is 0, but 0 x NaN is NaN)
         alloc = torch.empty if torch.device(device or "cpu").type == "cpu" else torch.zeros
-        self.k = alloc(shape, dtype=dtype, device=device)
-        self.v = alloc(shape, dtype=dtype, device=device)
+        self.k = alloc(stored, dtype=dtype, device=device).transpose(1, 2)   # [n_layers, n_blocks, Hkv, bs, Dh]
+        self.v = alloc(stored, dtype=dtype, device=device).transpose(1, 2)
         self.block_size, self.n_blocks = block_size, n_blocks
         self.device = self.k.device
         self.kernel = paged_kernel(self.device, dtype) if use_kernel else None

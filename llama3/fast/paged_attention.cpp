@@ -7,8 +7,10 @@
  *                      slots, for q [1, N, H, Dh] -> [1, N, H, Dh] (tokens first, as model.py hands them)
  *
  *   q          [T, H, Dh]          the step's new queries, side by side (any float type)
- *   k_cache,   [n_blocks, Hkv, block_size, Dh]   one layer of the block pool, contiguous, float32
- *   v_cache                        or bfloat16; within a block each head's positions are contiguous
+ *   k_cache,   [n_blocks, Hkv, block_size, Dh]   one layer of the block pool, float32 or bfloat16:
+ *   v_cache                        each head's positions in a block contiguous (strides [.., .., Dh, 1]);
+ *                                  blocks and heads any strides, the same for both (the engine's pool is
+ *                                  head-major, a view of [Hkv, n_blocks, block_size, Dh]: see paged_cache.py)
  *   tables     int64 [R, M]        row r's block table (its blocks in position order; padding unused)
  *   query_row  int64 [T]           which row (sequence) query t belongs to
  *   query_pos  int64 [T]           its position: it sees keys 0..query_pos[t] of its own row
@@ -40,8 +42,15 @@ namespace {
 using llama3_attend::narrow;
 using llama3_attend::widen;
 
+/* A pool layer [n_blocks, Hkv, block_size, Dh] whose (block, head) rows are contiguous: strides
+ * [any, any, Dh, 1] (contiguous, or the engine's head-major view). */
+bool rows_contiguous(const at::Tensor &cache) {
+    return cache.dim() == 4 && cache.stride(3) == 1 && cache.stride(2) == cache.size(3);
+}
+
 /* Queries over their rows' blocks: position p of row r is at offset p % block_size of block
- * tables[r, p / block_size]; there each kv head's block_size rows are contiguous. */
+ * tables[r, p / block_size]; there each kv head's block_size rows are contiguous, kv head g of
+ * block b at b * block_stride + g * head_stride. */
 template <typename T>
 struct PagedKeys {
     const T *k, *v;
@@ -61,9 +70,8 @@ struct PagedKeys {
 template <typename T>
 void attend_all(const void *qp, bool q16, const T *kp, const T *vp, const int64_t *tables, int64_t table_width,
                 const int64_t *rows, const int64_t *positions, void *op, int64_t T_, int64_t H, int64_t Hkv,
-                int64_t Dh, int64_t block_size) {
-    const PagedKeys<T> keys{kp, vp, tables, rows, positions, table_width, block_size,
-                            Hkv * block_size * Dh, block_size * Dh, Dh};
+                int64_t Dh, int64_t block_size, int64_t block_stride, int64_t head_stride) {
+    const PagedKeys<T> keys{kp, vp, tables, rows, positions, table_width, block_size, block_stride, head_stride, Dh};
     llama3_attend::attend_queries<T>(qp, q16, op, T_, H, Hkv, Dh, keys);
 }
 
@@ -75,8 +83,10 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     const int64_t T_ = q.size(0), H = q.size(1), Dh = q.size(2), Hkv = k_cache.size(1);
     TORCH_CHECK(k_cache.size(3) == Dh && k_cache.size(2) == block_size && H % Hkv == 0 && block_size > 0,
                 "paged_attend: head or block sizes do not match");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
-                "paged_attend: a contiguous cache layer, keys and values of one type");
+    TORCH_CHECK(rows_contiguous(k_cache) && k_cache.strides() == v_cache.strides() &&
+                    k_cache.scalar_type() == v_cache.scalar_type(),
+                "paged_attend: a cache layer whose blocks hold each head's rows contiguously, keys and values "
+                "of one type and layout");
     const bool bf16 = k_cache.scalar_type() == at::kBFloat16;
     TORCH_CHECK(bf16 || k_cache.scalar_type() == at::kFloat, "paged_attend: a float32 or bfloat16 cache");
     TORCH_CHECK(tables.scalar_type() == at::kLong && query_row.scalar_type() == at::kLong &&
@@ -103,23 +113,24 @@ at::Tensor paged_attend(const at::Tensor &q, const at::Tensor &k_cache, const at
     if (bf16)
         attend_all<uint16_t>(qf.data_ptr(), q16, (const uint16_t *)k_cache.data_ptr(),
                              (const uint16_t *)v_cache.data_ptr(), tab_p, M, row_p, pos_p, out.data_ptr(), T_, H, Hkv,
-                             Dh, block_size);
+                             Dh, block_size, k_cache.stride(0), k_cache.stride(1));
     else
         attend_all<float>(qf.data_ptr(), q16, k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tab_p, M, row_p,
-                          pos_p, out.data_ptr(), T_, H, Hkv, Dh, block_size);
+                          pos_p, out.data_ptr(), T_, H, Hkv, Dh, block_size, k_cache.stride(0), k_cache.stride(1));
     return q16 || q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
 /* Writes new [1, N, Hkv, Dh] (any strides, float32 or bfloat16) into cache [n_blocks, Hkv,
- * block_size, Dh] at (write_block[n], write_offset[n]) for each token n, in the cache's type
+ * block_size, Dh] (rows_contiguous) at (write_block[n], write_offset[n]) for each token n, in the cache's type
  * (bfloat16 rounded to nearest even, as Tensor.to). */
 void store(at::Tensor &cache, const at::Tensor &fresh, const int64_t *blocks, const int64_t *offsets) {
-    const int64_t Hkv = cache.size(1), bs = cache.size(2), Dh = cache.size(3), N = fresh.size(1);
+    const int64_t Hkv = cache.size(1), Dh = cache.size(3), N = fresh.size(1);
+    const int64_t sb = cache.stride(0), sg = cache.stride(1);
     const int64_t sn = fresh.stride(1), sh = fresh.stride(2), sd = fresh.stride(3);
     const bool to16 = cache.scalar_type() == at::kBFloat16, from16 = fresh.scalar_type() == at::kBFloat16;
     for (int64_t n = 0; n < N; n++)
         for (int64_t h = 0; h < Hkv; h++) {
-            const int64_t dst = ((blocks[n] * Hkv + h) * bs + offsets[n]) * Dh, src = h * sh + n * sn;
+            const int64_t dst = blocks[n] * sb + h * sg + offsets[n] * Dh, src = h * sh + n * sn;
             for (int64_t d = 0; d < Dh; d++) {
                 const float x = from16 ? widen(((const uint16_t *)fresh.data_ptr())[src + d * sd])
                                        : ((const float *)fresh.data_ptr())[src + d * sd];
@@ -138,10 +149,11 @@ at::Tensor paged_store_attend(const at::Tensor &q, at::Tensor &k_cache, at::Tens
                               const at::Tensor &v, const at::Tensor &write_block, const at::Tensor &write_offset,
                               const at::Tensor &tables, const at::Tensor &query_row, const at::Tensor &query_pos,
                               int64_t block_size) {
-    TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                    v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+    TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && rows_contiguous(k_cache) &&
+                    k_cache.strides() == v_cache.strides() && k_cache.scalar_type() == v_cache.scalar_type() &&
                     (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
-                "paged_store_attend: contiguous float32 or bfloat16 caches [n_blocks, Hkv, block_size, Dh]");
+                "paged_store_attend: float32 or bfloat16 caches [n_blocks, Hkv, block_size, Dh], each head's rows "
+                "of a block contiguous");
     TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == 1 && k.size(2) == k_cache.size(1) &&
                     k.size(3) == k_cache.size(3) && k.scalar_type() == v.scalar_type() &&
                     (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16),
