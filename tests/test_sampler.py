@@ -8,7 +8,8 @@ import torch
 
 from conftest import make_model
 from llama3.generate import GenerationSettings, generate_tokens, row_seeds
-from llama3.sampling import Sampler, SamplingError, exponential_variates, pick_batch, sample, validate_sampling
+from llama3.sampling import (Sampler, SamplingError, argmax_last, exponential_variates, pick_batch, sample,
+                             validate_sampling)
 
 V = 50
 
@@ -199,3 +200,24 @@ def test_pick_runs_its_operators_on_one_thread_and_sets_the_count_back():
     thread.start()
     thread.join()
     assert counts == [1, 1, ("after", 2)] * 3
+
+
+def test_argmax_last_is_torch_argmax_ties_nans_and_strides_included():
+    """The NumPy argmax that greedy decoding and the race's draw use gives torch's index: the
+    first of equal maxima, the first NaN, a row of -inf's first id; 1-D and [B, V] rows, strided
+    views; other dtypes and tensors needing grad go to torch itself."""
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 49152, generator=gen)
+    rows[1, [7, 300, 40000]] = 50.0                     # three equal maxima: the first
+    rows[2, [11, 900]] = float("nan")                   # NaN is the maximum: the first NaN
+    rows[3] = float("-inf")                             # all -inf: id 0
+    rows[4, -1] = 99.0                                  # the last id
+    cases = [rows, rows[0], rows[1], rows[:, ::3], rows.t().contiguous().t(), rows[:, 100:].flip(-1)]
+    with torch.inference_mode():
+        cases.append(rows.clone())                      # an inference tensor, as the engine's logits are
+    for x in cases:
+        got = argmax_last(x)
+        assert got.dtype == torch.long and torch.equal(got, x.argmax(dim=-1)), x.shape
+    assert argmax_last(rows[1]).item() == 7 and argmax_last(rows[2]).item() == 11
+    half, grad = rows.bfloat16(), rows[:2].clone().requires_grad_()
+    assert torch.equal(argmax_last(half), half.argmax(dim=-1)) and torch.equal(argmax_last(grad), grad.argmax(dim=-1))
