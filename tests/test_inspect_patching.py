@@ -256,5 +256,8 @@ def test_hooks_act_only_on_their_own_thread(llm):
         assert not seen                                          # the other thread's pass was not recorded
         with torch.no_grad():
             here = model(tokens)
-    assert torch.equal(seen_elsewhere["out"], plain)
-    assert not torch.allclose(here, plain) and "b" in seen
+    # close, not equal: a thread of its own may split the matrix products over another thread
+    # count (the kernels drop threads on a busy machine), which rounds differently; the patch
+    # (layer 0's output zeroed) would change every logit
+    torch.testing.assert_close(seen_elsewhere["out"], plain, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(here, plain, rtol=1e-2, atol=1e-2) and "b" in seen
