@@ -17,7 +17,7 @@ logit_bias so every run makes --new tokens)
               KV, no prefix cache, OMP_NUM_THREADS=--threads), POST /v1/completions with the same
               token ids, greedy, streamed; usage's completion tokens over first to last chunk
 Also CPU milliseconds per new token of the whole request (every thread of the process that runs
-it: this process for the engine, the server's for served), which a busy machine disturbs less
+it: this process for bench and the engine, the server's for served), which a busy machine disturbs less
 than wall time.  Ratios are within one round.  Prints markdown tables at the end (medians).
 """
 
@@ -49,16 +49,18 @@ def in_a_thread(fn):
     return out[0]
 
 
-def bench_decode(model, prompt, new: int) -> float:
-    """`llama3 bench`'s decode: TokenGeneration's decode seconds per step, run in a fresh thread
+def bench_decode(model, prompt, new: int) -> tuple[float, float]:
+    """(decode tokens/s, CPU ms per new token of the whole request) of `llama3 bench`'s decode:
+    TokenGeneration's decode seconds per step, run in a fresh thread
     as the engine runs in its own: on a busy 2-core machine, 2 OpenMP threads driven from the
     main thread decoded at 0.5-3 tok/s where a new thread's (or 1 thread) did ~30 (measured
     2026-12-02, load 10-13), so comparing the main thread with the engine's thread measures that."""
     def run_it():
+        cpu, tokens = cpu_seconds(), 0
         run = generate_tokens(model, [prompt], GenerationSettings(max_new_tokens=new))
         for _ in run:
-            pass
-        return run.decode_steps / run.decode_seconds
+            tokens += 1
+        return run.decode_steps / run.decode_seconds, 1000 * (cpu_seconds() - cpu) / tokens
 
     return in_a_thread(run_it)
 
@@ -243,7 +245,8 @@ def measure(args, llm, engine, server, settings, lengths, prompts, other=None) -
     cpu: dict[str, float] = {}
     for r in range(args.rounds):
         for n in lengths:
-            row = {"bench": bench_decode(llm.model, prompts[n], args.new)}
+            row = {}
+            row["bench"], cpu["bench"] = bench_decode(llm.model, prompts[n], args.new)
             row["gather"], _ = engine_decode(engine, prompts[n], settings, False)
             row["engine"], cpu["engine"] = engine_decode(engine, prompts[n], settings, True)
             if server is not None:
@@ -296,14 +299,16 @@ def measure(args, llm, engine, server, settings, lengths, prompts, other=None) -
         print(f"| {n} | " + " | ".join(f"{statistics.median(x / y for x, y in zip(results[(n, name)], results[(n, 'bench')])):.2f}"
                                        for name in others) + " |")
     print("\nCPU ms per new token (the whole request, every thread of the process that runs it):\n")
-    print("| prompt tokens | engine | " + ("served | served / engine |" if server else ""))
-    print("|---|---|" + ("---|---|" if server else ""))
+    print("| prompt tokens | bench | engine | engine / bench | " + ("served | served / engine | served / bench |"
+                                                                  if server else ""))
+    print("|---|---|---|---|" + ("---|---|---|" if server else ""))
     for n in lengths:
-        line = f"| {n} | {statistics.median(results[(n, 'engine cpu')]):.1f} |"
+        per = lambda a, b: statistics.median(x / y for x, y in zip(results[(n, a + " cpu")], results[(n, b + " cpu")]))  # noqa: E731
+        line = (f"| {n} | {statistics.median(results[(n, 'bench cpu')]):.1f} | "
+                f"{statistics.median(results[(n, 'engine cpu')]):.1f} | {per('engine', 'bench'):.2f} |")
         if server:
-            served, alone = results[(n, "served cpu")], results[(n, "engine cpu")]
-            ratio = statistics.median(s / e for s, e in zip(served, alone))
-            line += f" {statistics.median(served):.1f} | {ratio:.2f} |"
+            line += (f" {statistics.median(results[(n, 'served cpu')]):.1f} | {per('served', 'engine'):.2f} | "
+                     f"{per('served', 'bench'):.2f} |")
         print(line)
 
 
