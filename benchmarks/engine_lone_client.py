@@ -18,7 +18,12 @@ logit_bias so every run makes --new tokens)
               token ids, greedy, streamed; usage's completion tokens over first to last chunk
 Also CPU milliseconds per new token of the whole request (every thread of the process that runs
 it: this process for bench and the engine, the server's for served), which a busy machine disturbs less
-than wall time.  Ratios are within one round.  Prints markdown tables at the end (medians).
+than wall time.  And the share of each request's kernel calls that the kernels' thread pool ran on
+one thread (llama3/fast/threads.h: it falls back to the calling thread alone while a worker loses
+time, i.e. while another process has a core; the server's from its /metrics): on this 2-core VM a
+request's speed swings +-40% with it, so the medians are also given over the quiet rounds only
+(bench, engine and served each <= 5% on one thread).  Ratios are within one round.  Prints markdown
+tables at the end (medians).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 import torch
 
 from llama3.engine import Engine, EngineConfig
-from llama3.fast import load_fast
+from llama3.fast import kernels, load_fast
 from llama3.fast.measure import prompt_of
 from llama3.generate import GenerationSettings, generate_tokens
 
@@ -152,6 +157,7 @@ class ServedClient:
                 "logit_bias": {str(i): -100 for i in self.stop_ids}}
         first = last = None
         tokens = 0
+        pool = self.kernel_calls()
         cpu = cpu_seconds(self.process.pid)
         with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=600) as response:
             response.raise_for_status()
@@ -164,7 +170,21 @@ class ServedClient:
                 if event.get("choices") and event["choices"][0].get("text"):
                     last = time.perf_counter()
                     first = first or last
-        return (tokens - 1) / (last - first), 1000 * (cpu_seconds(self.process.pid) - cpu) / tokens
+        cpu = 1000 * (cpu_seconds(self.process.pid) - cpu) / tokens
+        calls, solo = (a - b for a, b in zip(self.kernel_calls(), pool))
+        self.last_solo = solo / calls if calls else float("nan")  # the share of its kernel calls run on one thread
+        return (tokens - 1) / (last - first), cpu
+
+    def kernel_calls(self) -> tuple[float, float]:
+        """The server's kernel-pool calls so far and those run on one thread (GET /metrics)."""
+        import httpx
+
+        found = {}
+        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("llama3_kernel_calls_total", "llama3_kernel_calls_one_thread_total"):
+                found[name] = float(value)
+        return found.get("llama3_kernel_calls_total", 0.0), found.get("llama3_kernel_calls_one_thread_total", 0.0)
 
     def close(self) -> None:
         self.process.terminate()
@@ -240,17 +260,32 @@ def engine_decode_at(engine: Engine, interval_s: float, *args) -> tuple[float, f
         engine.config.stream_interval = default
 
 
+QUIET_SOLO = 0.05  # a round is quiet when no row ran more than this share of its kernel calls on one thread
+
+
+def solo_share(run):
+    """(run()'s result, the share of the kernels' calls its thread pool ran on the caller alone):
+    the pool falls back to one thread while a worker loses time (llama3/fast/threads.h), so a
+    request that ran mostly solo measured a busy machine, not the code."""
+    kernels.thread_stats(reset=True)
+    out = run()
+    stats = kernels.thread_stats() or {}
+    return out, stats.get("solo_jobs", 0) / max(1, stats.get("jobs", 0))
+
+
 def measure(args, llm, engine, server, settings, lengths, prompts, other=None) -> None:
     results: dict[tuple[int, str], list[float]] = {}
     cpu: dict[str, float] = {}
     for r in range(args.rounds):
         for n in lengths:
-            row = {}
-            row["bench"], cpu["bench"] = bench_decode(llm.model, prompts[n], args.new)
+            row, solo = {}, {}
+            (row["bench"], cpu["bench"]), solo["bench"] = solo_share(lambda: bench_decode(llm.model, prompts[n], args.new))
             row["gather"], _ = engine_decode(engine, prompts[n], settings, False)
-            row["engine"], cpu["engine"] = engine_decode(engine, prompts[n], settings, True)
+            (row["engine"], cpu["engine"]), solo["engine"] = solo_share(
+                lambda: engine_decode(engine, prompts[n], settings, True))
             if server is not None:
                 row["served"], cpu["served"] = server.decode_speed(prompts[n], args.new)
+                solo["served"] = server.last_solo
             if args.compare_interval is not None:
                 name = f"{args.compare_interval:g}ms"
                 row["engine " + name], cpu["engine " + name] = engine_decode_at(
@@ -269,12 +304,14 @@ def measure(args, llm, engine, server, settings, lengths, prompts, other=None) -
                 results.setdefault((n, name), []).append(value)
             for name, value in cpu.items():
                 results.setdefault((n, name + " cpu"), []).append(value)
+            results.setdefault((n, "quiet"), []).append(all(v <= QUIET_SOLO for v in solo.values()))
             print(f"round {r}, prompt {n}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
                   + f" tok/s; engine/bench {row['engine'] / row['bench']:.2f}, engine/gather "
                   f"{row['engine'] / row['gather']:.2f}"
                   + (f", served/engine {row['served'] / row['engine']:.2f}, served/bench "
                      f"{row['served'] / row['bench']:.2f}" if server else "")
-                  + "; CPU ms per token: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items()), flush=True)
+                  + "; CPU ms per token: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
+                  + "; kernel calls on one thread: " + ", ".join(f"{k} {v:.0%}" for k, v in solo.items()), flush=True)
     names = ["bench", "gather", "engine"] + (["served"] if server else [])
     sampled = [f"engine {args.sampled}"] + ([f"served {args.sampled}"] if server else []) if args.sampled else []
     names += sampled
@@ -298,6 +335,15 @@ def measure(args, llm, engine, server, settings, lengths, prompts, other=None) -
     for n in lengths:
         print(f"| {n} | " + " | ".join(f"{statistics.median(x / y for x, y in zip(results[(n, name)], results[(n, 'bench')])):.2f}"
                                        for name in others) + " |")
+    print(f"\nThe same, only rounds in which no row ran more than {QUIET_SOLO:.0%} of its kernel calls on one thread "
+          "(the pool falls back to one while another process has a core):\n")
+    print("| prompt tokens | quiet rounds | " + " | ".join(f"{name} / bench" for name in others) + " |")
+    print("|---" * (len(others) + 2) + "|")
+    for n in lengths:
+        quiet = [i for i, yes in enumerate(results[(n, "quiet")]) if yes]
+        cells = [f"{statistics.median(results[(n, name)][i] / results[(n, 'bench')][i] for i in quiet):.2f}"
+                 if quiet else "-" for name in others]
+        print(f"| {n} | {len(quiet)} of {args.rounds} | " + " | ".join(cells) + " |")
     print("\nCPU ms per new token (the whole request, every thread of the process that runs it):\n")
     print("| prompt tokens | bench | engine | engine / bench | " + ("served | served / engine | served / bench |"
                                                                   if server else ""))

@@ -171,3 +171,35 @@ def test_metrics_parse_as_prometheus_text(tiny):
         complete(tiny, prompt="a prompt longer than one block of sixteen", max_tokens=2, temperature=0)
     tiny.wait_idle()
     assert scrape()["llama3_cache_prefix_cache_hits"] >= after["llama3_cache_prefix_cache_hits"] + 1
+
+
+def test_metrics_count_the_kernel_pools_calls_and_calls_on_one_thread():
+    """/metrics carries the C++ kernels' thread-pool counters once they are loaded (a busy machine
+    shows as calls run on one thread): each kernel call counts, and the four are counters."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from llama3.fast import kernels
+    from llama3.server_api.metrics import Metrics
+
+    ops = kernels.library()
+    if ops is None:
+        pytest.skip(f"C++ kernels not built: {kernels.build_error()}")
+
+    class Idle:
+        def stats(self):
+            return {"queued": 0, "running": 0}
+
+    metrics = Metrics(Idle())
+
+    def scrape() -> dict:
+        families = text_string_to_metric_families(metrics.exposition().decode())
+        return {f.name: (f.type, f.samples[0].value) for f in families if f.name.startswith("llama3_kernel")}
+
+    before = scrape()
+    assert set(before) == {"llama3_kernel_calls", "llama3_kernel_calls_one_thread", "llama3_kernel_waits",
+                           "llama3_kernel_lost_seconds"} and all(kind == "counter" for kind, _ in before.values())
+    for _ in range(3):
+        ops.pool_cover(4096, 64, 2)                     # three calls through the pool
+    after = scrape()
+    assert after["llama3_kernel_calls"][1] >= before["llama3_kernel_calls"][1] + 3
+    assert after["llama3_kernel_calls_one_thread"][1] >= before["llama3_kernel_calls_one_thread"][1]

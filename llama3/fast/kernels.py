@@ -184,11 +184,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 THREAD_STATS = ("jobs", "shared_jobs", "worker_chunks", "losses", "solo_jobs", "lost_seconds")
 
 
-def thread_stats(reset: bool = False) -> dict[str, float] | None:
+def thread_stats(reset: bool = False, build: bool = True) -> dict[str, float] | None:
     """The kernels' thread pool counters (threads.h): jobs run, jobs offered to workers, chunks
     workers ran, losses (the caller waited long for a worker that was not running), jobs run on
-    the caller alone after losses, seconds lost.  None without the C++ kernels."""
-    lib = library()
+    the caller alone after losses, seconds lost.  None without the C++ kernels (build=False: None
+    unless they are loaded already, so asking never compiles them)."""
+    lib = library() if build or False in _namespaces else None
     if lib is None:
         return None
     values = lib.thread_stats(reset)

@@ -9,6 +9,12 @@
     llama3_running_sequences                     sequences generating now
     llama3_cache_<name>                          what `cache_stats()` reports (the engine's KV blocks
                                                  and prefix-cache use), one gauge per key
+    llama3_kernel_calls_total                    calls of the C++ kernels' thread pool (llama3/fast/threads.h)
+    llama3_kernel_calls_one_thread_total         of them run on the calling thread alone: a worker had
+                                                 lost time, not running (another process has a core)
+    llama3_kernel_waits_total                    times a call waited for a worker that was not running
+    llama3_kernel_lost_seconds_total             the time those waits lost
+                                                 (the kernel_* ones only once the C++ kernels are loaded)
 
 Each app has its own CollectorRegistry (several servers in one process do not mix counts).
 The queue's numbers are read when scraped; so is `cache_stats`, the hook the server fills from the
@@ -21,7 +27,9 @@ import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llama3.fast import kernels
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -66,6 +74,16 @@ class RequestTimer:
             self.metrics.per_token.observe((time.perf_counter() - self.first) / (tokens - 1))
 
 
+# the C++ kernels' thread pool (kernels.thread_stats): a busy machine shows as calls run on one thread
+KERNEL_COUNTERS = (
+    ("llama3_kernel_calls", "jobs", "Calls of the C++ kernels' thread pool"),
+    ("llama3_kernel_calls_one_thread", "solo_jobs",
+     "Kernel calls run on the calling thread alone after a worker lost time (another process had its core)"),
+    ("llama3_kernel_waits", "losses", "Times a kernel call waited for a worker thread that was not running"),
+    ("llama3_kernel_lost_seconds", "lost_seconds", "Seconds those waits lost"),
+)
+
+
 class _LiveGauges:
     """Gauges read at scrape time from the queue (and the engine's cache_stats hook)."""
 
@@ -83,3 +101,7 @@ class _LiveGauges:
         if self.metrics.cache_stats is not None:
             for name, value in self.metrics.cache_stats().items():
                 yield GaugeMetricFamily(f"llama3_cache_{name}", f"engine cache: {name}", value=value)
+        pool = kernels.thread_stats(build=False)  # None unless the C++ kernels are loaded
+        if pool is not None:
+            for name, key, help_text in KERNEL_COUNTERS:
+                yield CounterMetricFamily(name, help_text, value=pool[key])
