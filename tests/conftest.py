@@ -70,7 +70,8 @@ def transformers_gguf():
 
     While it loads, the gguf package's reader of the file and its tensor-name table are made once:
     transformers parses the file three times (tokenizer, config, weights: ~4 s each here) and builds
-    the same name table once per module (~400 times); both are only read, so what it loads is the same."""
+    the same name table once per module (~400 times); both are only read, so what it loads is the same.
+    The tokenizer is tokenizer_refs' (the tokenizer tests' reference, loaded once for both)."""
     import functools
     from pathlib import Path
 
@@ -79,12 +80,13 @@ def transformers_gguf():
     import transformers  # the reference: a dev dependency, never skipped
 
     from llama3.llm import _smollm2_path
+    from tokenizer_refs import transformers_gguf_tokenizer
 
     path = Path(_smollm2_path())
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        tokenizer = transformers_gguf_tokenizer(str(path))  # AutoTokenizer(gguf_file=), shared with its callers
         model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                                   dtype=torch.float32).eval()
     finally:
