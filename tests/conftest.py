@@ -66,16 +66,29 @@ def transformers_gguf():
     independent reference of the parity tests (test_eval, test_generate, test_gguf, test_logprobs),
     loaded once per session (~15 s each time).  Read-only: a test that needs other generation
     settings passes its own GenerationConfig; one that hands the tokenizer to code that may change
-    it (lm-eval sets a pad token) hands over a copy."""
+    it (lm-eval sets a pad token) hands over a copy.
+
+    While it loads, the gguf package's reader of the file and its tensor-name table are made once:
+    transformers parses the file three times (tokenizer, config, weights: ~4 s each here) and builds
+    the same name table once per module (~400 times); both are only read, so what it loads is the same.
+    The tokenizer is tokenizer_refs' (the tokenizer tests' reference, loaded once for both)."""
+    import functools
     from pathlib import Path
 
     import accelerate  # noqa: F401  (transformers needs it for gguf_file=)
+    import gguf
     import transformers  # the reference: a dev dependency, never skipped
 
     from llama3.llm import _smollm2_path
+    from tokenizer_refs import transformers_gguf_tokenizer
 
     path = Path(_smollm2_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                              dtype=torch.float32).eval()
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader, gguf.get_tensor_name_map = functools.cache(reader), functools.cache(name_map)
+    try:
+        tokenizer = transformers_gguf_tokenizer(str(path))  # AutoTokenizer(gguf_file=), shared with its callers
+        model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
     return model, tokenizer

@@ -6,8 +6,6 @@ transformers' model of the same GGUF file, and the same greedy generations as tr
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -70,15 +68,15 @@ def test_lm_eval_through_our_server_equals_transformers(default_llm, transformer
     assert len(answers) == 6 and answers == want
 
 
-def llama3_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llama3", *args], capture_output=True, text=True, timeout=300)
+def test_eval_command_refuses_bad_task_files(tmp_path, capsys):
+    """(The CLI's main in this process: the refusals come before any model or process matters.)"""
+    from llama3.cli import main
 
-
-def test_eval_command_refuses_bad_task_files(tmp_path):
-    missing = llama3_cli("eval", str(tmp_path / "nothing.yaml"))
-    assert missing.returncode == 2 and missing.stderr.strip() == f"error: {tmp_path / 'nothing.yaml'}: no such task file"
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "nothing.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nothing.yaml'}: no such task file"
     broken = tmp_path / "broken.yaml"
     broken.write_text("task: [unclosed\n")
-    result = llama3_cli("eval", str(broken))
-    assert result.returncode == 2 and "not a readable task YAML" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert main(["eval", str(broken)]) == 2
+    stderr = capsys.readouterr().err
+    assert "not a readable task YAML" in stderr and "Traceback" not in stderr

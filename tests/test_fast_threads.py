@@ -101,15 +101,17 @@ def test_import_llama3_shortens_openmps_spinning_unless_told_otherwise():
     code = "import os, sys; {}; import llama3, torch; print(os.environ.get('GOMP_SPINCOUNT'))"
     env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
 
-    def run(pre, **extra):
-        out = subprocess.run([sys.executable, "-c", code.format(pre)], env={**env, **extra}, capture_output=True,
-                             text=True, check=True)
-        return out.stdout.strip()
-
-    assert run("pass") == "10000"
-    assert run("pass", GOMP_SPINCOUNT="5") == "5"
-    assert run("pass", OMP_WAIT_POLICY="active") == "None"
-    assert run("import torch") == "None"
+    runs = [("pass", {}), ("pass", {"GOMP_SPINCOUNT": "5"}), ("pass", {"OMP_WAIT_POLICY": "active"}),
+            ("import torch", {})]
+    # four fresh interpreters at once (each pays a torch import; one at a time left a core idle)
+    procs = [subprocess.Popen([sys.executable, "-c", code.format(pre)], env={**env, **extra}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pre, extra in runs]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        outs.append(out.strip())
+    assert outs == ["10000", "5", "None", "None"]
 
 
 def test_import_llama3_puts_big_tensors_in_huge_pages_unless_told_otherwise():
@@ -140,15 +142,19 @@ def test_import_llama3_puts_big_tensors_in_huge_pages_unless_told_otherwise():
         print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)"""
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
 
-    def run(**extra):
-        flag, huge_kib = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True,
-                                        text=True, check=True).stdout.split()
-        return flag, int(huge_kib)
-
-    flag, huge = run()
+    # both interpreters at once (each pays a torch import)
+    procs = [subprocess.Popen([sys.executable, "-c", code], env={**env, **extra}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for extra in ({}, {"THP_MEM_ALLOC_ENABLE": "0"})]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        flag, huge_kib = out.split()
+        results.append((flag, int(huge_kib)))
+    (flag, huge), (flag0, huge0) = results
     assert flag == "1" and huge >= 32 << 10, huge      # at least half of the 64 MiB in huge pages
-    flag, huge = run(THP_MEM_ALLOC_ENABLE="0")
-    assert flag == "0" and huge < 32 << 10, huge
+    assert flag0 == "0" and huge0 < 32 << 10, huge0
 
 @pytest.mark.parametrize("threads", range(1, 9))
 def test_every_item_of_a_job_runs_exactly_once_however_shares_are_taken(lib, threads):

@@ -3,7 +3,7 @@ checkpoints (fixed seed), each loaded in a worker process with a time and memory
 
 Every case must end in one clean line (a Llama3Error naming the file) or a model that
 computes finite logits -- never a traceback, a hang, a crash or NaN output.  The default
-corpus is 240 cases in a few worker processes (~30-60 s on a busy 2-core machine);
+corpus is 240 cases in two worker processes at once (~10-20 s on a busy 2-core machine);
 `LLAMA3_FUZZ_CASES=5000` (and `LLAMA3_FUZZ_SEED`) for a longer local run: docs/fuzzing.md.
 """
 
@@ -20,17 +20,30 @@ from fuzz_corpus import build_corpus, mutants
 
 CASES = int(os.environ.get("LLAMA3_FUZZ_CASES", "240"))
 SEED = int(os.environ.get("LLAMA3_FUZZ_SEED", "0"))
-BATCH = 80                      # cases per worker process (each process pays the torch import once)
+BATCH = 125                     # cases per worker process (each process pays the torch import once)
+WORKERS = 2                     # worker processes at once, each on its own share of the cases
 WORKER = Path(__file__).with_name("fuzz_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cases(cases: list[dict], tmp: Path) -> list[dict]:
+    """Results in case order: WORKERS contiguous shares of the cases, run at the same time (the
+    workers are mostly one thread: one at a time left the other core idle)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = -(-len(cases) // WORKERS)
+    shares = [cases[i:i + size] for i in range(0, len(cases), size)]
+    with ThreadPoolExecutor(len(shares)) as pool:
+        done = pool.map(lambda i: run_share(shares[i], tmp / f"cases{i}.json"), range(len(shares)))
+        return [result for share in done for result in share]
+
+
+def run_share(cases: list[dict], listing: Path) -> list[dict]:
     """Results in case order; a worker that dies is restarted after the case that killed it."""
+    tmp = listing.parent
     results: list[dict] = []
     while len(results) < len(cases):
         batch = cases[len(results):len(results) + BATCH]
-        listing = tmp / "cases.json"
         listing.write_text(json.dumps(batch))
         code = os.environ.get("PYTHONPATH") or str(ROOT)  # the code under test
         env = {**os.environ, "PYTHONPATH": f"{code}{os.pathsep}{WORKER.parent}", "OMP_NUM_THREADS": "1",

@@ -2,16 +2,16 @@
 each refusal is one OpenAI-shaped error, and the server goes on answering /health.
 
 Live servers on 127.0.0.1 with the tiny random model and the byte tokenizer of
-test_server.py; one subprocess runs `llama3 chat` on a tiny model folder whose chat template is
-hostile.  Whether work ran off the event loop is checked by order (a /health answer arrives
+test_server.py; `llama3 chat` (the CLI's main, stdin a pipe stand-in) runs on a tiny model folder
+whose chat template is hostile.  Whether work ran off the event loop is checked by order (a /health answer arrives
 while a tokenizer is blocked, or before a slow template's request ends), never by timings.
 """
 
 from __future__ import annotations
 
 import json
+import io
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -298,7 +298,7 @@ def test_hostile_template_in_the_server(model, template):
         live.stop()
 
 
-def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path, capsys):
+def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path, capsys, monkeypatch):
     from tokenizer_refs import smollm2_gguf
 
     from llama3.tokenizer import load_tokenizer
@@ -308,12 +308,13 @@ def test_hostile_template_in_a_model_file_is_one_cli_line(tmp_path, capsys):
     LLM(make_model(config), config, tokenizer, source="tiny").save(tmp_path / "m")
     settings = json.loads((tmp_path / "m" / "tokenizer_config.json").read_text())
     (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps({**settings, "chat_template": HUGE_OUTPUT}))
-    chat = subprocess.run([sys.executable, "-m", "llama3", "chat", "--model", str(tmp_path / "m")],
-                          input="hello\n", capture_output=True, text=True, timeout=300)
-    errors = [line for line in chat.stderr.splitlines() if line.startswith("error: ")]
-    assert "Traceback" not in chat.stderr and len(errors) == 1 and "chat template" in errors[0], chat.stderr
-    assert chat.returncode == 0  # the conversation goes on after the error; stdin ended it
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"hello\n")))  # `llama3 chat` on a pipe
     capsys.readouterr()
+    status = main(["chat", "--model", str(tmp_path / "m")])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in stderr and len(errors) == 1 and "chat template" in errors[0], stderr
+    assert status == 0  # the conversation goes on after the error; stdin ended it
     assert main(["tokenize", "--tokenizer", str(tmp_path / "m"), "--chat", "hello"]) == 2
     stderr = capsys.readouterr().err
     assert stderr.startswith("error: the chat template") and len(stderr.strip().splitlines()) == 1, stderr

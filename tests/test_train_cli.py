@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from train_helpers import run_cli
+from train_helpers import run_cli, run_main
 
 
 def test_train_default_corpus_then_generate(tmp_path):
@@ -21,10 +21,10 @@ def test_train_default_corpus_then_generate(tmp_path):
     assert manifest["settings"]["source"] == "kjv" and manifest["splits"]["train"]["documents"] > 1000
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 3]
     assert (out / "loss.png").is_file() and (out / "checkpoints" / "latest.json").is_file()
-    generated = run_cli("generate", "--model", str(out), "--max-new-tokens", "8", "--seed", "1", "In the beginning")
+    generated = run_main("generate", "--model", str(out), "--max-new-tokens", "8", "--seed", "1", "In the beginning")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.strip()
-    tokenized = run_cli("train-tokenizer", "--data", str(out / "data" / "manifest.json"), "--vocab-size", "300",
+    tokenized = run_main("train-tokenizer", "--data", str(out / "data" / "manifest.json"), "--vocab-size", "300",
                         "--out", str(tmp_path / "tok"))
     assert tokenized.returncode == 0, tokenized.stderr[-2000:]
 
@@ -37,7 +37,7 @@ def test_train_default_corpus_then_generate(tmp_path):
 def test_train_data_errors(tmp_path, setup, message):
     data = tmp_path / ("data.jsonl" if "text" in message else "data")
     setup(data)
-    result = run_cli("train", "--data", str(data), "--out", str(tmp_path / "out"), "--preset", "tiny",
+    result = run_main("train", "--data", str(data), "--out", str(tmp_path / "out"), "--preset", "tiny",
                      "--steps", "1", "--no-progress")
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr and "Traceback" not in result.stderr

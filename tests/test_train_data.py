@@ -8,7 +8,7 @@ import pytest
 from llama3.errors import Llama3Error
 from llama3.train.data import (DEFAULT_SHARD_TOKENS, DataError, SampleOrder, TokenShards, TokenWindows,
                                iter_documents, prepare, token_dtype)
-from train_helpers import one_thread, kjv_chapters, run_cli, train_small_bpe, write_text_folder
+from train_helpers import one_thread, kjv_chapters, run_cli, run_main, train_small_bpe, write_text_folder
 
 
 single_thread = pytest.fixture(autouse=True)(one_thread)
@@ -96,7 +96,7 @@ def test_bad_inputs_raise_clear_errors(tmp_path, corpus):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    result = run_cli("prepare", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    result = run_main("prepare", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: ") and "Traceback" not in result.stderr
     assert "no such file or folder" in result.stderr

@@ -16,7 +16,7 @@ from llama3.train.distributed import Dist
 from llama3.train.lora import LoRAConfig, LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter
 from llama3.train.sft import IGNORE, PackedChats, read_chats, to_example, tokenize_chat
 from llama3.train.trainer import train_loop
-from train_helpers import kjv_chapters, one_thread, run_cli, train_small_bpe
+from train_helpers import kjv_chapters, one_thread, run_cli, run_main, train_small_bpe
 
 single_thread = pytest.fixture(autouse=True)(one_thread)
 
@@ -161,7 +161,7 @@ def test_sft_cli_lora_adapter_and_merged_folder(tokenizer, tmp_path):
     tokens = torch.tensor([tokenizer.encode("And God said")])
     with torch.no_grad():
         torch.testing.assert_close(merged.model(tokens), on_top(tokens), rtol=1e-5, atol=1e-5)
-    bad = run_cli("sft", "--model", str(base_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out))
+    bad = run_main("sft", "--model", str(base_dir), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out))
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
 

@@ -55,6 +55,20 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subproce
                           cwd=REPO, env=full_env, timeout=timeout)
 
 
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    """`llama3 ARGS` through the CLI's main in this process (no Python to start, no torch to import),
+    its stdout and stderr captured: for what is not about the process itself."""
+    import contextlib
+    import io
+
+    from llama3.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(args))
+    return subprocess.CompletedProcess(["llama3", *args], status, out.getvalue(), err.getvalue())
+
+
 def one_thread():
     """Generator for an autouse fixture: torch on one thread during a test, then as before.
     The tests' models are tiny; on a shared 2-core machine two OpenMP threads mostly wait for each other."""
