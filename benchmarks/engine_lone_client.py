@@ -178,13 +178,11 @@ class ServedClient:
     def kernel_calls(self) -> tuple[float, float]:
         """The server's kernel-pool calls so far and those run on one thread (GET /metrics)."""
         import httpx
+        from prometheus_client.parser import text_string_to_metric_families
 
-        found = {}
-        for line in httpx.get(self.url + "/metrics", timeout=30).text.splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("llama3_kernel_calls_total", "llama3_kernel_calls_one_thread_total"):
-                found[name] = float(value)
-        return found.get("llama3_kernel_calls_total", 0.0), found.get("llama3_kernel_calls_one_thread_total", 0.0)
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        found = {f.name: f.samples[0].value for f in text_string_to_metric_families(text) if f.samples}
+        return found.get("llama3_kernel_calls", 0.0), found.get("llama3_kernel_calls_one_thread", 0.0)
 
     def close(self) -> None:
         self.process.terminate()

@@ -189,7 +189,9 @@ def thread_stats(reset: bool = False, build: bool = True) -> dict[str, float] | 
     workers ran, losses (the caller waited long for a worker that was not running), jobs run on
     the caller alone after losses, seconds lost.  None without the C++ kernels (build=False: None
     unless they are loaded already, so asking never compiles them)."""
-    lib = library() if build or False in _namespaces else None
+    if not build and False not in _namespaces:  # the AVX-512 build (plain=False) is not loaded yet
+        return None
+    lib = library()
     if lib is None:
         return None
     values = lib.thread_stats(reset)
